@@ -1,0 +1,478 @@
+/*
+ * context.c - a context: KV cache, scratch buffers, thread pool, and the
+ * CPU forward pass of a batch of tokens.
+ *
+ * Data flow of optiml_decode (shapes per batch of n tokens):
+ *
+ *   tokens --embed--> x (n, n_embd)
+ *   per layer:
+ *     attention step: xb = rmsnorm(x); q,k,v = xb Wq, xb Wk, xb Wv;
+ *                     rope(q, k); k,v -> cache cells; a = softmax(q K^T) V
+ *                     over the cells of the token's sequence at positions
+ *                     <= its own; x += a Wo
+ *     FFN step:       xb = rmsnorm(x); h = act(xb Wgate) * (xb Wup);
+ *                     x += h Wdown
+ *   rows that asked for logits: logits = rmsnorm(x) Woutput
+ *
+ * The two steps of a layer are separate functions so a later backend can
+ * run them on different devices. Each matrix op is one threadpool_run over
+ * the weight rows: every weight row is read once per batch. All buffers are
+ * allocated in optiml_context_init; decode allocates nothing.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "model.h"
+#include "threadpool.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define KV_SEQ_MAX 64 /* sequence ids are bits of a uint64_t per cell */
+
+/* ---- the context ------------------------------------------------------- */
+
+struct kv_cache {
+    uint32_t n_cells;
+    uint32_t n_used_hi; /* cells >= this are free                        */
+    int32_t *pos;       /* (n_cells) position, -1 when free              */
+    uint64_t *seq;      /* (n_cells) bit s set: cell belongs to seq s    */
+    float *k;           /* (n_layer, n_cells, n_head_kv * head_dim)      */
+    float *v;           /* (n_layer, n_cells, n_head_kv * head_dim)      */
+};
+
+struct optiml_context {
+    const optiml_model *model;
+    optiml_context_params params;
+    const struct cpu_kernels *kern;
+    struct threadpool *pool;
+    struct kv_cache kv;
+
+    /* scratch, n_batch rows each */
+    float *x;        /* (n_batch, n_embd) residual stream              */
+    float *xb;       /* (n_batch, n_embd) normed input of a step       */
+    float *q;        /* (n_batch, n_head * head_dim)                   */
+    float *k;        /* (n_batch, n_head_kv * head_dim)                */
+    float *v;        /* (n_batch, n_head_kv * head_dim)                */
+    float *att;      /* (n_batch, n_head * head_dim)                   */
+    float *gate;     /* (n_batch, n_ff)                                */
+    float *up;       /* (n_batch, n_ff)                                */
+    float *scores;   /* (n_threads, n_ctx) attention weights           */
+    float *rope_inv_freq; /* (n_rot / 2)                              */
+    float *rope_cs;  /* (n_batch, n_rot) cos, sin per token and pair  */
+    uint32_t *cells; /* (n_batch) KV cell of each batch entry          */
+    float *logits;   /* (n_batch, n_vocab)                             */
+    int32_t *logits_row; /* (n_batch) row of entry i in logits, or -1  */
+    int32_t *out_ids;    /* (n_batch) entries that asked for logits    */
+};
+
+optiml_context_params optiml_context_default_params(void) {
+    return (optiml_context_params){.n_ctx = 0, .n_batch = 512, .n_seq_max = 1, .n_threads = 0};
+}
+
+static int default_threads(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
+}
+
+static void rope_init(optiml_context *ctx) {
+    const struct hparams *hp = &ctx->model->hp;
+    const float *div = ctx->model->rope_freqs.data;
+    for (int32_t i = 0; i < hp->n_rot / 2; i++) {
+        double f = pow((double)hp->rope_base, -2.0 * i / hp->n_rot) / hp->rope_scale;
+        ctx->rope_inv_freq[i] = (float)(div ? f / div[i] : f);
+    }
+}
+
+static optiml_status context_alloc(optiml_context *ctx) {
+    const struct hparams *hp = &ctx->model->hp;
+    const uint64_t nb = ctx->params.n_batch, nc = ctx->params.n_ctx;
+    const uint64_t n_q = (uint64_t)hp->n_head * hp->head_dim, n_kv = (uint64_t)hp->n_head_kv * hp->head_dim;
+    const uint64_t n_threads = (uint64_t)threadpool_n_threads(ctx->pool);
+    struct { void **p; uint64_t n; } bufs[] = {
+        {(void **)&ctx->kv.pos, nc * sizeof(int32_t)},
+        {(void **)&ctx->kv.seq, nc * sizeof(uint64_t)},
+        {(void **)&ctx->kv.k, (uint64_t)hp->n_layer * nc * n_kv * sizeof(float)},
+        {(void **)&ctx->kv.v, (uint64_t)hp->n_layer * nc * n_kv * sizeof(float)},
+        {(void **)&ctx->x, nb * hp->n_embd * sizeof(float)},
+        {(void **)&ctx->xb, nb * hp->n_embd * sizeof(float)},
+        {(void **)&ctx->q, nb * n_q * sizeof(float)},
+        {(void **)&ctx->k, nb * n_kv * sizeof(float)},
+        {(void **)&ctx->v, nb * n_kv * sizeof(float)},
+        {(void **)&ctx->att, nb * n_q * sizeof(float)},
+        {(void **)&ctx->gate, nb * hp->n_ff * sizeof(float)},
+        {(void **)&ctx->up, nb * hp->n_ff * sizeof(float)},
+        {(void **)&ctx->scores, n_threads * nc * sizeof(float)},
+        {(void **)&ctx->rope_inv_freq, (uint64_t)hp->n_rot / 2 * sizeof(float)},
+        {(void **)&ctx->rope_cs, nb * hp->n_rot * sizeof(float)},
+        {(void **)&ctx->cells, nb * sizeof(uint32_t)},
+        {(void **)&ctx->logits, nb * hp->n_vocab * sizeof(float)},
+        {(void **)&ctx->logits_row, nb * sizeof(int32_t)},
+        {(void **)&ctx->out_ids, nb * sizeof(int32_t)},
+    };
+    uint64_t total = 0;
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
+        *bufs[i].p = optiml_alloc_aligned(bufs[i].n);
+        if (!*bufs[i].p)
+            return optiml_fail(OPTIML_ERR_NOMEM, "context: cannot allocate %llu bytes (n_ctx %llu, n_batch %llu)",
+                               (unsigned long long)bufs[i].n, (unsigned long long)nc, (unsigned long long)nb);
+        total += bufs[i].n;
+    }
+    LOG_DEBUG("context: %.1f MiB of buffers (KV cache %.1f MiB)", total / 1048576.0,
+              2.0 * hp->n_layer * nc * n_kv * sizeof(float) / 1048576.0);
+    ctx->kv.n_cells = (uint32_t)nc;
+    for (uint64_t i = 0; i < nc; i++) ctx->kv.pos[i] = -1;
+    for (uint64_t i = 0; i < nb; i++) ctx->logits_row[i] = -1;
+    rope_init(ctx);
+    return OPTIML_OK;
+}
+
+optiml_status optiml_context_init(const optiml_model *model, const optiml_context_params *params,
+                                  optiml_context **out) {
+    if (!out) return optiml_fail(OPTIML_ERR_INVALID_ARG, "optiml_context_init: out is NULL");
+    *out = NULL;
+    if (!model) return optiml_fail(OPTIML_ERR_INVALID_ARG, "optiml_context_init: model is NULL");
+    optiml_context_params p = params ? *params : optiml_context_default_params();
+    if (p.n_ctx == 0) p.n_ctx = (uint32_t)model->hp.n_ctx_train;
+    if (p.n_batch == 0) p.n_batch = 512;
+    if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
+    if (p.n_seq_max == 0) p.n_seq_max = 1;
+    if (p.n_threads <= 0) p.n_threads = default_threads();
+    if (p.n_ctx > (1u << 24) || p.n_seq_max > KV_SEQ_MAX)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "context: n_ctx %u (max %u) or n_seq_max %u (max %d) out of range",
+                           p.n_ctx, 1u << 24, p.n_seq_max, KV_SEQ_MAX);
+    optiml_context *ctx = calloc(1, sizeof(*ctx));
+    if (!ctx) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    ctx->model = model;
+    ctx->params = p;
+    ctx->kern = cpu_kernels_best();
+    optiml_status st = threadpool_init(p.n_threads, &ctx->pool);
+    if (st == OPTIML_OK) st = context_alloc(ctx);
+    if (st != OPTIML_OK) {
+        optiml_context_free(ctx);
+        return st;
+    }
+    *out = ctx;
+    return OPTIML_OK;
+}
+
+void optiml_context_free(optiml_context *ctx) {
+    if (!ctx) return;
+    threadpool_free(ctx->pool);
+    void *bufs[] = {ctx->kv.pos, ctx->kv.seq, ctx->kv.k, ctx->kv.v, ctx->x, ctx->xb, ctx->q, ctx->k, ctx->v,
+                    ctx->att, ctx->gate, ctx->up, ctx->scores, ctx->rope_inv_freq, ctx->rope_cs, ctx->cells,
+                    ctx->logits, ctx->logits_row, ctx->out_ids};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) optiml_free_aligned(bufs[i]);
+    free(ctx);
+}
+
+uint32_t optiml_context_n_ctx(const optiml_context *ctx) { return ctx->params.n_ctx; }
+
+/* ---- batches ------------------------------------------------------------ */
+
+optiml_batch optiml_batch_init(int32_t n_max) {
+    optiml_batch b = {0};
+    if (n_max <= 0) return b;
+    b.token = calloc((size_t)n_max, sizeof(*b.token));
+    b.pos = calloc((size_t)n_max, sizeof(*b.pos));
+    b.seq_id = calloc((size_t)n_max, sizeof(*b.seq_id));
+    b.logits = calloc((size_t)n_max, sizeof(*b.logits));
+    if (!b.token || !b.pos || !b.seq_id || !b.logits) {
+        optiml_batch_free(b);
+        return (optiml_batch){0};
+    }
+    return b;
+}
+
+void optiml_batch_free(optiml_batch b) {
+    free(b.token);
+    free(b.pos);
+    free(b.seq_id);
+    free(b.logits);
+}
+
+/* ---- KV cache ----------------------------------------------------------- */
+
+static bool kv_cell_in_seq(const struct kv_cache *kv, uint32_t c, int32_t seq) {
+    return kv->pos[c] >= 0 && (seq < 0 || (kv->seq[c] >> seq & 1));
+}
+
+static void kv_cell_drop(struct kv_cache *kv, uint32_t c, int32_t seq) {
+    kv->seq[c] = seq < 0 ? 0 : kv->seq[c] & ~(UINT64_C(1) << seq);
+    if (kv->seq[c] == 0) kv->pos[c] = -1;
+}
+
+static void kv_update_used(struct kv_cache *kv) {
+    while (kv->n_used_hi > 0 && kv->pos[kv->n_used_hi - 1] < 0) kv->n_used_hi--;
+}
+
+void optiml_kv_seq_truncate(optiml_context *ctx, int32_t seq_id, int32_t pos_start) {
+    if (!ctx || seq_id >= (int32_t)ctx->params.n_seq_max) return;
+    struct kv_cache *kv = &ctx->kv;
+    for (uint32_t c = 0; c < kv->n_used_hi; c++)
+        if (kv_cell_in_seq(kv, c, seq_id) && kv->pos[c] >= pos_start) kv_cell_drop(kv, c, seq_id);
+    kv_update_used(kv);
+}
+
+void optiml_kv_seq_clear(optiml_context *ctx, int32_t seq_id) { optiml_kv_seq_truncate(ctx, seq_id, 0); }
+
+void optiml_kv_seq_copy(optiml_context *ctx, int32_t src, int32_t dst) {
+    if (!ctx || src < 0 || dst < 0 || src >= (int32_t)ctx->params.n_seq_max ||
+        dst >= (int32_t)ctx->params.n_seq_max || src == dst)
+        return;
+    struct kv_cache *kv = &ctx->kv;
+    for (uint32_t c = 0; c < kv->n_used_hi; c++)
+        if (kv_cell_in_seq(kv, c, src)) kv->seq[c] |= UINT64_C(1) << dst;
+}
+
+int32_t optiml_kv_seq_pos_max(const optiml_context *ctx, int32_t seq_id) {
+    int32_t mx = -1;
+    if (!ctx || seq_id >= (int32_t)ctx->params.n_seq_max) return mx;
+    for (uint32_t c = 0; c < ctx->kv.n_used_hi; c++)
+        if (kv_cell_in_seq(&ctx->kv, c, seq_id) && ctx->kv.pos[c] > mx) mx = ctx->kv.pos[c];
+    return mx;
+}
+
+/* Claim a free cell for every batch entry, or none of them. */
+static optiml_status kv_claim(optiml_context *ctx, const optiml_batch *b) {
+    struct kv_cache *kv = &ctx->kv;
+    uint32_t c = 0;
+    for (int32_t i = 0; i < b->n_tokens; i++) {
+        while (c < kv->n_cells && kv->pos[c] >= 0) c++;
+        if (c == kv->n_cells) {
+            for (int32_t j = 0; j < i; j++) kv->pos[ctx->cells[j]] = -1; /* roll back */
+            kv_update_used(kv);
+            return optiml_fail(OPTIML_ERR_CONTEXT_FULL, "context full: %u cells, batch of %d tokens needs %d more",
+                               kv->n_cells, b->n_tokens, b->n_tokens - i);
+        }
+        ctx->cells[i] = c;
+        kv->pos[c] = b->pos[i];
+        kv->seq[c] = UINT64_C(1) << b->seq_id[i];
+        if (c + 1 > kv->n_used_hi) kv->n_used_hi = c + 1;
+    }
+    return OPTIML_OK;
+}
+
+/* ---- threaded ops -------------------------------------------------------- */
+
+/* Up to three matrices applied to the same input rows: y_j = x W_j^T. */
+struct matmul_job {
+    const struct cpu_kernels *kern;
+    const float *x; /* (n_tok, n_in) */
+    int64_t n_tok;
+    int n_mat;
+    bool accumulate; /* y += instead of y = */
+    const struct tensor *w[3];
+    float *y[3];     /* (n_tok, rows of w[j]) */
+};
+
+static void matmul_run(void *arg, int ith, int nth) {
+    const struct matmul_job *job = arg;
+    for (int j = 0; j < job->n_mat; j++) {
+        const struct tensor *w = job->w[j];
+        const cpu_dot_fn dot = job->kern->dot[w->type];
+        const int64_t n_in = w->ne[0], n_out = w->ne[1];
+        int64_t r0, r1;
+        threadpool_split(n_out, ith, nth, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++) {
+            const void *row = tensor_row(w, r);
+            for (int64_t t = 0; t < job->n_tok; t++) {
+                float s = dot(n_in, row, job->x + t * n_in);
+                float *y = &job->y[j][t * n_out + r];
+                *y = job->accumulate ? *y + s : s;
+            }
+        }
+    }
+}
+
+static void matmul(optiml_context *ctx, const float *x, int64_t n_tok, bool accumulate, int n_mat,
+                   const struct tensor *w0, float *y0, const struct tensor *w1, float *y1,
+                   const struct tensor *w2, float *y2) {
+    struct matmul_job job = {.kern = ctx->kern, .x = x, .n_tok = n_tok, .n_mat = n_mat,
+                             .accumulate = accumulate, .w = {w0, w1, w2}, .y = {y0, y1, y2}};
+    threadpool_run(ctx->pool, matmul_run, &job);
+}
+
+struct rmsnorm_job {
+    const float *x;
+    float *out;
+    const float *w;
+    int64_t n, n_rows;
+    const int32_t *rows; /* NULL: rows 0..n_rows-1; else source row of out row i */
+    float eps;
+};
+
+static void rmsnorm_run(void *arg, int ith, int nth) {
+    const struct rmsnorm_job *job = arg;
+    int64_t i0, i1;
+    threadpool_split(job->n_rows, ith, nth, &i0, &i1);
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t src = job->rows ? job->rows[i] : i;
+        ops_rmsnorm(job->out + i * job->n, job->x + src * job->n, job->w, job->n, job->eps);
+    }
+}
+
+static void rmsnorm(optiml_context *ctx, float *out, const float *x, const struct tensor *w, int64_t n_rows,
+                    const int32_t *rows) {
+    struct rmsnorm_job job = {.x = x, .out = out, .w = w->data, .n = w->ne[0], .n_rows = n_rows,
+                              .rows = rows, .eps = ctx->model->hp.norm_eps};
+    threadpool_run(ctx->pool, rmsnorm_run, &job);
+}
+
+struct attention_job {
+    optiml_context *ctx;
+    const optiml_batch *batch;
+    int32_t il;
+};
+
+/* One (token, head) pair per iteration: scores over the token's cells,
+ * softmax, weighted sum of values. */
+static void attention_run(void *arg, int ith, int nth) {
+    const struct attention_job *job = arg;
+    optiml_context *ctx = job->ctx;
+    const struct hparams *hp = &ctx->model->hp;
+    const struct kv_cache *kv = &ctx->kv;
+    const int64_t hd = hp->head_dim, n_q = (int64_t)hp->n_head * hd, n_kv = (int64_t)hp->n_head_kv * hd;
+    const int32_t group = hp->n_head / hp->n_head_kv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *kc = kv->k + (uint64_t)job->il * kv->n_cells * n_kv;
+    const float *vc = kv->v + (uint64_t)job->il * kv->n_cells * n_kv;
+    const cpu_dot_fn dot = ctx->kern->dot[DTYPE_F32];
+    float *sc = ctx->scores + (uint64_t)ith * kv->n_cells;
+    int64_t p0, p1;
+    threadpool_split((int64_t)job->batch->n_tokens * hp->n_head, ith, nth, &p0, &p1);
+    for (int64_t p = p0; p < p1; p++) {
+        const int32_t t = (int32_t)(p / hp->n_head), h = (int32_t)(p % hp->n_head);
+        const int32_t pos = job->batch->pos[t], seq = job->batch->seq_id[t];
+        const float *q = ctx->q + t * n_q + h * hd;
+        const int64_t koff = (int64_t)(h / group) * hd;
+        float mx = -INFINITY;
+        for (uint32_t c = 0; c < kv->n_used_hi; c++) {
+            if (!kv_cell_in_seq(kv, c, seq) || kv->pos[c] > pos) {
+                sc[c] = -INFINITY;
+                continue;
+            }
+            sc[c] = dot(hd, kc + c * n_kv + koff, q) * scale;
+            if (sc[c] > mx) mx = sc[c];
+        }
+        float sum = 0.0f;
+        for (uint32_t c = 0; c < kv->n_used_hi; c++) {
+            sc[c] = sc[c] == -INFINITY ? 0.0f : expf(sc[c] - mx);
+            sum += sc[c];
+        }
+        float *out = ctx->att + t * n_q + h * hd;
+        memset(out, 0, (size_t)hd * sizeof(float));
+        const float inv = 1.0f / sum; /* sum >= 1: the token's own cell */
+        for (uint32_t c = 0; c < kv->n_used_hi; c++) {
+            if (sc[c] == 0.0f) continue;
+            const float wgt = sc[c] * inv;
+            const float *vv = vc + c * n_kv + koff;
+            for (int64_t d = 0; d < hd; d++) out[d] += wgt * vv[d];
+        }
+    }
+}
+
+/* ---- the forward pass ----------------------------------------------------- */
+
+static void embed_tokens(optiml_context *ctx, const optiml_batch *b) {
+    const struct tensor *emb = &ctx->model->tok_embd;
+    const int64_t n_embd = ctx->model->hp.n_embd;
+    for (int32_t i = 0; i < b->n_tokens; i++)
+        ctx->kern->to_f32[emb->type](n_embd, tensor_row(emb, b->token[i]), ctx->x + i * n_embd);
+}
+
+static void rope_prepare(optiml_context *ctx, const optiml_batch *b) {
+    const int32_t n_rot = ctx->model->hp.n_rot;
+    for (int32_t i = 0; i < b->n_tokens; i++)
+        for (int32_t j = 0; j < n_rot / 2; j++) {
+            float a = (float)b->pos[i] * ctx->rope_inv_freq[j];
+            ctx->rope_cs[i * n_rot + 2 * j] = cosf(a);
+            ctx->rope_cs[i * n_rot + 2 * j + 1] = sinf(a);
+        }
+}
+
+/* Rotate q and k, then store k and v of every batch entry in its cell. */
+static void rope_and_store(optiml_context *ctx, const optiml_batch *b, int32_t il) {
+    const struct hparams *hp = &ctx->model->hp;
+    const int64_t hd = hp->head_dim, n_q = (int64_t)hp->n_head * hd, n_kv = (int64_t)hp->n_head_kv * hd;
+    struct kv_cache *kv = &ctx->kv;
+    for (int32_t i = 0; i < b->n_tokens; i++) {
+        const float *cs = ctx->rope_cs + i * hp->n_rot;
+        for (int32_t h = 0; h < hp->n_head; h++) ops_rope(ctx->q + i * n_q + h * hd, cs, hp->n_rot);
+        for (int32_t h = 0; h < hp->n_head_kv; h++) ops_rope(ctx->k + i * n_kv + h * hd, cs, hp->n_rot);
+        uint64_t off = ((uint64_t)il * kv->n_cells + ctx->cells[i]) * n_kv;
+        memcpy(kv->k + off, ctx->k + i * n_kv, (size_t)n_kv * sizeof(float));
+        memcpy(kv->v + off, ctx->v + i * n_kv, (size_t)n_kv * sizeof(float));
+    }
+}
+
+static void layer_attention(optiml_context *ctx, const optiml_batch *b, int32_t il) {
+    const struct layer *l = &ctx->model->layers[il];
+    const int64_t n = b->n_tokens;
+    rmsnorm(ctx, ctx->xb, ctx->x, &l->attn_norm, n, NULL);
+    matmul(ctx, ctx->xb, n, false, 3, &l->wq, ctx->q, &l->wk, ctx->k, &l->wv, ctx->v);
+    rope_and_store(ctx, b, il);
+    struct attention_job job = {.ctx = ctx, .batch = b, .il = il};
+    threadpool_run(ctx->pool, attention_run, &job);
+    matmul(ctx, ctx->att, n, true, 1, &l->wo, ctx->x, NULL, NULL, NULL, NULL);
+}
+
+static void layer_ffn(optiml_context *ctx, const optiml_batch *b, int32_t il) {
+    const struct layer *l = &ctx->model->layers[il];
+    const struct hparams *hp = &ctx->model->hp;
+    const int64_t n = b->n_tokens;
+    rmsnorm(ctx, ctx->xb, ctx->x, &l->ffn_norm, n, NULL);
+    matmul(ctx, ctx->xb, n, false, 2, &l->ffn_gate, ctx->gate, &l->ffn_up, ctx->up, NULL, NULL);
+    ops_act_mul(ctx->gate, ctx->up, n * hp->n_ff, hp->ffn_act);
+    matmul(ctx, ctx->gate, n, true, 1, &l->ffn_down, ctx->x, NULL, NULL, NULL, NULL);
+}
+
+static void output_logits(optiml_context *ctx, const optiml_batch *b) {
+    int32_t n_out = 0;
+    for (uint32_t i = 0; i < ctx->params.n_batch; i++) {
+        bool want = (int32_t)i < b->n_tokens && b->logits[i];
+        ctx->logits_row[i] = want ? n_out : -1;
+        if (want) ctx->out_ids[n_out++] = (int32_t)i;
+    }
+    if (n_out == 0) return;
+    rmsnorm(ctx, ctx->xb, ctx->x, &ctx->model->output_norm, n_out, ctx->out_ids);
+    matmul(ctx, ctx->xb, n_out, false, 1, &ctx->model->output, ctx->logits, NULL, NULL, NULL, NULL);
+}
+
+static optiml_status batch_check(const optiml_context *ctx, const optiml_batch *b) {
+    if (!b || b->n_tokens <= 0 || !b->token || !b->pos || !b->seq_id || !b->logits)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "decode: empty or incomplete batch");
+    if ((uint32_t)b->n_tokens > ctx->params.n_batch)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "decode: batch of %d tokens exceeds n_batch %u", b->n_tokens,
+                           ctx->params.n_batch);
+    for (int32_t i = 0; i < b->n_tokens; i++) {
+        if (b->token[i] < 0 || b->token[i] >= ctx->model->hp.n_vocab)
+            return optiml_fail(OPTIML_ERR_INVALID_ARG, "decode: batch entry %d: token %d outside vocabulary 0..%d", i,
+                               b->token[i], ctx->model->hp.n_vocab - 1);
+        if (b->seq_id[i] < 0 || b->seq_id[i] >= (int32_t)ctx->params.n_seq_max)
+            return optiml_fail(OPTIML_ERR_INVALID_ARG, "decode: batch entry %d: sequence id %d outside 0..%u", i,
+                               b->seq_id[i], ctx->params.n_seq_max - 1);
+        if (b->pos[i] < 0)
+            return optiml_fail(OPTIML_ERR_INVALID_ARG, "decode: batch entry %d: negative position %d", i, b->pos[i]);
+    }
+    return OPTIML_OK;
+}
+
+optiml_status optiml_decode(optiml_context *ctx, const optiml_batch *batch) {
+    if (!ctx) return optiml_fail(OPTIML_ERR_INVALID_ARG, "decode: context is NULL");
+    TRY(batch_check(ctx, batch));
+    TRY(kv_claim(ctx, batch));
+    embed_tokens(ctx, batch);
+    rope_prepare(ctx, batch);
+    for (int32_t il = 0; il < ctx->model->hp.n_layer; il++) {
+        layer_attention(ctx, batch, il);
+        layer_ffn(ctx, batch, il);
+    }
+    output_logits(ctx, batch);
+    return OPTIML_OK;
+}
+
+float *optiml_get_logits_ith(optiml_context *ctx, int32_t i) {
+    if (!ctx || i < 0 || (uint32_t)i >= ctx->params.n_batch || ctx->logits_row[i] < 0) return NULL;
+    return ctx->logits + (uint64_t)ctx->logits_row[i] * ctx->model->hp.n_vocab;
+}

@@ -1,0 +1,51 @@
+/*
+ * dispatch.c - picks the CPU kernels once from cpuid: the best variant's
+ * entries where it has them, the reference kernels elsewhere.
+ */
+#include "cpu/ops.h"
+
+#include "optiml.h"
+
+#include <pthread.h>
+
+#if defined(OPTIML_X86)
+#include <cpuid.h>
+
+bool cpu_has_avx2_fma_f16c(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const bool fma = c >> 12 & 1, osxsave = c >> 27 & 1, avx = c >> 28 & 1, f16c = c >> 29 & 1;
+    if (!(fma && osxsave && avx && f16c)) return false;
+    unsigned xcr0_lo, xcr0_hi;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 6) != 6) return false; /* the OS saves XMM and YMM state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return b >> 5 & 1; /* AVX2 */
+}
+#endif
+
+static struct cpu_kernels best;
+static pthread_once_t best_once = PTHREAD_ONCE_INIT;
+
+static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
+    if (!src) return;
+    dst->name = src->name;
+    for (int t = 0; t < DTYPE_COUNT; t++) {
+        if (src->dot[t]) dst->dot[t] = src->dot[t];
+        if (src->to_f32[t]) dst->to_f32[t] = src->to_f32[t];
+    }
+}
+
+static void best_init(void) {
+    best = *cpu_kernels_ref();
+#if defined(OPTIML_X86)
+    merge(&best, cpu_kernels_avx2());
+#endif
+}
+
+const struct cpu_kernels *cpu_kernels_best(void) {
+    pthread_once(&best_once, best_init);
+    return &best;
+}
+
+const char *optiml_cpu_features(void) { return cpu_kernels_best()->name; }

@@ -1,0 +1,306 @@
+/*
+ * model.c - loads a Llama-family GGUF file: reads the hyperparameters,
+ * binds every weight to a view into the mapping (checking its shape and
+ * type), and loads the vocabulary. Keys and tensor names: docs/FORMAT.md.
+ */
+#include "model.h"
+
+#include "vocab.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- hyperparameters --------------------------------------------------- */
+
+static optiml_status key_u32(const gguf_file *f, const char *arch, const char *suffix, bool required,
+                             uint32_t def, uint32_t *out) {
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    if (!required) return gguf_get_u32_or(f, key, def, out);
+    optiml_status st = gguf_get_u32(f, key, out);
+    if (st == OPTIML_ERR_INVALID_ARG)
+        return optiml_fail(OPTIML_ERR_FORMAT, "missing required key %s", key);
+    return st;
+}
+
+static optiml_status key_f32(const gguf_file *f, const char *arch, const char *suffix, float def,
+                             float *out) {
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    return gguf_get_f32_or(f, key, def, out);
+}
+
+static optiml_status parse_ffn_act(const gguf_file *f, enum ffn_act *out) {
+    struct gguf_str s;
+    optiml_status st = gguf_get_str(f, "optiml.ffn_activation", &s);
+    *out = FFN_ACT_SILU;
+    if (st == OPTIML_ERR_INVALID_ARG) return OPTIML_OK; /* absent: SiLU, as Llama */
+    TRY(st);
+    static const struct { const char *name; enum ffn_act act; } acts[] = {
+        {"silu", FFN_ACT_SILU}, {"relu", FFN_ACT_RELU}, {"relu2", FFN_ACT_RELU2}, {"gelu", FFN_ACT_GELU},
+    };
+    for (size_t i = 0; i < sizeof(acts) / sizeof(acts[0]); i++)
+        if (gguf_str_eq(s, acts[i].name)) {
+            *out = acts[i].act;
+            return OPTIML_OK;
+        }
+    return optiml_fail(OPTIML_ERR_UNSUPPORTED, "optiml.ffn_activation \"%.*s\" is not one of silu, relu, relu2, gelu",
+                       (int)(s.n > 32 ? 32 : s.n), s.data);
+}
+
+static optiml_status load_hparams(optiml_model *m) {
+    const gguf_file *f = m->file;
+    const char *a = m->arch;
+    struct hparams *hp = &m->hp;
+    uint32_t v;
+    TRY(key_u32(f, a, "embedding_length", true, 0, &v)); hp->n_embd = (int32_t)v;
+    TRY(key_u32(f, a, "block_count", true, 0, &v)); hp->n_layer = (int32_t)v;
+    TRY(key_u32(f, a, "feed_forward_length", true, 0, &v)); hp->n_ff = (int32_t)v;
+    TRY(key_u32(f, a, "attention.head_count", true, 0, &v)); hp->n_head = (int32_t)v;
+    TRY(key_u32(f, a, "attention.head_count_kv", false, (uint32_t)hp->n_head, &v)); hp->n_head_kv = (int32_t)v;
+    TRY(key_u32(f, a, "context_length", false, 2048, &v)); hp->n_ctx_train = (int32_t)v;
+    TRY(key_f32(f, a, "attention.layer_norm_rms_epsilon", 1e-5f, &hp->norm_eps));
+    TRY(key_f32(f, a, "rope.freq_base", 10000.0f, &hp->rope_base));
+    TRY(parse_ffn_act(f, &hp->ffn_act));
+
+    if (hp->n_embd <= 0 || hp->n_layer <= 0 || hp->n_ff <= 0 || hp->n_head <= 0 || hp->n_head_kv <= 0 ||
+        hp->n_ctx_train <= 0 || hp->n_embd > (1 << 20) || hp->n_layer > 4096 || hp->n_ff > (1 << 22) ||
+        hp->n_head > 4096)
+        return optiml_fail(OPTIML_ERR_FORMAT, "hyperparameters out of range: n_embd %d n_layer %d n_ff %d n_head %d n_head_kv %d context %d",
+                           hp->n_embd, hp->n_layer, hp->n_ff, hp->n_head, hp->n_head_kv, hp->n_ctx_train);
+    if (hp->n_head % hp->n_head_kv != 0)
+        return optiml_fail(OPTIML_ERR_FORMAT, "n_head %d is not a multiple of n_head_kv %d", hp->n_head, hp->n_head_kv);
+    uint32_t head_dim = (uint32_t)(hp->n_embd / hp->n_head);
+    TRY(key_u32(f, a, "attention.key_length", false, head_dim, &v)); hp->head_dim = (int32_t)v;
+    TRY(key_u32(f, a, "rope.dimension_count", false, (uint32_t)hp->head_dim, &v)); hp->n_rot = (int32_t)v;
+    if (hp->head_dim <= 0 || hp->head_dim > 1024 || hp->n_rot <= 0 || hp->n_rot > hp->head_dim || hp->n_rot % 2)
+        return optiml_fail(OPTIML_ERR_FORMAT, "head_dim %d / rope dimension %d invalid", hp->head_dim, hp->n_rot);
+    if (!(hp->norm_eps > 0.0f && hp->norm_eps < 1.0f) || !(hp->rope_base > 1.0f))
+        return optiml_fail(OPTIML_ERR_FORMAT, "norm epsilon %g or rope base %g invalid", hp->norm_eps, hp->rope_base);
+
+    hp->rope_scale = 1.0f;
+    char key[128];
+    snprintf(key, sizeof(key), "%s.rope.scaling.type", a);
+    struct gguf_str type;
+    optiml_status st = gguf_get_str(f, key, &type);
+    if (st == OPTIML_OK && gguf_str_eq(type, "linear")) {
+        TRY(key_f32(f, a, "rope.scaling.factor", 1.0f, &hp->rope_scale));
+        if (!(hp->rope_scale > 0.0f))
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s.rope.scaling.factor %g invalid", a, hp->rope_scale);
+    } else if (st == OPTIML_OK && !gguf_str_eq(type, "none")) {
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s \"%.*s\" is not supported (none, linear)", key,
+                           (int)(type.n > 32 ? 32 : type.n), type.data);
+    } else if (st != OPTIML_OK && st != OPTIML_ERR_INVALID_ARG) {
+        return st;
+    }
+    return OPTIML_OK;
+}
+
+/* ---- weights ------------------------------------------------------------ */
+
+enum bind_kind { BIND_MATRIX, BIND_NORM };
+
+/* Bind tensor `name` with shape (ne0, ne1) (ne1 = 1 for vectors). Matrices
+ * need a type the CPU kernels compute; norms must be f32. */
+static optiml_status bind(optiml_model *m, struct tensor *t, const char *name, int64_t ne0, int64_t ne1,
+                          enum bind_kind kind, bool required) {
+    memset(t, 0, sizeof(*t));
+    const struct gguf_tensor_info *ti = gguf_find_tensor(m->file, name);
+    if (!ti) {
+        if (!required) return OPTIML_OK;
+        return optiml_fail(OPTIML_ERR_FORMAT, "missing tensor %s", name);
+    }
+    uint64_t n_rows = ti->ne[1] * ti->ne[2] * ti->ne[3];
+    if ((int64_t)ti->ne[0] != ne0 || (int64_t)n_rows != ne1)
+        return optiml_fail(OPTIML_ERR_FORMAT, "tensor %s has shape (%llu, %llu), expected (%lld, %lld)", name,
+                           (unsigned long long)ti->ne[0], (unsigned long long)n_rows, (long long)ne0,
+                           (long long)ne1);
+    if (kind == BIND_NORM && ti->type != DTYPE_F32)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "tensor %s has type %s, expected f32", name, dtype_name(ti->type));
+    if (kind == BIND_MATRIX && !cpu_kernels_best()->dot[ti->type])
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "tensor %s has type %s, which this build cannot compute yet",
+                           name, dtype_name(ti->type));
+    t->data = ti->data;
+    t->type = ti->type;
+    t->ne[0] = ne0;
+    t->ne[1] = ne1;
+    t->ne[2] = t->ne[3] = 1;
+    dtype_row_size(ti->type, (uint64_t)ne0, &t->row_size);
+    t->name = NULL;
+    return OPTIML_OK;
+}
+
+static optiml_status load_weights(optiml_model *m) {
+    const struct hparams *hp = &m->hp;
+    const struct gguf_tensor_info *emb = gguf_find_tensor(m->file, "token_embd.weight");
+    if (!emb) return optiml_fail(OPTIML_ERR_FORMAT, "missing tensor token_embd.weight");
+    if (emb->ne[1] == 0 || emb->ne[1] > (1u << 24))
+        return optiml_fail(OPTIML_ERR_FORMAT, "token_embd.weight: vocabulary size %llu out of range",
+                           (unsigned long long)emb->ne[1]);
+    m->hp.n_vocab = (int32_t)emb->ne[1];
+    const int64_t n_embd = hp->n_embd, n_q = (int64_t)hp->n_head * hp->head_dim;
+    const int64_t n_kv = (int64_t)hp->n_head_kv * hp->head_dim;
+
+    TRY(bind(m, &m->tok_embd, "token_embd.weight", n_embd, hp->n_vocab, BIND_MATRIX, true));
+    if (!cpu_kernels_best()->to_f32[m->tok_embd.type])
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "token_embd.weight has type %s, which cannot be read yet",
+                           dtype_name(m->tok_embd.type));
+    TRY(bind(m, &m->output_norm, "output_norm.weight", n_embd, 1, BIND_NORM, true));
+    TRY(bind(m, &m->output, "output.weight", n_embd, hp->n_vocab, BIND_MATRIX, false));
+    if (!m->output.data) m->output = m->tok_embd; /* tied embeddings */
+    TRY(bind(m, &m->rope_freqs, "rope_freqs.weight", hp->n_rot / 2, 1, BIND_NORM, false));
+
+    m->layers = calloc((size_t)hp->n_layer, sizeof(*m->layers));
+    if (!m->layers) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory for %d layers", hp->n_layer);
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        struct layer *l = &m->layers[il];
+        char name[96];
+#define BIND(field, suffix, ne0, ne1, kind)                                   \
+        snprintf(name, sizeof(name), "blk.%d." suffix ".weight", il);        \
+        TRY(bind(m, &l->field, name, ne0, ne1, kind, true))
+        BIND(attn_norm, "attn_norm", n_embd, 1, BIND_NORM);
+        BIND(wq, "attn_q", n_embd, n_q, BIND_MATRIX);
+        BIND(wk, "attn_k", n_embd, n_kv, BIND_MATRIX);
+        BIND(wv, "attn_v", n_embd, n_kv, BIND_MATRIX);
+        BIND(wo, "attn_output", n_q, n_embd, BIND_MATRIX);
+        BIND(ffn_norm, "ffn_norm", n_embd, 1, BIND_NORM);
+        BIND(ffn_gate, "ffn_gate", n_embd, hp->n_ff, BIND_MATRIX);
+        BIND(ffn_up, "ffn_up", n_embd, hp->n_ff, BIND_MATRIX);
+        BIND(ffn_down, "ffn_down", hp->n_ff, n_embd, BIND_MATRIX);
+#undef BIND
+    }
+    for (uint64_t i = 0; i < m->file->n_tensors; i++) {
+        const struct gguf_tensor_info *ti = &m->file->tensors[i];
+        m->n_bytes += ti->size;
+        m->n_params += ti->ne[0] * ti->ne[1] * ti->ne[2] * ti->ne[3];
+    }
+    return OPTIML_OK;
+}
+
+/* ---- metadata strings ------------------------------------------------- */
+
+static optiml_status load_meta_strs(optiml_model *m) {
+    const gguf_file *f = m->file;
+    int32_t n = 0;
+    for (uint64_t i = 0; i < f->n_kv; i++) n += f->kv[i].value.type == GGUF_TYPE_STRING;
+    m->meta_keys = calloc((size_t)n + 1, sizeof(char *));
+    m->meta_strs = calloc((size_t)n + 1, sizeof(char *));
+    if (!m->meta_keys || !m->meta_strs) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory for metadata");
+    for (uint64_t i = 0; i < f->n_kv; i++) {
+        if (f->kv[i].value.type != GGUF_TYPE_STRING) continue;
+        m->meta_keys[m->n_meta_strs] = gguf_str_dup(f->kv[i].key);
+        m->meta_strs[m->n_meta_strs] = gguf_str_dup(f->kv[i].value.str);
+        if (!m->meta_keys[m->n_meta_strs] || !m->meta_strs[m->n_meta_strs])
+            return optiml_fail(OPTIML_ERR_NOMEM, "out of memory for metadata");
+        m->n_meta_strs++;
+    }
+    return OPTIML_OK;
+}
+
+/* ---- public API ------------------------------------------------------- */
+
+optiml_model_params optiml_model_default_params(void) {
+    return (optiml_model_params){.n_gpu_layers = 0, .vram_budget_gib = 0.0, .use_mmap = true};
+}
+
+static optiml_status model_load(optiml_model *m, const char *path, const optiml_model_params *params) {
+    if (params->n_gpu_layers > 0 || params->vram_budget_gib > 0.0)
+        LOG_WARN("this build has no GPU backend: running all layers on the CPU");
+    TRY(gguf_open(path, &m->file));
+    struct gguf_str arch;
+    optiml_status st = gguf_get_str(m->file, "general.architecture", &arch);
+    if (st == OPTIML_ERR_INVALID_ARG) return optiml_fail(OPTIML_ERR_FORMAT, "%s: missing key general.architecture", path);
+    TRY(st);
+    if (!gguf_str_eq(arch, "llama"))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s: architecture \"%.*s\" is not supported (llama)", path,
+                           (int)(arch.n > 32 ? 32 : arch.n), arch.data);
+    snprintf(m->arch, sizeof(m->arch), "llama");
+    TRY(load_hparams(m));
+    TRY(load_weights(m));
+    TRY(vocab_load(m->file, &m->vocab));
+    if (vocab_n_tokens(m->vocab) > m->hp.n_vocab)
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: %d vocabulary tokens but token_embd.weight has %d rows", path,
+                           vocab_n_tokens(m->vocab), m->hp.n_vocab);
+    TRY(load_meta_strs(m));
+    snprintf(m->desc, sizeof(m->desc), "%s %dd %dL %s", m->arch, m->hp.n_embd, m->hp.n_layer,
+             dtype_name(m->layers[0].wq.type));
+    return OPTIML_OK;
+}
+
+optiml_status optiml_model_load(const char *path, const optiml_model_params *params, optiml_model **out) {
+    if (!out) return optiml_fail(OPTIML_ERR_INVALID_ARG, "optiml_model_load: out is NULL");
+    *out = NULL;
+    if (!path) return optiml_fail(OPTIML_ERR_INVALID_ARG, "optiml_model_load: path is NULL");
+    optiml_model_params defaults = optiml_model_default_params();
+    optiml_model *m = calloc(1, sizeof(*m));
+    if (!m) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    optiml_status st = model_load(m, path, params ? params : &defaults);
+    if (st != OPTIML_OK) {
+        optiml_model_free(m);
+        return st;
+    }
+    *out = m;
+    return OPTIML_OK;
+}
+
+void optiml_model_free(optiml_model *m) {
+    if (!m) return;
+    for (int32_t i = 0; i < m->n_meta_strs; i++) {
+        free(m->meta_keys[i]);
+        free(m->meta_strs[i]);
+    }
+    free(m->meta_keys);
+    free(m->meta_strs);
+    vocab_free(m->vocab);
+    free(m->layers);
+    gguf_close(m->file);
+    free(m);
+}
+
+int32_t optiml_model_n_vocab(const optiml_model *m) { return m->hp.n_vocab; }
+int32_t optiml_model_n_embd(const optiml_model *m) { return m->hp.n_embd; }
+int32_t optiml_model_n_layer(const optiml_model *m) { return m->hp.n_layer; }
+int32_t optiml_model_n_ctx_train(const optiml_model *m) { return m->hp.n_ctx_train; }
+uint64_t optiml_model_size(const optiml_model *m) { return m->n_bytes; }
+uint64_t optiml_model_n_params(const optiml_model *m) { return m->n_params; }
+
+uint64_t optiml_model_decode_bytes(const optiml_model *m) {
+    if (m->output.data == m->tok_embd.data) return m->n_bytes;
+    return m->n_bytes - m->tok_embd.row_size * (uint64_t)(m->hp.n_vocab - 1);
+}
+
+int32_t optiml_model_desc(const optiml_model *m, char *buf, size_t buf_size) {
+    return snprintf(buf, buf_size, "%s", m->desc);
+}
+
+const char *optiml_model_meta_str(const optiml_model *m, const char *key) {
+    for (int32_t i = 0; i < m->n_meta_strs; i++)
+        if (strcmp(m->meta_keys[i], key) == 0) return m->meta_strs[i];
+    return NULL;
+}
+
+/* ---- tokenizer entry points (the work is in vocab.c) ----------------- */
+
+optiml_token optiml_token_bos(const optiml_model *m) { return vocab_bos(m->vocab); }
+optiml_token optiml_token_eos(const optiml_model *m) { return vocab_eos(m->vocab); }
+bool optiml_token_is_eog(const optiml_model *m, optiml_token t) { return vocab_is_eog(m->vocab, t); }
+bool optiml_token_add_bos(const optiml_model *m) { return vocab_add_bos(m->vocab); }
+
+int32_t optiml_tokenize(const optiml_model *m, const char *text, int32_t text_len, optiml_token *tokens,
+                        int32_t n_max, bool add_bos, bool parse_special) {
+    if (!m || (!text && text_len > 0) || text_len < 0 || n_max < 0 || (!tokens && n_max > 0)) {
+        optiml_set_error("optiml_tokenize: invalid argument");
+        return INT32_MIN;
+    }
+    return vocab_tokenize(m->vocab, text ? text : "", text_len, tokens, n_max, add_bos, parse_special);
+}
+
+int32_t optiml_token_to_piece(const optiml_model *m, optiml_token token, char *buf, int32_t buf_size, bool lstrip,
+                              bool special) {
+    if (!m || buf_size < 0 || (!buf && buf_size > 0)) {
+        optiml_set_error("optiml_token_to_piece: invalid argument");
+        return INT32_MIN;
+    }
+    return vocab_token_to_piece(m->vocab, token, buf, buf_size, lstrip, special);
+}

@@ -1,0 +1,1201 @@
+/*
+ * convert_hf.c - Hugging Face Llama directory -> GGUF.
+ *
+ * Reads, from the model directory:
+ *   config.json                     hyperparameters (LlamaForCausalLM)
+ *   model.safetensors, or model.safetensors.index.json + its shards, or the
+ *     one *.safetensors file there (format: src/safetensors.h)
+ *   tokenizer.model                 SentencePiece ModelProto (protobuf), or
+ *   tokenizer.json                  byte-level BPE (Llama 3 style)
+ *   tokenizer_config.json           optional: chat_template, add_bos_token...
+ *
+ * Tensors are renamed to docs/FORMAT.md's names; the rows of q_proj and
+ * k_proj are permuted within each head from Hugging Face's rotate-half RoPE
+ * layout to interleaved pairs. Each tensor is converted (f32/f16/bf16) while
+ * the GGUF file is written, so one tensor at a time is held in memory: the
+ * shards stay memory-mapped. Llama 3 rope_scaling becomes a rope_freqs.weight
+ * tensor of frequency divisors computed the way transformers does.
+ *
+ * The SentencePiece protobuf reader comes first and needs no JSON library
+ * (fuzz/fuzz_spm_model.c compiles this file with CONVERT_SPM_ONLY defined to
+ * get just that section); the rest needs jansson (OPTIML_HAVE_JANSSON).
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "convert.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- SentencePiece ModelProto reader --------------------------------------------
+ *
+ * Protobuf wire format: a message is a sequence of fields, each a varint key
+ * (field_number << 3 | wire_type) then a value: wire type 0 varint, 1 fixed
+ * 64 bits, 2 varint length + bytes (strings, sub-messages), 5 fixed 32 bits
+ * (3 and 4, groups, are deprecated and rejected). Varints are little-endian
+ * base-128, at most 10 bytes. The fields we read:
+ *
+ *   ModelProto      1 pieces (repeated SentencePiece)  2 trainer_spec
+ *                   3 normalizer_spec
+ *   SentencePiece   1 piece (string)  2 score (float)  3 type (enum:
+ *                   NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4,
+ *                   UNUSED 5, BYTE 6; default NORMAL)
+ *   TrainerSpec     40 unk_id  41 bos_id  42 eos_id  43 pad_id  (int32)
+ *   NormalizerSpec  3 add_dummy_prefix (bool, default true)
+ *
+ * Everything else is skipped by its wire type.
+ */
+
+struct spm_reader {
+    const uint8_t *buf;
+    uint64_t pos, end; /* the current message is buf[pos, end) */
+    const char *name;
+};
+
+static optiml_status spm_read_varint(struct spm_reader *r, uint64_t *out) {
+    uint64_t v = 0;
+    uint64_t start = r->pos;
+    for (int shift = 0; shift < 70; shift += 7) {
+        if (r->pos >= r->end)
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s: truncated varint at offset %llu", r->name,
+                               (unsigned long long)start);
+        uint8_t b = r->buf[r->pos++];
+        if (shift == 63 && b > 1)
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s: varint at offset %llu overflows 64 bits",
+                               r->name, (unsigned long long)start);
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *out = v;
+            return OPTIML_OK;
+        }
+    }
+    return optiml_fail(OPTIML_ERR_FORMAT, "%s: varint at offset %llu is longer than 10 bytes",
+                       r->name, (unsigned long long)start);
+}
+
+/* The next field's key; field numbers start at 1. */
+static optiml_status spm_read_key(struct spm_reader *r, uint32_t *field, uint32_t *wire) {
+    uint64_t start = r->pos, key = 0;
+    TRY(spm_read_varint(r, &key));
+    if (key >> 3 == 0 || key >> 3 > 0x1fffffff)
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: bad field number %llu at offset %llu", r->name,
+                           (unsigned long long)(key >> 3), (unsigned long long)start);
+    *field = (uint32_t)(key >> 3);
+    *wire = (uint32_t)(key & 7);
+    return OPTIML_OK;
+}
+
+/* A length-delimited value: its bytes are buf[*begin, *begin + *len). */
+static optiml_status spm_read_bytes(struct spm_reader *r, uint64_t *begin, uint64_t *len) {
+    uint64_t start = r->pos;
+    TRY(spm_read_varint(r, len));
+    if (*len > r->end - r->pos)
+        return optiml_fail(OPTIML_ERR_FORMAT,
+                           "%s: length %llu at offset %llu runs past the end of its message "
+                           "(offset %llu)",
+                           r->name, (unsigned long long)*len, (unsigned long long)start,
+                           (unsigned long long)r->end);
+    *begin = r->pos;
+    r->pos += *len;
+    return OPTIML_OK;
+}
+
+static optiml_status spm_read_fixed32(struct spm_reader *r, uint32_t *out) {
+    if (r->end - r->pos < 4)
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: truncated fixed32 at offset %llu", r->name,
+                           (unsigned long long)r->pos);
+    const uint8_t *p = r->buf + r->pos;
+    *out = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    r->pos += 4;
+    return OPTIML_OK;
+}
+
+static optiml_status spm_skip(struct spm_reader *r, uint32_t field, uint32_t wire) {
+    uint64_t v = 0, begin = 0;
+    uint32_t u = 0;
+    switch (wire) {
+    case 0: return spm_read_varint(r, &v);
+    case 1:
+        if (r->end - r->pos < 8)
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s: truncated fixed64 at offset %llu", r->name,
+                               (unsigned long long)r->pos);
+        r->pos += 8;
+        return OPTIML_OK;
+    case 2: return spm_read_bytes(r, &begin, &v);
+    case 5: return spm_read_fixed32(r, &u);
+    default:
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: field %u has unsupported wire type %u at "
+                           "offset %llu",
+                           r->name, field, wire, (unsigned long long)r->pos);
+    }
+}
+
+/* A field we know must come with the wire type we expect. */
+static optiml_status spm_expect_wire(const struct spm_reader *r, uint32_t field, uint32_t wire,
+                                     uint32_t want, const char *what) {
+    if (wire == want) return OPTIML_OK;
+    return optiml_fail(OPTIML_ERR_FORMAT, "%s: %s (field %u) has wire type %u, expected %u "
+                       "(before offset %llu)",
+                       r->name, what, field, wire, want, (unsigned long long)r->pos);
+}
+
+/* A sub-message reader over buf[begin, begin + len). */
+static struct spm_reader spm_sub(const struct spm_reader *r, uint64_t begin, uint64_t len) {
+    struct spm_reader s = {r->buf, begin, begin + len, r->name};
+    return s;
+}
+
+static optiml_status spm_read_piece(struct spm_reader *r, uint32_t index, struct spm_piece *p) {
+    bool have_piece = false;
+    uint64_t start = r->pos;
+    p->score = 0.0f;
+    p->type = CONVERT_TOKEN_NORMAL;
+    while (r->pos < r->end) {
+        uint32_t field = 0, wire = 0;
+        TRY(spm_read_key(r, &field, &wire));
+        if (field == 1) {
+            uint64_t begin = 0, len = 0;
+            TRY(spm_expect_wire(r, field, wire, 2, "SentencePiece.piece"));
+            TRY(spm_read_bytes(r, &begin, &len));
+            if (len > UINT32_MAX)
+                return optiml_fail(OPTIML_ERR_FORMAT, "%s: piece %u is too long", r->name, index);
+            p->piece = (const char *)r->buf + begin;
+            p->len = (uint32_t)len;
+            have_piece = true;
+        } else if (field == 2) {
+            uint32_t bits = 0;
+            TRY(spm_expect_wire(r, field, wire, 5, "SentencePiece.score"));
+            TRY(spm_read_fixed32(r, &bits));
+            memcpy(&p->score, &bits, 4);
+            if (p->score != p->score)
+                return optiml_fail(OPTIML_ERR_FORMAT, "%s: piece %u: score is NaN", r->name, index);
+        } else if (field == 3) {
+            uint64_t v = 0;
+            TRY(spm_expect_wire(r, field, wire, 0, "SentencePiece.type"));
+            TRY(spm_read_varint(r, &v));
+            if (v < CONVERT_TOKEN_NORMAL || v > CONVERT_TOKEN_BYTE)
+                return optiml_fail(OPTIML_ERR_FORMAT, "%s: piece %u: unknown type %llu", r->name,
+                                   index, (unsigned long long)v);
+            p->type = (int32_t)v;
+        } else {
+            TRY(spm_skip(r, field, wire));
+        }
+    }
+    if (!have_piece)
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: piece %u (offset %llu) has no text", r->name,
+                           index, (unsigned long long)start);
+    return OPTIML_OK;
+}
+
+static optiml_status spm_read_trainer_spec(struct spm_reader *r, struct spm_model *m) {
+    while (r->pos < r->end) {
+        uint32_t field = 0, wire = 0;
+        TRY(spm_read_key(r, &field, &wire));
+        int32_t *id = field == 40 ? &m->unk_id
+                      : field == 41 ? &m->bos_id
+                      : field == 42 ? &m->eos_id
+                      : field == 43 ? &m->pad_id
+                                    : NULL;
+        if (!id) {
+            TRY(spm_skip(r, field, wire));
+            continue;
+        }
+        uint64_t v = 0;
+        TRY(spm_expect_wire(r, field, wire, 0, "TrainerSpec id"));
+        TRY(spm_read_varint(r, &v));
+        *id = (int32_t)(uint32_t)v; /* int32: negatives are sign-extended to 64 bits */
+    }
+    return OPTIML_OK;
+}
+
+static optiml_status spm_read_normalizer_spec(struct spm_reader *r, struct spm_model *m) {
+    while (r->pos < r->end) {
+        uint32_t field = 0, wire = 0;
+        TRY(spm_read_key(r, &field, &wire));
+        if (field != 3) {
+            TRY(spm_skip(r, field, wire));
+            continue;
+        }
+        uint64_t v = 0;
+        TRY(spm_expect_wire(r, field, wire, 0, "NormalizerSpec.add_dummy_prefix"));
+        TRY(spm_read_varint(r, &v));
+        m->add_dummy_prefix = v != 0;
+    }
+    return OPTIML_OK;
+}
+
+void spm_model_free(struct spm_model *m) {
+    if (!m) return;
+    free(m->pieces);
+    free(m);
+}
+
+static optiml_status spm_model_read(struct spm_reader *r, struct spm_model *m) {
+    uint32_t cap = 0;
+    while (r->pos < r->end) {
+        uint32_t field = 0, wire = 0;
+        TRY(spm_read_key(r, &field, &wire));
+        if (field < 1 || field > 3) {
+            TRY(spm_skip(r, field, wire));
+            continue;
+        }
+        uint64_t begin = 0, len = 0;
+        TRY(spm_expect_wire(r, field, wire, 2, "ModelProto field"));
+        TRY(spm_read_bytes(r, &begin, &len));
+        struct spm_reader sub = spm_sub(r, begin, len);
+        if (field == 2) {
+            TRY(spm_read_trainer_spec(&sub, m));
+        } else if (field == 3) {
+            TRY(spm_read_normalizer_spec(&sub, m));
+        } else {
+            if (m->n_pieces == UINT32_MAX / 2)
+                return optiml_fail(OPTIML_ERR_FORMAT, "%s: too many pieces", r->name);
+            if (m->n_pieces == cap) {
+                uint32_t c = cap ? cap * 2 : 1024;
+                struct spm_piece *p = realloc(m->pieces, (size_t)c * sizeof(*p));
+                if (!p) return optiml_fail(OPTIML_ERR_NOMEM, "%s: out of memory", r->name);
+                m->pieces = p;
+                cap = c;
+            }
+            TRY(spm_read_piece(&sub, m->n_pieces, &m->pieces[m->n_pieces]));
+            m->n_pieces++;
+        }
+    }
+    if (m->n_pieces == 0)
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: no pieces: not a SentencePiece model?", r->name);
+    return OPTIML_OK;
+}
+
+optiml_status spm_model_parse(const void *buf, uint64_t size, const char *name,
+                              struct spm_model **out) {
+    *out = NULL;
+    if (!name) name = "tokenizer.model";
+    if (!buf && size) return optiml_fail(OPTIML_ERR_INVALID_ARG, "%s: NULL buffer", name);
+    struct spm_model *m = calloc(1, sizeof(*m));
+    if (!m) return optiml_fail(OPTIML_ERR_NOMEM, "%s: out of memory", name);
+    m->add_dummy_prefix = true;
+    m->unk_id = 0;
+    m->bos_id = 1;
+    m->eos_id = 2;
+    m->pad_id = -1;
+    struct spm_reader r = {buf, 0, size, name};
+    optiml_status st = spm_model_read(&r, m);
+    if (st != OPTIML_OK) {
+        spm_model_free(m);
+        return st;
+    }
+    *out = m;
+    return OPTIML_OK;
+}
+
+#ifndef CONVERT_SPM_ONLY
+#ifdef OPTIML_HAVE_JANSSON
+
+#include "safetensors.h"
+
+#include <dirent.h>
+#include <jansson.h>
+#include <math.h>
+#include <sys/stat.h>
+
+/* ---- paths and JSON --------------------------------------------------------------- */
+
+/* dir/file, malloc'd (NULL if out of memory). */
+static char *hf_path(const char *dir, const char *file) {
+    size_t n = strlen(dir) + strlen(file) + 2;
+    char *p = malloc(n);
+    if (p) snprintf(p, n, "%s/%s", dir, file);
+    return p;
+}
+
+static bool hf_file_exists(const char *path) {
+    struct stat sb;
+    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+/* Load dir/file as JSON into *out. A missing file is an error if required,
+ * else *out = NULL and OK. flags: jansson decoding flags besides
+ * JSON_REJECT_DUPLICATES. */
+static optiml_status hf_json_load(const char *dir, const char *file, bool required, size_t flags,
+                                  json_t **out) {
+    *out = NULL;
+    char *path = hf_path(dir, file);
+    if (!path) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    optiml_status st = OPTIML_OK;
+    if (!hf_file_exists(path)) {
+        if (required) st = optiml_fail(OPTIML_ERR_IO, "%s: no such file", path);
+    } else {
+        json_error_t err;
+        *out = json_load_file(path, JSON_REJECT_DUPLICATES | flags, &err);
+        if (!*out)
+            st = optiml_fail(OPTIML_ERR_FORMAT, "%s: line %d, column %d: %s", path, err.line,
+                             err.column, err.text);
+    }
+    free(path);
+    return st;
+}
+
+/* ---- config.json ----------------------------------------------------------------- */
+
+enum hf_rope_kind { HF_ROPE_NONE, HF_ROPE_LINEAR, HF_ROPE_LLAMA3 };
+
+struct hf_config {
+    uint32_t n_embd, n_ff, n_layer, n_head, n_head_kv, head_dim, n_vocab, n_ctx;
+    double rms_eps, rope_theta;
+    const char *activation; /* optiml.ffn_activation (static string)      */
+    bool tied;              /* tie_word_embeddings                         */
+    int dtype;              /* enum dtype of torch_dtype / dtype, -1: none */
+    enum hf_rope_kind rope_kind;
+    double rope_factor, low_freq_factor, high_freq_factor;
+    uint32_t orig_ctx;      /* original_max_position_embeddings (llama3)   */
+    int64_t bos_id, eos_id, pad_id; /* -1: none                            */
+};
+
+/* A positive integer that fits 32 bits; a missing key or JSON null gives def
+ * (0 = required). */
+static optiml_status hf_cfg_u32(const json_t *cfg, const char *key, uint32_t def, uint32_t *out) {
+    const json_t *v = json_object_get(cfg, key);
+    if (!v || json_is_null(v)) {
+        if (def == 0) return optiml_fail(OPTIML_ERR_FORMAT, "config.json: missing \"%s\"", key);
+        *out = def;
+        return OPTIML_OK;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) <= 0 || json_integer_value(v) > UINT32_MAX)
+        return optiml_fail(OPTIML_ERR_FORMAT, "config.json: \"%s\" is not a positive 32-bit integer",
+                           key);
+    *out = (uint32_t)json_integer_value(v);
+    return OPTIML_OK;
+}
+
+/* A positive finite number; missing/null gives def (0 = required). */
+static optiml_status hf_cfg_num(const json_t *obj, const char *where, const char *key, double def,
+                                double *out) {
+    const json_t *v = json_object_get(obj, key);
+    if (!v || json_is_null(v)) {
+        if (def == 0) return optiml_fail(OPTIML_ERR_FORMAT, "%s: missing \"%s\"", where, key);
+        *out = def;
+        return OPTIML_OK;
+    }
+    if (!json_is_number(v) || !(json_number_value(v) > 0) || !isfinite(json_number_value(v)))
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: \"%s\" is not a positive number", where, key);
+    *out = json_number_value(v);
+    return OPTIML_OK;
+}
+
+/* A token id: an integer, or a list of them (the first is taken); -1 if
+ * missing or null. */
+static optiml_status hf_cfg_token_id(const json_t *cfg, const char *key, int64_t *out) {
+    const json_t *v = json_object_get(cfg, key);
+    *out = -1;
+    if (json_is_array(v)) v = json_array_get(v, 0);
+    if (!v || json_is_null(v)) return OPTIML_OK;
+    if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > INT32_MAX)
+        return optiml_fail(OPTIML_ERR_FORMAT, "config.json: \"%s\" is not a token id", key);
+    *out = json_integer_value(v);
+    return OPTIML_OK;
+}
+
+static const char *hf_json_str(const json_t *obj, const char *key) {
+    const json_t *v = json_object_get(obj, key);
+    return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+static optiml_status hf_config_arch(const json_t *cfg) {
+    static const char *const archs[] = {"LlamaForCausalLM", "MistralForCausalLM"};
+    static const char *const types[] = {"llama", "mistral"};
+    const json_t *arch0 = json_array_get(json_object_get(cfg, "architectures"), 0);
+    const char *arch = json_is_string(arch0) ? json_string_value(arch0) : NULL;
+    const char *type = hf_json_str(cfg, "model_type");
+    bool ok = false;
+    for (size_t i = 0; i < sizeof(archs) / sizeof(archs[0]); i++)
+        ok |= (arch && strcmp(arch, archs[i]) == 0) || (type && strcmp(type, types[i]) == 0);
+    if (!ok)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                           "config.json: architecture %s (model_type %s) is not supported: "
+                           "only Llama-family models (LlamaForCausalLM)",
+                           arch ? arch : "(none)", type ? type : "(none)");
+    if (json_is_true(json_object_get(cfg, "attention_bias")) ||
+        json_is_true(json_object_get(cfg, "mlp_bias")))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                           "config.json: attention_bias / mlp_bias are not supported");
+    const json_t *sw = json_object_get(cfg, "sliding_window");
+    if (sw && !json_is_null(sw))
+        LOG_WARN("config.json: sliding_window is ignored: attention spans the whole context");
+    return OPTIML_OK;
+}
+
+static optiml_status hf_config_activation(const json_t *cfg, const char **out) {
+    static const struct {
+        const char *hf, *ours;
+    } acts[] = {
+        {"silu", "silu"},          {"swish", "silu"},          {"relu", "relu"},
+        {"relu2", "relu2"},        {"relu_squared", "relu2"},  {"relu-squared", "relu2"},
+        {"squared_relu", "relu2"}, {"gelu", "gelu"},           {"gelu_new", "gelu"},
+        {"gelu_fast", "gelu"},     {"gelu_pytorch_tanh", "gelu"},
+    };
+    const char *act = hf_json_str(cfg, "hidden_act");
+    if (!act) act = "silu";
+    for (size_t i = 0; i < sizeof(acts) / sizeof(acts[0]); i++)
+        if (strcmp(act, acts[i].hf) == 0) {
+            *out = acts[i].ours;
+            return OPTIML_OK;
+        }
+    return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                       "config.json: hidden_act \"%s\" is not supported (silu, relu, relu2, gelu)",
+                       act);
+}
+
+/* rope_theta and rope scaling: transformers 4 writes "rope_theta" and
+ * "rope_scaling"; transformers 5 writes both into "rope_parameters". */
+static optiml_status hf_config_rope(const json_t *cfg, struct hf_config *c) {
+    const json_t *params = json_object_get(cfg, "rope_parameters");
+    if (params && !json_is_object(params))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "config.json: \"rope_parameters\" is not an object");
+    TRY(hf_cfg_num(cfg, "config.json", "rope_theta", 10000.0, &c->rope_theta));
+    if (params && !json_object_get(cfg, "rope_theta"))
+        TRY(hf_cfg_num(params, "config.json rope_parameters", "rope_theta", 10000.0,
+                       &c->rope_theta));
+
+    const json_t *scaling = json_object_get(cfg, "rope_scaling");
+    if (!scaling || json_is_null(scaling)) scaling = params;
+    c->rope_kind = HF_ROPE_NONE;
+    if (!scaling || json_is_null(scaling)) return OPTIML_OK;
+    if (!json_is_object(scaling))
+        return optiml_fail(OPTIML_ERR_FORMAT, "config.json: \"rope_scaling\" is not an object");
+    const char *type = hf_json_str(scaling, "rope_type");
+    if (!type) type = hf_json_str(scaling, "type");
+    if (!type || strcmp(type, "default") == 0) return OPTIML_OK;
+
+    const char *where = "config.json rope scaling";
+    if (strcmp(type, "linear") == 0) {
+        c->rope_kind = HF_ROPE_LINEAR;
+        return hf_cfg_num(scaling, where, "factor", 0, &c->rope_factor);
+    }
+    if (strcmp(type, "llama3") == 0) {
+        double orig;
+        c->rope_kind = HF_ROPE_LLAMA3;
+        TRY(hf_cfg_num(scaling, where, "factor", 0, &c->rope_factor));
+        TRY(hf_cfg_num(scaling, where, "low_freq_factor", 0, &c->low_freq_factor));
+        TRY(hf_cfg_num(scaling, where, "high_freq_factor", 0, &c->high_freq_factor));
+        TRY(hf_cfg_num(scaling, where, "original_max_position_embeddings", 0, &orig));
+        if (!(c->high_freq_factor > c->low_freq_factor) || orig > UINT32_MAX)
+            return optiml_fail(OPTIML_ERR_FORMAT,
+                               "%s: need high_freq_factor > low_freq_factor and a 32-bit "
+                               "original_max_position_embeddings",
+                               where);
+        c->orig_ctx = (uint32_t)orig;
+        return OPTIML_OK;
+    }
+    return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                       "config.json: rope scaling type \"%s\" is not supported (linear, llama3)",
+                       type);
+}
+
+static optiml_status hf_config_read(const json_t *cfg, struct hf_config *c) {
+    memset(c, 0, sizeof(*c));
+    if (!json_is_object(cfg)) return optiml_fail(OPTIML_ERR_FORMAT, "config.json: not an object");
+    TRY(hf_config_arch(cfg));
+    TRY(hf_cfg_u32(cfg, "hidden_size", 0, &c->n_embd));
+    TRY(hf_cfg_u32(cfg, "intermediate_size", 0, &c->n_ff));
+    TRY(hf_cfg_u32(cfg, "num_hidden_layers", 0, &c->n_layer));
+    TRY(hf_cfg_u32(cfg, "num_attention_heads", 0, &c->n_head));
+    TRY(hf_cfg_u32(cfg, "num_key_value_heads", c->n_head, &c->n_head_kv));
+    TRY(hf_cfg_u32(cfg, "vocab_size", 0, &c->n_vocab));
+    TRY(hf_cfg_u32(cfg, "max_position_embeddings", 2048, &c->n_ctx));
+    const json_t *head_dim = json_object_get(cfg, "head_dim");
+    if (head_dim && !json_is_null(head_dim))
+        TRY(hf_cfg_u32(cfg, "head_dim", 0, &c->head_dim));
+    else if (c->n_embd % c->n_head == 0)
+        c->head_dim = c->n_embd / c->n_head;
+    else
+        return optiml_fail(OPTIML_ERR_FORMAT,
+                           "config.json: hidden_size %u is not a multiple of num_attention_heads "
+                           "%u and there is no head_dim",
+                           c->n_embd, c->n_head);
+    if (c->head_dim % 2 != 0)
+        return optiml_fail(OPTIML_ERR_FORMAT, "config.json: head_dim %u is odd", c->head_dim);
+    if (c->n_head_kv > c->n_head || c->n_head % c->n_head_kv != 0)
+        return optiml_fail(OPTIML_ERR_FORMAT,
+                           "config.json: num_attention_heads %u is not a multiple of "
+                           "num_key_value_heads %u",
+                           c->n_head, c->n_head_kv);
+    TRY(hf_cfg_num(cfg, "config.json", "rms_norm_eps", 1e-6, &c->rms_eps));
+    TRY(hf_config_rope(cfg, c));
+    TRY(hf_config_activation(cfg, &c->activation));
+    const json_t *tie = json_object_get(cfg, "tie_word_embeddings");
+    c->tied = json_is_true(tie);
+
+    const char *dt = hf_json_str(cfg, "torch_dtype");
+    if (!dt) dt = hf_json_str(cfg, "dtype");
+    c->dtype = -1;
+    if (dt && strncmp(dt, "torch.", 6) == 0) dt += 6;
+    if (dt && strcmp(dt, "float32") == 0) c->dtype = DTYPE_F32;
+    if (dt && strcmp(dt, "float16") == 0) c->dtype = DTYPE_F16;
+    if (dt && strcmp(dt, "bfloat16") == 0) c->dtype = DTYPE_BF16;
+
+    TRY(hf_cfg_token_id(cfg, "bos_token_id", &c->bos_id));
+    TRY(hf_cfg_token_id(cfg, "eos_token_id", &c->eos_id));
+    TRY(hf_cfg_token_id(cfg, "pad_token_id", &c->pad_id));
+    return OPTIML_OK;
+}
+
+/* ---- weights: safetensors shards ----------------------------------------------------- */
+
+struct hf_weights {
+    struct safetensors_file **files;
+    size_t n_files;
+};
+
+static void hf_weights_free(struct hf_weights *w) {
+    for (size_t i = 0; i < w->n_files; i++) safetensors_close(w->files[i]);
+    free(w->files);
+    memset(w, 0, sizeof(*w));
+}
+
+static const struct safetensors_tensor *hf_weights_find(const struct hf_weights *w,
+                                                        const char *name,
+                                                        const struct safetensors_file **file) {
+    for (size_t i = 0; i < w->n_files; i++) {
+        const struct safetensors_tensor *t = safetensors_find(w->files[i], name);
+        if (t) {
+            if (file) *file = w->files[i];
+            return t;
+        }
+    }
+    return NULL;
+}
+
+/* Open dir/file (unless already open) and add it to w. */
+static optiml_status hf_weights_open(struct hf_weights *w, const char *dir, const char *file) {
+    if (strchr(file, '/') || strcmp(file, "..") == 0 || strcmp(file, ".") == 0 || !file[0])
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: shard name \"%s\" is not a file in the directory",
+                           dir, file);
+    char *path = hf_path(dir, file);
+    if (!path) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < w->n_files; i++)
+        if (strcmp(w->files[i]->name, path) == 0) {
+            free(path);
+            return OPTIML_OK;
+        }
+    struct safetensors_file **files = realloc(w->files, (w->n_files + 1) * sizeof(*files));
+    if (!files) {
+        free(path);
+        return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    }
+    w->files = files;
+    optiml_status st = safetensors_open(path, &w->files[w->n_files]);
+    free(path);
+    TRY(st);
+    const struct safetensors_file *f = w->files[w->n_files++];
+    /* A tensor in two shards is ambiguous. */
+    for (uint64_t i = 0; i < f->n_tensors; i++) {
+        const struct safetensors_file *other = NULL;
+        const struct safetensors_tensor *t = hf_weights_find(w, f->tensors[i].name, &other);
+        if (t && other != f)
+            return optiml_fail(OPTIML_ERR_FORMAT, "tensor '%s' is in both %s and %s",
+                               f->tensors[i].name, other->name, f->name);
+    }
+    return OPTIML_OK;
+}
+
+/* The weights: model.safetensors.index.json and its shards, else
+ * model.safetensors, else the only *.safetensors file of dir. */
+static optiml_status hf_weights_load(struct hf_weights *w, const char *dir) {
+    json_t *index;
+    TRY(hf_json_load(dir, "model.safetensors.index.json", false, 0, &index));
+    if (index) {
+        const json_t *map = json_object_get(index, "weight_map");
+        optiml_status st = OPTIML_OK;
+        if (!json_is_object(map) || json_object_size(map) == 0)
+            st = optiml_fail(OPTIML_ERR_FORMAT,
+                             "%s/model.safetensors.index.json: missing or empty \"weight_map\"", dir);
+        const char *name;
+        json_t *shard;
+        json_object_foreach((json_t *)map, name, shard) {
+            if (st != OPTIML_OK) break;
+            if (!json_is_string(shard)) {
+                st = optiml_fail(OPTIML_ERR_FORMAT,
+                                 "%s/model.safetensors.index.json: weight_map[\"%s\"] is not a "
+                                 "file name",
+                                 dir, name);
+                break;
+            }
+            st = hf_weights_open(w, dir, json_string_value(shard));
+        }
+        /* Every tensor the index names must be in the shard it names. */
+        json_object_foreach((json_t *)map, name, shard) {
+            if (st != OPTIML_OK) break;
+            const struct safetensors_file *f = NULL;
+            const char *want = json_string_value(shard);
+            size_t nd = strlen(dir);
+            if (!hf_weights_find(w, name, &f) || strncmp(f->name, dir, nd) != 0 ||
+                strcmp(f->name + nd + 1, want) != 0)
+                st = optiml_fail(OPTIML_ERR_FORMAT,
+                                 "%s/model.safetensors.index.json: tensor '%s' is not in %s", dir,
+                                 name, want);
+        }
+        json_decref(index);
+        return st;
+    }
+
+    char *single = hf_path(dir, "model.safetensors");
+    if (!single) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    bool have_single = hf_file_exists(single);
+    free(single);
+    if (have_single) return hf_weights_open(w, dir, "model.safetensors");
+
+    DIR *d = opendir(dir);
+    if (!d) return optiml_fail(OPTIML_ERR_IO, "%s: cannot list the directory", dir);
+    char found[512] = "";
+    int n_found = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        if (n > 12 && strcmp(e->d_name + n - 12, ".safetensors") == 0) {
+            if (n_found++ == 0) snprintf(found, sizeof(found), "%s", e->d_name);
+        }
+    }
+    closedir(d);
+    if (n_found == 0)
+        return optiml_fail(OPTIML_ERR_IO,
+                           "%s: no .safetensors weights (PyTorch .bin checkpoints are not "
+                           "supported: re-save with safe_serialization=True)",
+                           dir);
+    if (n_found > 1)
+        return optiml_fail(OPTIML_ERR_FORMAT,
+                           "%s: %d .safetensors files and no model.safetensors.index.json to say "
+                           "which tensors are where",
+                           dir, n_found);
+    return hf_weights_open(w, dir, found);
+}
+
+/* ---- tensors --------------------------------------------------------------------- */
+
+enum hf_rope_perm { HF_PERM_NONE, HF_PERM_Q, HF_PERM_K };
+
+/* Per-layer tensors: Hugging Face suffix after "model.layers.N.", GGUF name
+ * after "blk.N.", the rows and columns (PyTorch (out, in)) as multiples of
+ * hf_dim below, and the RoPE permutation. */
+enum hf_dim { HF_DIM_ONE, HF_DIM_EMBD, HF_DIM_FF, HF_DIM_Q, HF_DIM_KV, HF_DIM_VOCAB };
+
+static const struct hf_tensor_map {
+    const char *hf, *gguf;
+    enum hf_dim rows, cols; /* cols HF_DIM_ONE: a vector of `rows` */
+    enum hf_rope_perm perm;
+} hf_layer_tensors[] = {
+    {"input_layernorm.weight", "attn_norm", HF_DIM_EMBD, HF_DIM_ONE, HF_PERM_NONE},
+    {"self_attn.q_proj.weight", "attn_q", HF_DIM_Q, HF_DIM_EMBD, HF_PERM_Q},
+    {"self_attn.k_proj.weight", "attn_k", HF_DIM_KV, HF_DIM_EMBD, HF_PERM_K},
+    {"self_attn.v_proj.weight", "attn_v", HF_DIM_KV, HF_DIM_EMBD, HF_PERM_NONE},
+    {"self_attn.o_proj.weight", "attn_output", HF_DIM_EMBD, HF_DIM_Q, HF_PERM_NONE},
+    {"post_attention_layernorm.weight", "ffn_norm", HF_DIM_EMBD, HF_DIM_ONE, HF_PERM_NONE},
+    {"mlp.gate_proj.weight", "ffn_gate", HF_DIM_FF, HF_DIM_EMBD, HF_PERM_NONE},
+    {"mlp.up_proj.weight", "ffn_up", HF_DIM_FF, HF_DIM_EMBD, HF_PERM_NONE},
+    {"mlp.down_proj.weight", "ffn_down", HF_DIM_EMBD, HF_DIM_FF, HF_PERM_NONE},
+};
+#define HF_N_LAYER_TENSORS (sizeof(hf_layer_tensors) / sizeof(hf_layer_tensors[0]))
+
+static uint64_t hf_dim_value(const struct hf_config *c, enum hf_dim d) {
+    switch (d) {
+    case HF_DIM_ONE: return 1;
+    case HF_DIM_EMBD: return c->n_embd;
+    case HF_DIM_FF: return c->n_ff;
+    case HF_DIM_Q: return (uint64_t)c->n_head * c->head_dim;
+    case HF_DIM_KV: return (uint64_t)c->n_head_kv * c->head_dim;
+    case HF_DIM_VOCAB: return c->n_vocab;
+    }
+    return 0;
+}
+
+/* Queue Hugging Face tensor hf_name as gguf_name after checking its dtype
+ * and shape. A missing tensor fails unless optional (then *found = false). */
+static optiml_status hf_add_tensor(struct convert_out *out, const struct hf_weights *w,
+                                   const struct hf_config *c, const char *hf_name,
+                                   const char *gguf_name, enum hf_dim rows, enum hf_dim cols,
+                                   enum hf_rope_perm perm, bool optional, bool *found) {
+    const struct safetensors_file *f = NULL;
+    const struct safetensors_tensor *t = hf_weights_find(w, hf_name, &f);
+    if (found) *found = t != NULL;
+    if (!t) {
+        if (optional) return OPTIML_OK;
+        return optiml_fail(OPTIML_ERR_FORMAT, "missing tensor '%s' (for %s)", hf_name, gguf_name);
+    }
+    int type = safetensors_dtype_to_gguf(t->dtype);
+    if (type != DTYPE_F32 && type != DTYPE_F16 && type != DTYPE_BF16)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s: tensor '%s' is %s (only F32, F16, BF16)",
+                           f->name, hf_name, safetensors_dtype_name(t->dtype));
+    uint64_t r = hf_dim_value(c, rows), k = hf_dim_value(c, cols);
+    bool vec = cols == HF_DIM_ONE;
+    bool ok = vec ? t->n_dims == 1 && t->shape[0] == r
+                  : t->n_dims == 2 && t->shape[0] == r && t->shape[1] == k;
+    if (!ok) {
+        char got[64] = "";
+        int n = 0;
+        for (uint32_t d = 0; d < t->n_dims && n >= 0 && (size_t)n < sizeof(got); d++)
+            n += snprintf(got + n, sizeof(got) - (size_t)n, "%s%llu", d ? ", " : "",
+                          (unsigned long long)t->shape[d]);
+        if (vec)
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s: tensor '%s' has shape [%s], config.json "
+                               "implies [%llu]",
+                               f->name, hf_name, got, (unsigned long long)r);
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: tensor '%s' has shape [%s], config.json "
+                           "implies [%llu, %llu]",
+                           f->name, hf_name, got, (unsigned long long)r, (unsigned long long)k);
+    }
+    uint64_t ne[2] = {vec ? r : k, r};
+    uint32_t heads = perm == HF_PERM_Q ? c->n_head : perm == HF_PERM_K ? c->n_head_kv : 0;
+    return convert_out_add(out, gguf_name, (uint32_t)type, vec ? 1 : 2, ne, t->data, heads);
+}
+
+/* Llama 3 rope scaling: per frequency pair i, the divisor freq_i / new_freq_i
+ * of transformers' _compute_llama3_parameters, as rope_freqs.weight. */
+static optiml_status hf_add_llama3_rope_freqs(struct convert_out *out, const struct hf_config *c) {
+    uint32_t n = c->head_dim / 2;
+    float *div = malloc(n * sizeof(float));
+    if (!div) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    TRY(convert_out_own(out, div));
+    const double pi = 3.14159265358979323846;
+    double low_wavelen = c->orig_ctx / c->low_freq_factor;
+    double high_wavelen = c->orig_ctx / c->high_freq_factor;
+    for (uint32_t i = 0; i < n; i++) {
+        double freq = pow(c->rope_theta, -(2.0 * i) / c->head_dim);
+        double wavelen = 2.0 * pi / freq;
+        if (wavelen < high_wavelen) {
+            div[i] = 1.0f;
+        } else if (wavelen > low_wavelen) {
+            div[i] = (float)c->rope_factor;
+        } else {
+            double smooth = (c->orig_ctx / wavelen - c->low_freq_factor) /
+                            (c->high_freq_factor - c->low_freq_factor);
+            double new_freq = (1.0 - smooth) * freq / c->rope_factor + smooth * freq;
+            div[i] = (float)(freq / new_freq);
+        }
+    }
+    uint64_t ne[1] = {n};
+    return convert_out_add(out, "rope_freqs.weight", DTYPE_F32, 1, ne, div, 0);
+}
+
+static optiml_status hf_add_tensors(struct convert_out *out, const struct hf_weights *w,
+                                    const struct hf_config *c) {
+    TRY(hf_add_tensor(out, w, c, "model.embed_tokens.weight", "token_embd.weight", HF_DIM_VOCAB,
+                      HF_DIM_EMBD, HF_PERM_NONE, false, NULL));
+    if (c->rope_kind == HF_ROPE_LLAMA3) TRY(hf_add_llama3_rope_freqs(out, c));
+    for (uint32_t l = 0; l < c->n_layer; l++) {
+        for (size_t k = 0; k < HF_N_LAYER_TENSORS; k++) {
+            const struct hf_tensor_map *m = &hf_layer_tensors[k];
+            char hf_name[128], gguf_name[64];
+            snprintf(hf_name, sizeof(hf_name), "model.layers.%u.%s", l, m->hf);
+            snprintf(gguf_name, sizeof(gguf_name), "blk.%u.%s.weight", l, m->gguf);
+            TRY(hf_add_tensor(out, w, c, hf_name, gguf_name, m->rows, m->cols, m->perm, false,
+                              NULL));
+        }
+    }
+    TRY(hf_add_tensor(out, w, c, "model.norm.weight", "output_norm.weight", HF_DIM_EMBD,
+                      HF_DIM_ONE, HF_PERM_NONE, false, NULL));
+    if (!c->tied) {
+        bool found;
+        TRY(hf_add_tensor(out, w, c, "lm_head.weight", "output.weight", HF_DIM_VOCAB, HF_DIM_EMBD,
+                          HF_PERM_NONE, true, &found));
+        if (!found) LOG_INFO("no lm_head.weight: the output layer reuses token_embd.weight");
+    }
+    return OPTIML_OK;
+}
+
+/* Warn about every tensor of the checkpoint that the mapping leaves out. */
+static void hf_warn_unused(const struct hf_weights *w, const struct hf_config *c) {
+    for (size_t i = 0; i < w->n_files; i++) {
+        for (uint64_t j = 0; j < w->files[i]->n_tensors; j++) {
+            const char *name = w->files[i]->tensors[j].name;
+            size_t n = strlen(name);
+            if (strcmp(name, "model.embed_tokens.weight") == 0 ||
+                strcmp(name, "model.norm.weight") == 0)
+                continue;
+            if (strcmp(name, "lm_head.weight") == 0) {
+                if (c->tied) LOG_INFO("tie_word_embeddings: lm_head.weight is not written");
+                continue;
+            }
+            if (n >= 19 && strcmp(name + n - 19, "rotary_emb.inv_freq") == 0) continue;
+            unsigned layer;
+            int pos = 0;
+            if (sscanf(name, "model.layers.%u.%n", &layer, &pos) == 1 && pos > 0 &&
+                layer < c->n_layer) {
+                bool known = false;
+                for (size_t k = 0; k < HF_N_LAYER_TENSORS; k++)
+                    known |= strcmp(name + pos, hf_layer_tensors[k].hf) == 0;
+                if (known) continue;
+            }
+            LOG_WARN("%s: skipping unknown tensor '%s'", w->files[i]->name, name);
+        }
+    }
+}
+
+/* ---- tokenizer ---------------------------------------------------------------------- */
+
+/* The special-token ids to write (-1: none). */
+struct hf_special {
+    int64_t bos, eos, unk, pad, eot, eom;
+};
+
+/* Id of the token whose text is s, or -1. */
+static int64_t hf_vocab_find(const struct convert_vocab *v, const char *s) {
+    size_t n = strlen(s);
+    for (uint32_t i = 0; i < v->n; i++)
+        if (v->tokens[i] && v->lens[i] == n && memcmp(v->tokens[i], s, n) == 0) return i;
+    return -1;
+}
+
+/* tokenizer.model -> a "llama" vocabulary of n_vocab tokens. */
+static optiml_status hf_tokenizer_spm(const char *path, const struct hf_config *c,
+                                      struct convert_vocab *v, struct hf_special *sp,
+                                      bool *add_space_prefix) {
+    struct convert_map m;
+    struct spm_model *spm = NULL;
+    TRY(convert_map_open(path, &m));
+    optiml_status st = spm_model_parse(m.data, m.size, path, &spm);
+    if (st == OPTIML_OK && spm->n_pieces > c->n_vocab)
+        st = optiml_fail(OPTIML_ERR_FORMAT,
+                         "%s: %u pieces, more than config.json's vocab_size %u", path,
+                         spm->n_pieces, c->n_vocab);
+    if (st == OPTIML_OK) st = convert_vocab_init(v, spm->n_pieces);
+    for (uint32_t i = 0; st == OPTIML_OK && i < spm->n_pieces; i++) {
+        const struct spm_piece *p = &spm->pieces[i];
+        st = convert_vocab_set(v, i, p->piece, p->len, p->score, p->type);
+        if (p->type == CONVERT_TOKEN_UNKNOWN && sp->unk < 0) sp->unk = i;
+    }
+    if (st == OPTIML_OK) {
+        int32_t n = (int32_t)spm->n_pieces;
+        if (sp->unk < 0 && spm->unk_id >= 0 && spm->unk_id < n) sp->unk = spm->unk_id;
+        if (sp->bos < 0 && spm->bos_id >= 0 && spm->bos_id < n) sp->bos = spm->bos_id;
+        if (sp->eos < 0 && spm->eos_id >= 0 && spm->eos_id < n) sp->eos = spm->eos_id;
+        if (sp->pad < 0 && spm->pad_id >= 0 && spm->pad_id < n) sp->pad = spm->pad_id;
+        *add_space_prefix = spm->add_dummy_prefix;
+        LOG_INFO("%s: SentencePiece model, %u pieces", path, spm->n_pieces);
+    }
+    spm_model_free(spm);
+    convert_map_close(&m);
+    return st;
+}
+
+/* Llama 3's pre-tokenizer: a Split on this regex, then ByteLevel. */
+static bool hf_is_llama3_pre(const json_t *pre) {
+    static const char llama3_regex[] =
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+        "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+    const json_t *list = json_object_get(pre, "pretokenizers");
+    size_t i;
+    const json_t *p;
+    json_array_foreach(list, i, p) {
+        const char *type = hf_json_str(p, "type");
+        const char *regex = hf_json_str(json_object_get(p, "pattern"), "Regex");
+        if (type && strcmp(type, "Split") == 0 && regex && strcmp(regex, llama3_regex) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* True if tok (a tokenizer.json) is byte-level: ByteLevel pre-tokenizer or
+ * decoder somewhere. */
+static bool hf_is_byte_level(const json_t *node) {
+    const char *type = hf_json_str(node, "type");
+    if (type && strcmp(type, "ByteLevel") == 0) return true;
+    const json_t *list = json_object_get(node, "pretokenizers");
+    if (!list) list = json_object_get(node, "decoders");
+    size_t i;
+    const json_t *p;
+    json_array_foreach(list, i, p) if (hf_is_byte_level(p)) return true;
+    return false;
+}
+
+/* model.merges entry i as "a b" (merges are strings or [a, b] pairs). */
+static char *hf_merge_str(const json_t *m) {
+    if (json_is_string(m)) return strdup(json_string_value(m));
+    if (json_is_array(m) && json_array_size(m) == 2 && json_is_string(json_array_get(m, 0)) &&
+        json_is_string(json_array_get(m, 1))) {
+        const char *a = json_string_value(json_array_get(m, 0));
+        const char *b = json_string_value(json_array_get(m, 1));
+        size_t n = strlen(a) + strlen(b) + 2;
+        char *s = malloc(n);
+        if (s) snprintf(s, n, "%s %s", a, b);
+        return s;
+    }
+    return NULL;
+}
+
+static optiml_status hf_write_merges(struct convert_out *out, const char *path,
+                                     const json_t *merges) {
+    size_t n = json_array_size(merges);
+    char **strs = calloc(n ? n : 1, sizeof(*strs));
+    if (!strs) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    optiml_status st = OPTIML_OK;
+    for (size_t i = 0; i < n && st == OPTIML_OK; i++) {
+        strs[i] = hf_merge_str(json_array_get(merges, i));
+        if (!strs[i])
+            st = optiml_fail(OPTIML_ERR_FORMAT, "%s: model.merges[%zu] is not \"a b\" or [a, b]",
+                             path, i);
+    }
+    if (st == OPTIML_OK)
+        st = gguf_writer_set_arr_str(out->w, "tokenizer.ggml.merges", (const char *const *)strs,
+                                     NULL, n);
+    for (size_t i = 0; i < n; i++) free(strs[i]);
+    free(strs);
+    return st;
+}
+
+/* Set token id (from vocab or added_tokens) to text s; ids must be new. */
+static optiml_status hf_bpe_set(struct convert_vocab *v, const char *path, int64_t id,
+                                const char *s, int32_t type) {
+    if (id < 0 || (uint64_t)id >= v->n)
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: token \"%.64s\" has id %lld, outside 0..%u",
+                           path, s, (long long)id, v->n - 1);
+    return convert_vocab_set(v, (uint32_t)id, s, strlen(s), 0.0f, type);
+}
+
+/* tokenizer.json (byte-level BPE) -> a "gpt2" vocabulary, merges and pre. */
+static optiml_status hf_tokenizer_bpe(struct convert_out *out, const char *path, const json_t *tok,
+                                      const struct hf_config *c, struct convert_vocab *v) {
+    const json_t *model = json_object_get(tok, "model");
+    const char *type = hf_json_str(model, "type");
+    if (!type || strcmp(type, "BPE") != 0)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                           "%s: model.type %s is not supported (BPE only; SentencePiece models "
+                           "need tokenizer.model)",
+                           path, type ? type : "(none)");
+    if (!hf_is_byte_level(json_object_get(tok, "pre_tokenizer")) &&
+        !hf_is_byte_level(json_object_get(tok, "decoder")))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                           "%s: a BPE tokenizer that is not byte-level: convert it with its "
+                           "tokenizer.model",
+                           path);
+    const json_t *vocab = json_object_get(model, "vocab");
+    const json_t *merges = json_object_get(model, "merges");
+    const json_t *added = json_object_get(tok, "added_tokens");
+    if (!json_is_object(vocab) || !json_is_array(merges))
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: model.vocab or model.merges missing", path);
+
+    TRY(convert_vocab_init(v, c->n_vocab));
+    const char *key;
+    const json_t *id;
+    json_object_foreach((json_t *)vocab, key, id) {
+        if (!json_is_integer(id))
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s: model.vocab[\"%.64s\"] is not an id", path,
+                               key);
+        if (json_integer_value(id) >= 0 && json_integer_value(id) < c->n_vocab &&
+            v->tokens[json_integer_value(id)])
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s: two tokens have id %lld", path,
+                               (long long)json_integer_value(id));
+        TRY(hf_bpe_set(v, path, json_integer_value(id), key, CONVERT_TOKEN_NORMAL));
+    }
+    size_t i;
+    const json_t *a;
+    json_array_foreach(added, i, a) {
+        const char *content = hf_json_str(a, "content");
+        const json_t *aid = json_object_get(a, "id");
+        if (!content || !json_is_integer(aid))
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s: added_tokens[%zu] lacks id or content",
+                               path, i);
+        int32_t t = json_is_true(json_object_get(a, "special")) ? CONVERT_TOKEN_CONTROL
+                                                                : CONVERT_TOKEN_USER_DEFINED;
+        TRY(hf_bpe_set(v, path, json_integer_value(aid), content, t));
+    }
+    uint32_t n_pad;
+    TRY(convert_vocab_pad(v, c->n_vocab, &n_pad));
+    if (n_pad) LOG_INFO("%s: %u ids without a token padded as [PADn]", path, n_pad);
+
+    bool llama3 = hf_is_llama3_pre(json_object_get(tok, "pre_tokenizer"));
+    TRY(gguf_writer_set_str(out->w, "tokenizer.ggml.pre", llama3 ? "llama-bpe" : "default"));
+    TRY(hf_write_merges(out, path, merges));
+    LOG_INFO("%s: byte-level BPE, %u tokens, %zu merges, pre-tokenizer %s", path, v->n - n_pad,
+             json_array_size(merges), llama3 ? "llama-bpe" : "default");
+    return OPTIML_OK;
+}
+
+/* The text of a tokenizer_config.json special token ("<s>" or
+ * {"content": "<s>", ...}), or NULL. */
+static const char *hf_token_text(const json_t *cfg, const char *key) {
+    const json_t *v = json_object_get(cfg, key);
+    if (json_is_object(v)) return hf_json_str(v, "content");
+    return json_is_string(v) ? json_string_value(v) : NULL;
+}
+
+/* The tokenizer: tokenizer.model, else tokenizer.json; tokenizer_config.json
+ * adds the chat template and the add_bos/add_eos flags. */
+static optiml_status hf_tokenizer(struct convert_out *out, const char *dir,
+                                  const struct hf_config *c) {
+    struct convert_vocab v = {0};
+    struct hf_special sp = {c->bos_id, c->eos_id, -1, c->pad_id, -1, -1};
+    json_t *tok = NULL, *tcfg = NULL;
+    bool spm = false, add_space_prefix = false;
+    char *spm_path = hf_path(dir, "tokenizer.model");
+    char *json_path = hf_path(dir, "tokenizer.json");
+    optiml_status st = spm_path && json_path ? OPTIML_OK
+                                             : optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+
+    if (st == OPTIML_OK && hf_file_exists(spm_path)) {
+        spm = true;
+        st = hf_tokenizer_spm(spm_path, c, &v, &sp, &add_space_prefix);
+        if (st == OPTIML_OK) st = convert_vocab_pad(&v, c->n_vocab, NULL);
+        if (st == OPTIML_OK) st = convert_vocab_write(out, &v, "llama", true);
+    } else if (st == OPTIML_OK && hf_file_exists(json_path)) {
+        st = hf_json_load(dir, "tokenizer.json", true, 0, &tok);
+        if (st == OPTIML_OK) st = hf_tokenizer_bpe(out, json_path, tok, c, &v);
+        if (st == OPTIML_OK) st = convert_vocab_write(out, &v, "gpt2", false);
+    } else if (st == OPTIML_OK) {
+        st = optiml_fail(OPTIML_ERR_IO, "%s: no tokenizer.model or tokenizer.json", dir);
+    }
+    /* Only strings and booleans are read from it; its model_max_length is
+     * often 1e30 written as an integer, too big for jansson's integers. */
+    if (st == OPTIML_OK)
+        st = hf_json_load(dir, "tokenizer_config.json", false, JSON_DECODE_INT_AS_REAL, &tcfg);
+
+    if (st == OPTIML_OK) {
+        /* Ids config.json did not give: from the tokenizer's own texts. */
+        const char *bos = hf_token_text(tcfg, "bos_token"), *eos = hf_token_text(tcfg, "eos_token");
+        if (sp.bos < 0 && bos) sp.bos = hf_vocab_find(&v, bos);
+        if (sp.eos < 0 && eos) sp.eos = hf_vocab_find(&v, eos);
+        if (!spm) {
+            sp.eot = hf_vocab_find(&v, "<|eot_id|>");
+            sp.eom = hf_vocab_find(&v, "<|eom_id|>");
+        }
+        static const char *const keys[] = {
+            "tokenizer.ggml.bos_token_id",     "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+            "tokenizer.ggml.eot_token_id",     "tokenizer.ggml.eom_token_id",
+        };
+        const int64_t ids[] = {sp.bos, sp.eos, sp.unk, sp.pad, sp.eot, sp.eom};
+        for (size_t i = 0; i < 6 && st == OPTIML_OK; i++) {
+            if (ids[i] < 0) continue;
+            if ((uint64_t)ids[i] >= v.n)
+                LOG_WARN("%s = %lld is outside the vocabulary: not written", keys[i],
+                         (long long)ids[i]);
+            else
+                st = gguf_writer_set_u32(out->w, keys[i], (uint32_t)ids[i]);
+        }
+    }
+    if (st == OPTIML_OK) {
+        const json_t *add_bos = json_object_get(tcfg, "add_bos_token");
+        const json_t *add_eos = json_object_get(tcfg, "add_eos_token");
+        if (json_is_boolean(add_bos))
+            st = gguf_writer_set_bool(out->w, "tokenizer.ggml.add_bos_token", json_is_true(add_bos));
+        else if (spm)
+            st = gguf_writer_set_bool(out->w, "tokenizer.ggml.add_bos_token", true);
+        if (st == OPTIML_OK && json_is_boolean(add_eos))
+            st = gguf_writer_set_bool(out->w, "tokenizer.ggml.add_eos_token", json_is_true(add_eos));
+        if (st == OPTIML_OK && spm)
+            st = gguf_writer_set_bool(out->w, "tokenizer.ggml.add_space_prefix", add_space_prefix);
+    }
+    if (st == OPTIML_OK) {
+        /* A string, or a list of {"name", "template"}: take "default". */
+        const json_t *tmpl = json_object_get(tcfg, "chat_template");
+        const char *text = json_is_string(tmpl) ? json_string_value(tmpl) : NULL;
+        size_t i;
+        const json_t *t;
+        json_array_foreach(tmpl, i, t) {
+            const char *name = hf_json_str(t, "name");
+            if (name && strcmp(name, "default") == 0) text = hf_json_str(t, "template");
+        }
+        if (text) st = gguf_writer_set_str(out->w, "tokenizer.chat_template", text);
+    }
+    json_decref(tcfg);
+    json_decref(tok);
+    convert_vocab_free(&v);
+    free(spm_path);
+    free(json_path);
+    return st;
+}
+
+/* ---- driver ------------------------------------------------------------------------ */
+
+static optiml_status hf_write_metadata(struct convert_out *out, const struct hf_config *c,
+                                       const char *name) {
+    struct convert_hparams hp = {
+        .name = name,
+        .n_ctx = c->n_ctx,
+        .n_embd = c->n_embd,
+        .n_layer = c->n_layer,
+        .n_ff = c->n_ff,
+        .n_head = c->n_head,
+        .n_head_kv = c->n_head_kv,
+        .head_dim = c->head_dim,
+        .n_vocab = c->n_vocab,
+        .rms_eps = (float)c->rms_eps,
+        .rope_theta = (float)c->rope_theta,
+        .activation = c->activation,
+    };
+    TRY(convert_set_hparams(out, &hp));
+    if (c->rope_kind == HF_ROPE_LINEAR) {
+        TRY(gguf_writer_set_str(out->w, "llama.rope.scaling.type", "linear"));
+        TRY(gguf_writer_set_f32(out->w, "llama.rope.scaling.factor", (float)c->rope_factor));
+    }
+    return OPTIML_OK;
+}
+
+/* The type matrices are written in: --outtype, else config.json's dtype,
+ * else the embedding's. */
+static optiml_status hf_pick_outtype(const struct convert_params *params,
+                                     const struct hf_config *c, const struct hf_weights *w,
+                                     uint32_t *out) {
+    if (params->outtype >= 0) {
+        *out = (uint32_t)params->outtype;
+        return OPTIML_OK;
+    }
+    int t = c->dtype;
+    if (t < 0) {
+        const struct safetensors_tensor *e = hf_weights_find(w, "model.embed_tokens.weight", NULL);
+        t = e ? safetensors_dtype_to_gguf(e->dtype) : -1;
+    }
+    if (t != DTYPE_F32 && t != DTYPE_F16 && t != DTYPE_BF16)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                           "cannot tell the checkpoint's dtype (f32, f16 or bf16): pass --outtype");
+    *out = (uint32_t)t;
+    return OPTIML_OK;
+}
+
+optiml_status convert_hf(const char *dir, const struct convert_params *params) {
+    struct hf_config c;
+    struct hf_weights w = {0};
+    struct convert_out out = {0};
+    json_t *cfg = NULL;
+    char *name = NULL;
+    uint32_t outtype = DTYPE_F32;
+
+    optiml_status st = hf_json_load(dir, "config.json", true, 0, &cfg);
+    if (st == OPTIML_OK) st = hf_config_read(cfg, &c);
+    if (st == OPTIML_OK) {
+        LOG_INFO("%s: %u layers, n_embd %u, n_ff %u, %u heads (%u kv, head_dim %u), vocab %u, "
+                 "ctx %u, %s, rope theta %g%s",
+                 dir, c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim, c.n_vocab,
+                 c.n_ctx, c.activation, c.rope_theta,
+                 c.rope_kind == HF_ROPE_LLAMA3   ? " (llama3 scaling)"
+                 : c.rope_kind == HF_ROPE_LINEAR ? " (linear scaling)"
+                                                 : "");
+        st = hf_weights_load(&w, dir);
+    }
+    if (st == OPTIML_OK) st = hf_pick_outtype(params, &c, &w, &outtype);
+    if (st == OPTIML_OK) st = convert_out_init(&out, outtype);
+    if (st == OPTIML_OK && !params->name && !(name = convert_path_name(dir, false)))
+        st = optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    if (st == OPTIML_OK) st = hf_write_metadata(&out, &c, params->name ? params->name : name);
+    if (st == OPTIML_OK) st = hf_tokenizer(&out, dir, &c);
+    if (st == OPTIML_OK) st = hf_add_tensors(&out, &w, &c);
+    if (st == OPTIML_OK) {
+        hf_warn_unused(&w, &c);
+        st = convert_out_write(&out, params->outfile);
+    }
+    free(name);
+    convert_out_free(&out);
+    hf_weights_free(&w);
+    json_decref(cfg);
+    return st;
+}
+
+#else /* !OPTIML_HAVE_JANSSON */
+
+optiml_status convert_hf(const char *dir, const struct convert_params *params) {
+    (void)dir;
+    (void)params;
+    return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                       "--hf: built without jansson: install libjansson-dev and rebuild");
+}
+
+#endif /* OPTIML_HAVE_JANSSON */
+#endif /* CONVERT_SPM_ONLY */

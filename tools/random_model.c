@@ -1,0 +1,180 @@
+/*
+ * optiml-random-model - write a Llama-shaped GGUF with random weights, for
+ * benchmarks and tests that need a model of a given size (no download).
+ *
+ *   optiml-random-model --outfile M.gguf [--n-embd 4096] [--n-layer 32]
+ *       [--n-ff 11008] [--n-head 32] [--n-head-kv 32] [--n-vocab 32000]
+ *       [--ctx 4096] [--type f32|f16|bf16] [--act silu|relu|relu2] [--seed N]
+ *
+ * Weights are uniform in +-sqrt(3 / n_in) (unit-variance outputs), norms 1.
+ * The vocabulary is synthetic: <unk>, <s>, </s>, 256 byte tokens, then
+ * pieces "▁t<i>".
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "dtype.h"
+#include "gguf.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct fill_args {
+    uint32_t type;
+    uint64_t n_in;
+    uint64_t seed;
+    bool ones;
+};
+
+static optiml_status fill_random(void *user, void *dst, uint64_t size) {
+    const struct fill_args *a = user;
+    uint64_t s = a->seed * 0x9e3779b97f4a7c15ull + 1;
+    const float scale = sqrtf(3.0f / (float)a->n_in);
+    const uint64_t n = size / (a->type == DTYPE_F32 ? 4 : 2);
+    for (uint64_t i = 0; i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        float v = a->ones ? 1.0f : ((float)(s >> 40) / 8388608.0f - 1.0f) * scale;
+        if (a->type == DTYPE_F32) memcpy((char *)dst + 4 * i, &v, 4);
+        else if (a->type == DTYPE_F16) ((f16_t *)dst)[i] = f32_to_f16(v);
+        else ((bf16_t *)dst)[i] = f32_to_bf16(v);
+    }
+    return OPTIML_OK;
+}
+
+static long arg_long(const char *flag, const char *v) {
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*end || x <= 0) {
+        fprintf(stderr, "optiml-random-model: invalid value '%s' for %s\n", v, flag);
+        exit(1);
+    }
+    return x;
+}
+
+int main(int argc, char **argv) {
+    const char *out = NULL, *act = "silu";
+    long n_embd = 4096, n_layer = 32, n_ff = 11008, n_head = 32, n_head_kv = -1, n_vocab = 32000, ctx = 4096;
+    long seed = 1;
+    int type = DTYPE_F32;
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) {
+            fprintf(stderr, "optiml-random-model: unknown option or missing value '%s'\n", f);
+            return 1;
+        }
+        i++;
+        if (!strcmp(f, "--outfile")) out = v;
+        else if (!strcmp(f, "--n-embd")) n_embd = arg_long(f, v);
+        else if (!strcmp(f, "--n-layer")) n_layer = arg_long(f, v);
+        else if (!strcmp(f, "--n-ff")) n_ff = arg_long(f, v);
+        else if (!strcmp(f, "--n-head")) n_head = arg_long(f, v);
+        else if (!strcmp(f, "--n-head-kv")) n_head_kv = arg_long(f, v);
+        else if (!strcmp(f, "--n-vocab")) n_vocab = arg_long(f, v);
+        else if (!strcmp(f, "--ctx")) ctx = arg_long(f, v);
+        else if (!strcmp(f, "--seed")) seed = arg_long(f, v);
+        else if (!strcmp(f, "--act")) act = v;
+        else if (!strcmp(f, "--type")) {
+            type = dtype_from_name(v);
+            if (type != DTYPE_F32 && type != DTYPE_F16 && type != DTYPE_BF16) {
+                fprintf(stderr, "optiml-random-model: --type must be f32, f16 or bf16\n");
+                return 1;
+            }
+        } else {
+            fprintf(stderr, "optiml-random-model: unknown option '%s'\n", f);
+            return 1;
+        }
+    }
+    if (n_head_kv < 0) n_head_kv = n_head;
+    if (!out || n_embd % n_head || n_head % n_head_kv || n_vocab < 260) {
+        fprintf(stderr, "usage: optiml-random-model --outfile M.gguf [--n-embd N --n-layer N --n-ff N --n-head N "
+                        "--n-head-kv N --n-vocab N(>=260) --ctx N --type f32|f16|bf16 --act silu|relu|relu2 --seed N]\n");
+        return 1;
+    }
+
+    gguf_writer *w = gguf_writer_init();
+    if (!w) return 1;
+    gguf_writer_set_str(w, "general.architecture", "llama");
+    gguf_writer_set_str(w, "general.name", "random");
+    gguf_writer_set_u32(w, "general.file_type", type == DTYPE_F32 ? 0 : type == DTYPE_F16 ? 1 : 32);
+    gguf_writer_set_u32(w, "llama.context_length", (uint32_t)ctx);
+    gguf_writer_set_u32(w, "llama.embedding_length", (uint32_t)n_embd);
+    gguf_writer_set_u32(w, "llama.block_count", (uint32_t)n_layer);
+    gguf_writer_set_u32(w, "llama.feed_forward_length", (uint32_t)n_ff);
+    gguf_writer_set_u32(w, "llama.attention.head_count", (uint32_t)n_head);
+    gguf_writer_set_u32(w, "llama.attention.head_count_kv", (uint32_t)n_head_kv);
+    gguf_writer_set_f32(w, "llama.attention.layer_norm_rms_epsilon", 1e-5f);
+    gguf_writer_set_f32(w, "llama.rope.freq_base", 10000.0f);
+    gguf_writer_set_str(w, "optiml.ffn_activation", act);
+
+    /* synthetic SentencePiece vocabulary */
+    char **pieces = calloc((size_t)n_vocab, sizeof(char *));
+    float *scores = calloc((size_t)n_vocab, sizeof(float));
+    int32_t *types = calloc((size_t)n_vocab, sizeof(int32_t));
+    if (!pieces || !scores || !types) return 1;
+    for (long i = 0; i < n_vocab; i++) {
+        char buf[32];
+        if (i == 0) snprintf(buf, sizeof(buf), "<unk>");
+        else if (i == 1) snprintf(buf, sizeof(buf), "<s>");
+        else if (i == 2) snprintf(buf, sizeof(buf), "</s>");
+        else if (i < 259) snprintf(buf, sizeof(buf), "<0x%02X>", (unsigned)(i - 3));
+        else snprintf(buf, sizeof(buf), "\xe2\x96\x81t%ld", i);
+        pieces[i] = strdup(buf);
+        types[i] = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1;
+        scores[i] = -(float)i;
+    }
+    gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
+    gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", (const char *const *)pieces, NULL, (uint64_t)n_vocab);
+    gguf_writer_set_arr(w, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, scores, (uint64_t)n_vocab);
+    gguf_writer_set_arr(w, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, types, (uint64_t)n_vocab);
+    gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1);
+    gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2);
+    gguf_writer_set_u32(w, "tokenizer.ggml.unknown_token_id", 0);
+
+    /* tensors: (name, n_in, n_out, is_norm) */
+    const long hd = n_embd / n_head;
+    long n_tensors = 3 + 9 * n_layer;
+    struct fill_args *args = calloc((size_t)n_tensors, sizeof(*args));
+    char (*names)[64] = calloc((size_t)n_tensors, 64);
+    if (!args || !names) return 1;
+    long k = 0;
+    optiml_status st = OPTIML_OK;
+#define ADD(name_fmt, layer, n_in, n_out, norm)                                                   \
+    do {                                                                                          \
+        snprintf(names[k], 64, name_fmt, layer);                                                  \
+        args[k] = (struct fill_args){(norm) ? DTYPE_F32 : (uint32_t)type, (uint64_t)(n_in),       \
+                                     (uint64_t)(seed * 1000003 + k), (norm)};                     \
+        uint64_t ne[2] = {(uint64_t)(n_in), (uint64_t)(n_out)};                                   \
+        if (st == OPTIML_OK)                                                                      \
+            st = gguf_writer_add_tensor_fn(w, names[k], args[k].type, (norm) ? 1 : 2, ne,         \
+                                           fill_random, &args[k]);                                \
+        k++;                                                                                      \
+    } while (0)
+    ADD("token_embd.weight%.0d", 0, n_embd, n_vocab, false);
+    for (long l = 0; l < n_layer; l++) {
+        ADD("blk.%ld.attn_norm.weight", l, n_embd, 1, true);
+        ADD("blk.%ld.attn_q.weight", l, n_embd, n_embd, false);
+        ADD("blk.%ld.attn_k.weight", l, n_embd, n_head_kv * hd, false);
+        ADD("blk.%ld.attn_v.weight", l, n_embd, n_head_kv * hd, false);
+        ADD("blk.%ld.attn_output.weight", l, n_embd, n_embd, false);
+        ADD("blk.%ld.ffn_norm.weight", l, n_embd, 1, true);
+        ADD("blk.%ld.ffn_gate.weight", l, n_embd, n_ff, false);
+        ADD("blk.%ld.ffn_up.weight", l, n_embd, n_ff, false);
+        ADD("blk.%ld.ffn_down.weight", l, n_ff, n_embd, false);
+    }
+    ADD("output_norm.weight%.0d", 0, n_embd, 1, true);
+    ADD("output.weight%.0d", 0, n_embd, n_vocab, false);
+#undef ADD
+    if (st == OPTIML_OK) st = gguf_writer_write(w, out);
+    if (st != OPTIML_OK) fprintf(stderr, "optiml-random-model: %s\n", optiml_last_error());
+    else fprintf(stderr, "optiml-random-model: wrote %s\n", out);
+    gguf_writer_free(w);
+    for (long i = 0; i < n_vocab; i++) free(pieces[i]);
+    free(pieces);
+    free(scores);
+    free(types);
+    free(args);
+    free(names);
+    return st == OPTIML_OK ? 0 : 1;
+}
