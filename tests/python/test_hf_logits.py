@@ -97,14 +97,20 @@ def test_logits_half(tmp_path, outtype, tol):
 
 
 def test_logits_bf16_checkpoint(tmp_path):
-    """A bf16 checkpoint converts as bf16 and matches transformers run in bf16
-    weights upcast to f32 (we compute in f32)."""
-    model, d = make_model(tmp_path, "relu-tied", dtype=torch.bfloat16)
+    """A bf16 checkpoint converts as bf16 (its own dtype) and matches
+    transformers loading the same checkpoint in f32: we compute in f32 on
+    exactly upcast weights. (Upcasting the bf16 model object instead would
+    also round transformers' RoPE frequencies to bf16.)"""
+    _, d = make_model(tmp_path, "relu-tied", dtype=torch.bfloat16)
     gguf = tmp_path / "bf16.gguf"
     r = run([tool("optiml-convert"), "--hf", str(d), "--outfile", str(gguf)])
     assert r.returncode == 0, r.stderr
+    gguf_reader = pytest.importorskip("gguf")
+    types = {t.name: t.tensor_type.name for t in gguf_reader.GGUFReader(str(gguf)).tensors}
+    assert types["blk.0.attn_q.weight"] == "BF16" and types["blk.0.attn_norm.weight"] == "F32"
+    model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids = [1, 450, 4996, 17354, 1701, 432, 17204]
-    ref = theirs(model.float(), ids)
+    ref = theirs(model, ids)
     err = rel_err(ours(gguf, ids, "--batch"), ref)
     print(f"bf16 checkpoint: relative error {err:.2e}")
     assert err < 1e-4
