@@ -1,7 +1,7 @@
 /*
  * fuzz_spm_model.c - libFuzzer target for the SentencePiece ModelProto
- * reader of optiml-convert (spm_model_parse in tools/convert_hf.c, built
- * with CONVERT_SPM_ONLY so no JSON library is needed). When the input
+ * reader of optiml-convert (spm_model_parse in tools/convert_spm.c). When
+ * the input
  * parses, every piece must lie inside the input, its type must be 1..6 and
  * its score a number; every byte of every piece is read so the sanitizers
  * see any out-of-bounds pointer. A failure must name the input and return

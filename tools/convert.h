@@ -180,7 +180,7 @@ struct spm_model {
  * point into buf, which must outlive *out). Bounds-checked: every varint,
  * length and field is checked against the buffer; a malformed message fails
  * with OPTIML_ERR_FORMAT naming name and the byte offset. Lives in
- * convert_hf.c and needs no JSON library. */
+ * convert_spm.c and needs no JSON library. */
 optiml_status spm_model_parse(const void *buf, uint64_t size, const char *name,
                               struct spm_model **out);
 void spm_model_free(struct spm_model *m); /* NULL is a no-op */

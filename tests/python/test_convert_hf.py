@@ -356,6 +356,36 @@ def test_spm_vocab_matches_sentencepiece(tmp_path):
     assert types[SPM_VOCAB:] == [5] * 5
 
 
+def test_spm_with_added_tokens(tmp_path):
+    """tokenizer.json's added tokens beyond the SentencePiece pieces are kept;
+    those inside it do not override the model's pieces."""
+    d = tmp_path / "m"
+    make_model(d, tokenizer="spm", num_hidden_layers=1, vocab_size=SPM_VOCAB + 4)
+    added = [{"id": 1, "content": "<s>", "special": True},
+             {"id": SPM_VOCAB, "content": "<|im_start|>", "special": True},
+             {"id": SPM_VOCAB + 1, "content": "<tool>", "special": False}]
+    (d / "tokenizer.json").write_text(json.dumps({"added_tokens": added, "model": {"type": "BPE"}}))
+    out = tmp_path / "m.gguf"
+    convert(d, out)
+    r = gguf.GGUFReader(str(out))
+    toks, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
+    assert field(r, "tokenizer.ggml.model") == "llama"
+    assert toks[1] == "<s>" and types[1] == 3
+    assert toks[SPM_VOCAB:] == ["<|im_start|>", "<tool>", f"[PAD{SPM_VOCAB + 2}]",
+                                f"[PAD{SPM_VOCAB + 3}]"]
+    assert types[SPM_VOCAB:] == [3, 4, 5, 5]
+
+
+def test_unparsable_tokenizer_model_falls_back_to_json(tmp_path):
+    d = tmp_path / "m"
+    make_model(d, tokenizer="bpe")
+    (d / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")  # tiktoken format, not protobuf
+    out = tmp_path / "m.gguf"
+    r = convert(d, out)
+    assert "using tokenizer.json instead" in r.stderr
+    assert field(gguf.GGUFReader(str(out)), "tokenizer.ggml.model") == "gpt2"
+
+
 def test_bpe_tokenizer(tmp_path):
     d = tmp_path / "m"
     make_model(d, tokenizer="bpe", bos_token_id=None, eos_token_id=None)
