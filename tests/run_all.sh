@@ -50,7 +50,7 @@ OPTIML_BIN_DIR="$ROOT/build-asan/bin" "$PY" -m pytest -q -p no:cacheprovider tes
 
 if [ "$FUZZ_SECONDS" != 0 ] && command -v clang >/dev/null; then
   step "libFuzzer, ${FUZZ_SECONDS}s per target"
-  CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPTIML_FUZZ=ON \
+  CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOPTIML_SANITIZE=ON -DOPTIML_FUZZ=ON \
     -DOPTIML_BUILD_TESTS=OFF -DOPTIML_BUILD_TOOLS=OFF >/dev/null
   cmake --build build-fuzz -j "$JOBS"
   for target in build-fuzz/bin/fuzz_*; do
