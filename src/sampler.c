@@ -115,6 +115,28 @@ static int cmp_logit_desc(const void *a, const void *b) {
     return x->id - y->id;
 }
 
+/* Reorder c[0..n) so that its k best (cmp_logit_desc order) come first,
+ * in any order: quickselect, O(n) expected. */
+static void select_top_k(struct candidate *c, int32_t n, int32_t k) {
+    int32_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        struct candidate pivot = c[lo + (hi - lo) / 2];
+        int32_t i = lo, j = hi;
+        while (i <= j) {
+            while (cmp_logit_desc(&c[i], &pivot) < 0) i++;
+            while (cmp_logit_desc(&c[j], &pivot) > 0) j--;
+            if (i <= j) {
+                struct candidate t = c[i];
+                c[i++] = c[j];
+                c[j--] = t;
+            }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else return;
+    }
+}
+
 /* Penalize each distinct token of the history once (llama.cpp's rule:
  * divide positive logits, multiply negative ones). */
 static void apply_repeat_penalty(optiml_sampler *s) {
@@ -155,8 +177,11 @@ optiml_token optiml_sampler_sample(optiml_sampler *s, const float *logits) {
     }
 
     int32_t n = s->n_vocab;
+    if (p->top_k > 0 && p->top_k < n) {
+        select_top_k(s->cand, n, p->top_k);
+        n = p->top_k;
+    }
     qsort(s->cand, (size_t)n, sizeof(*s->cand), cmp_logit_desc);
-    if (p->top_k > 0 && p->top_k < n) n = p->top_k;
 
     softmax_cand(s->cand, n, 1.0f);
     if (p->top_p < 1.0f) {

@@ -77,6 +77,38 @@ int main(void) {
     histogram(pk, logits, 5, 2000, counts);
     CHECK(counts[0] == 0 && counts[2] == 0 && counts[3] == 0 && counts[1] > 0 && counts[4] > 0);
 
+    /* top-k on a large vocabulary: only the k largest logits are ever drawn
+     * (quickselect path), and their frequencies follow their softmax */
+    enum { NV = 5000, K = 7 };
+    static float big[NV];
+    static int big_counts[NV];
+    uint64_t x = 99;
+    for (int i = 0; i < NV; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        big[i] = (float)((x >> 40) % 1000) / 100.0f; /* ties are common */
+    }
+    int order[NV];
+    for (int i = 0; i < NV; i++) order[i] = i;
+    for (int i = 0; i < K; i++) /* selection sort of the K best: (logit desc, id asc) */
+        for (int j = i + 1; j < NV; j++)
+            if (big[order[j]] > big[order[i]] || (big[order[j]] == big[order[i]] && order[j] < order[i])) {
+                int t = order[i];
+                order[i] = order[j];
+                order[j] = t;
+            }
+    optiml_sampler_params pbig = plain(1.0f, 11);
+    pbig.top_k = K;
+    histogram(pbig, big, NV, 20000, big_counts);
+    int outside = 20000;
+    for (int i = 0; i < K; i++) outside -= big_counts[order[i]];
+    CHECK(outside == 0, "%d draws outside the top %d", outside, K);
+    double zk = 0;
+    for (int i = 0; i < K; i++) zk += exp(big[order[i]]);
+    for (int i = 0; i < K; i++) {
+        double pr = exp(big[order[i]]) / zk, sd = sqrt(20000 * pr * (1 - pr)) + 1;
+        CHECK(fabs(big_counts[order[i]] - 20000 * pr) < 5 * sd, "top-k token %d", order[i]);
+    }
+
     /* top-p: probabilities 0.3706 (x2), 0.2248, 0.0301, 0.0041 at temp 1;
      * p = 0.7 keeps the first two, 0.75 the first three */
     optiml_sampler_params pp = plain(1.0f, 5);

@@ -16,14 +16,35 @@
 
 /* sum_i w[i] * x[i] for a weight row of type T and n f32 activations. */
 typedef float (*cpu_dot_fn)(int64_t n, const void *w, const float *x);
-/* dst[i] = (float)src[i] for a row of n elements of type T. */
+/* dst[i] = (float)src[i] for a row of n elements of type T (dequantize). */
 typedef void (*cpu_to_f32_fn)(int64_t n, const void *src, float *dst);
+/* Quantized weight row of type T (n values) dot an activation row already
+ * quantized to vec_dot_type[T] (q8_0, q8_1 or q8_k blocks of n values). */
+typedef float (*cpu_dot_q_fn)(int64_t n, const void *w, const void *xq);
+/* Quantize n activations (a multiple of the block size) into blocks. */
+typedef void (*cpu_quantize_fn)(int64_t n, const float *x, void *dst);
 
+/* Matrix-vector products take one of two paths per weight type T:
+ *   vec_dot_type[T] == DTYPE_F32: dot[T](n, w_row, x) on f32 activations
+ *     (f32, f16, bf16 weights);
+ *   otherwise: quantize[vec_dot_type[T]] once per input row, then
+ *     dot_q[T](n, w_row, x_q) (quantized weights, as ggml does: q4_0, q5_0,
+ *     q8_0 with q8_0 activations; q4_1, q5_1 with q8_1; k-quants with q8_k). */
 struct cpu_kernels {
-    const char *name;                  /* "ref", "avx2"                   */
-    cpu_dot_fn dot[DTYPE_COUNT];       /* NULL where the type has none    */
-    cpu_to_f32_fn to_f32[DTYPE_COUNT]; /* NULL where the type has none    */
+    const char *name;                       /* "ref", "avx2"                */
+    cpu_dot_fn dot[DTYPE_COUNT];            /* NULL where the type has none */
+    cpu_to_f32_fn to_f32[DTYPE_COUNT];      /* NULL where the type has none */
+    uint32_t vec_dot_type[DTYPE_COUNT];     /* activation type of dot_q[T]  */
+    cpu_dot_q_fn dot_q[DTYPE_COUNT];        /* NULL where the type has none */
+    cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
 };
+
+/* True if weights of type t can be multiplied (either path above). */
+static inline bool cpu_kernels_can_matmul(const struct cpu_kernels *k, uint32_t t) {
+    if (t >= DTYPE_COUNT) return false;
+    if (k->vec_dot_type[t] == DTYPE_F32) return k->dot[t] != NULL;
+    return k->dot_q[t] != NULL && k->quantize[k->vec_dot_type[t]] != NULL;
+}
 
 /* The scalar reference kernels (every supported type). */
 const struct cpu_kernels *cpu_kernels_ref(void);
@@ -32,8 +53,8 @@ const struct cpu_kernels *cpu_kernels_best(void);
 #if defined(OPTIML_X86)
 /* cpuid (and the OS's saved-state flags) say AVX2, FMA and F16C run here. */
 bool cpu_has_avx2_fma_f16c(void);
-/* AVX2+FMA+F16C variants (entries NULL fall back to ref); NULL if the CPU
- * lacks the instructions. */
+/* AVX2+FMA+F16C variants (entries NULL fall back to ref; vec_dot_type is
+ * always ref's); NULL if the CPU lacks the instructions. */
 const struct cpu_kernels *cpu_kernels_avx2(void);
 #endif
 
