@@ -9,6 +9,7 @@
 #include "threadpool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -128,5 +129,10 @@ void threadpool_run(struct threadpool *tp, threadpool_fn fn, void *arg) {
     pthread_cond_broadcast(&tp->cond);
     pthread_mutex_unlock(&tp->mutex);
     fn(arg, 0, tp->n_threads);
-    while (atomic_load_explicit(&tp->n_done, memory_order_acquire) < tp->n_threads - 1) cpu_relax();
+    /* Spin for the stragglers; yield now and then so that a worker that
+     * lost its core (more threads than free cores) can finish. */
+    for (int spins = 0; atomic_load_explicit(&tp->n_done, memory_order_acquire) < tp->n_threads - 1; spins++) {
+        if (spins % 1024 == 1023) sched_yield();
+        else cpu_relax();
+    }
 }
