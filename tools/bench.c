@@ -1,0 +1,289 @@
+/*
+ * optiml-bench - prompt and decode speed of a model, like llama-bench.
+ *
+ *   optiml-bench -m MODEL [-p 512] [-n 128] [-t THREADS[,THREADS...]] [-r 5]
+ *                [-o md|json] [--no-floor]
+ *
+ * pp<P>: one batch of P random tokens into an empty cache.
+ * tg<N>: N single-token decode steps after a one-token prompt.
+ * Each test runs once to warm up, then r times: mean and standard deviation
+ * of tokens/s. -p 0 or -n 0 skips that test.
+ *
+ * The decode floor: a decode step reads every weight once (the embedding
+ * table only one row, unless it is also the output head):
+ * optiml_model_decode_bytes() / read bandwidth measured here with the same
+ * number of threads = the most tokens/s memory allows; the table says how
+ * close decode comes.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "optiml.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MAX_THREAD_COUNTS 16
+#define MAX_REPS 100
+
+/* ---- memory bandwidth ----------------------------------------------------- */
+
+struct bw_arg {
+    const float *p;
+    size_t n;
+    double sum;
+};
+
+static void *bw_read(void *arg) {
+    struct bw_arg *a = arg;
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+    for (size_t i = 0; i + 8 <= a->n; i += 8) {
+        s0 += a->p[i];
+        s1 += a->p[i + 1];
+        s2 += a->p[i + 2];
+        s3 += a->p[i + 3];
+        s4 += a->p[i + 4];
+        s5 += a->p[i + 5];
+        s6 += a->p[i + 6];
+        s7 += a->p[i + 7];
+    }
+    a->sum = s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7;
+    return NULL;
+}
+
+/* Read bandwidth in bytes/s over a 1 GiB buffer, best of 3; 0 on failure. */
+static double measure_bandwidth(int n_threads) {
+    const size_t n = (size_t)1 << 28; /* floats */
+    float *buf = malloc(n * sizeof(float));
+    if (!buf) return 0.0;
+    for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 7);
+    if (n_threads > 256) n_threads = 256;
+    pthread_t th[256];
+    struct bw_arg args[256];
+    double best = 0.0;
+    for (int rep = 0; rep < 3; rep++) {
+        int64_t t0 = optiml_time_us();
+        int started = 0;
+        for (int i = 0; i < n_threads; i++) {
+            args[i] = (struct bw_arg){buf + n / n_threads * i, n / n_threads, 0.0};
+            if (pthread_create(&th[i], NULL, bw_read, &args[i]) != 0) break;
+            started++;
+        }
+        double sink = 0;
+        for (int i = 0; i < started; i++) {
+            pthread_join(th[i], NULL);
+            sink += args[i].sum;
+        }
+        double s = (optiml_time_us() - t0) / 1e6;
+        double bytes = (double)(n / n_threads) * started * sizeof(float);
+        if (sink != -1.0 && bytes / s > best) best = bytes / s;
+    }
+    free(buf);
+    return best;
+}
+
+/* ---- the tests ----------------------------------------------------------------- */
+
+static void stats(const double *v, int n, double *mean, double *sd) {
+    double s = 0, ss = 0;
+    for (int i = 0; i < n; i++) s += v[i];
+    *mean = s / n;
+    for (int i = 0; i < n; i++) ss += (v[i] - *mean) * (v[i] - *mean);
+    *sd = n > 1 ? sqrt(ss / (n - 1)) : 0.0;
+}
+
+/* tokens/s of one prompt batch of n tokens (n_gen = 0) or of n_gen decode
+ * steps (n = 1 then). */
+static optiml_status run_once(optiml_context *ctx, optiml_batch *b, int n_vocab, int n, int n_gen, uint64_t *rng,
+                              double *tps) {
+    optiml_kv_seq_clear(ctx, -1);
+    b->n_tokens = n;
+    for (int i = 0; i < n; i++) {
+        *rng = *rng * 6364136223846793005ull + 1442695040888963407ull;
+        b->token[i] = (optiml_token)((*rng >> 33) % (uint64_t)n_vocab);
+        b->pos[i] = i;
+        b->seq_id[i] = 0;
+        b->logits[i] = i == n - 1;
+    }
+    int64_t t0 = optiml_time_us();
+    optiml_status st = optiml_decode(ctx, b);
+    if (st != OPTIML_OK || n_gen == 0) {
+        *tps = n / ((optiml_time_us() - t0) / 1e6);
+        return st;
+    }
+    t0 = optiml_time_us();
+    b->n_tokens = 1;
+    b->logits[0] = 1;
+    for (int i = 0; i < n_gen; i++) {
+        b->token[0] = (optiml_token)((i * 7919) % n_vocab);
+        b->pos[0] = n + i;
+        if ((st = optiml_decode(ctx, b)) != OPTIML_OK) return st;
+    }
+    *tps = n_gen / ((optiml_time_us() - t0) / 1e6);
+    return OPTIML_OK;
+}
+
+struct result {
+    int n_threads;
+    char test[32];
+    double mean, sd;
+};
+
+/* ---- arguments ---------------------------------------------------------------- */
+
+struct bench_args {
+    const char *model;
+    int n_prompt, n_gen, reps;
+    int threads[MAX_THREAD_COUNTS];
+    int n_thread_counts;
+    bool json, floor;
+};
+
+static bool parse_int(const char *s, long lo, long hi, int *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) return false;
+    *out = (int)v;
+    return true;
+}
+
+static int parse_args(int argc, char **argv, struct bench_args *a) {
+    *a = (struct bench_args){.n_prompt = 512, .n_gen = 128, .reps = 5, .floor = true};
+    for (int i = 1; i < argc; i++) {
+        const char *f = argv[i];
+        if (!strcmp(f, "--no-floor")) { a->floor = false; continue; }
+        if (!strcmp(f, "-h") || !strcmp(f, "--help")) {
+            printf("usage: optiml-bench -m MODEL [-p 512] [-n 128] [-t N[,N...]] [-r 5] [-o md|json] [--no-floor]\n");
+            exit(0);
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "optiml-bench: unknown option or missing value '%s'\n", f);
+            return 1;
+        }
+        const char *v = argv[++i];
+        bool ok = true;
+        if (!strcmp(f, "-m")) a->model = v;
+        else if (!strcmp(f, "-p")) ok = parse_int(v, 0, 1 << 16, &a->n_prompt);
+        else if (!strcmp(f, "-n")) ok = parse_int(v, 0, 1 << 16, &a->n_gen);
+        else if (!strcmp(f, "-r")) ok = parse_int(v, 1, MAX_REPS, &a->reps);
+        else if (!strcmp(f, "-o")) { a->json = !strcmp(v, "json"); ok = a->json || !strcmp(v, "md"); }
+        else if (!strcmp(f, "-t")) {
+            char buf[256];
+            snprintf(buf, sizeof(buf), "%s", v);
+            for (char *tok = strtok(buf, ","); tok && ok; tok = strtok(NULL, ",")) {
+                ok = a->n_thread_counts < MAX_THREAD_COUNTS &&
+                     parse_int(tok, 1, 1024, &a->threads[a->n_thread_counts++]);
+            }
+        } else {
+            fprintf(stderr, "optiml-bench: unknown option '%s'\n", f);
+            return 1;
+        }
+        if (!ok) {
+            fprintf(stderr, "optiml-bench: invalid value '%s' for %s\n", v, f);
+            return 1;
+        }
+    }
+    if (!a->model) {
+        fprintf(stderr, "optiml-bench: -m MODEL is required (see --help)\n");
+        return 1;
+    }
+    if (a->n_thread_counts == 0) {
+        long nc = sysconf(_SC_NPROCESSORS_ONLN);
+        a->threads[a->n_thread_counts++] = nc > 0 ? (int)nc : 1;
+    }
+    return 0;
+}
+
+/* ---- main --------------------------------------------------------------------- */
+
+int main(int argc, char **argv) {
+    struct bench_args a;
+    if (parse_args(argc, argv, &a)) return 1;
+    optiml_log_set(NULL, NULL, OPTIML_LOG_LEVEL_WARN);
+    optiml_model *model = NULL;
+    if (optiml_model_load(a.model, NULL, &model) != OPTIML_OK) {
+        fprintf(stderr, "optiml-bench: %s\n", optiml_last_error());
+        return 1;
+    }
+    const int n_vocab = optiml_model_n_vocab(model);
+    const int n_batch = a.n_prompt > 1 ? a.n_prompt : 1;
+    optiml_batch batch = optiml_batch_init(n_batch);
+    struct result res[2 * MAX_THREAD_COUNTS];
+    double bw[MAX_THREAD_COUNTS] = {0};
+    int n_res = 0;
+    uint64_t rng = 12345;
+    for (int ti = 0; ti < a.n_thread_counts; ti++) {
+        optiml_context_params cp = optiml_context_default_params();
+        cp.n_ctx = (uint32_t)(n_batch + a.n_gen + 1);
+        cp.n_batch = (uint32_t)n_batch;
+        cp.n_threads = a.threads[ti];
+        optiml_context *ctx = NULL;
+        if (optiml_context_init(model, &cp, &ctx) != OPTIML_OK) goto fail;
+        for (int kind = 0; kind < 2; kind++) {
+            int n = kind == 0 ? a.n_prompt : 1, n_gen = kind == 0 ? 0 : a.n_gen;
+            if ((kind == 0 && a.n_prompt == 0) || (kind == 1 && a.n_gen == 0)) continue;
+            double tps[MAX_REPS];
+            for (int r = -1; r < a.reps; r++) {
+                double t;
+                if (run_once(ctx, &batch, n_vocab, n, n_gen, &rng, &t) != OPTIML_OK) {
+                    optiml_context_free(ctx);
+                    goto fail;
+                }
+                if (r >= 0) tps[r] = t;
+            }
+            struct result *rr = &res[n_res++];
+            rr->n_threads = a.threads[ti];
+            snprintf(rr->test, sizeof(rr->test), kind == 0 ? "pp%d" : "tg%d", kind == 0 ? a.n_prompt : a.n_gen);
+            stats(tps, a.reps, &rr->mean, &rr->sd);
+        }
+        optiml_context_free(ctx);
+        if (a.floor) bw[ti] = measure_bandwidth(a.threads[ti]);
+    }
+
+    char desc[128];
+    optiml_model_desc(model, desc, sizeof(desc));
+    const double size_mib = optiml_model_size(model) / 1048576.0, params_m = optiml_model_n_params(model) / 1e6;
+    const double step_bytes = (double)optiml_model_decode_bytes(model);
+    if (a.json) {
+        printf("[\n");
+        for (int i = 0; i < n_res; i++) {
+            int ti = 0;
+            while (a.threads[ti] != res[i].n_threads) ti++;
+            printf("  {\"model\": \"%s\", \"size_bytes\": %llu, \"n_params\": %llu, \"cpu\": \"%s\", \"n_threads\": %d, "
+                   "\"test\": \"%s\", \"t_s\": %.4f, \"t_s_sd\": %.4f, \"decode_bytes\": %.0f, \"read_bw_gbs\": %.3f}%s\n",
+                   desc, (unsigned long long)optiml_model_size(model), (unsigned long long)optiml_model_n_params(model),
+                   optiml_cpu_features(), res[i].n_threads, res[i].test, res[i].mean, res[i].sd, step_bytes,
+                   bw[ti] / 1e9, i + 1 < n_res ? "," : "");
+        }
+        printf("]\n");
+    } else {
+        printf("| model | size | params | kernels | threads | test | t/s |\n");
+        printf("| --- | ---: | ---: | --- | ---: | --- | ---: |\n");
+        for (int i = 0; i < n_res; i++)
+            printf("| %s | %.2f MiB | %.2f M | %s | %d | %s | %.2f ± %.2f |\n", desc, size_mib, params_m,
+                   optiml_cpu_features(), res[i].n_threads, res[i].test, res[i].mean, res[i].sd);
+        for (int ti = 0; a.floor && ti < a.n_thread_counts; ti++) {
+            double floor_tps = bw[ti] > 0 ? bw[ti] / step_bytes : 0.0;
+            double tg = 0.0;
+            for (int i = 0; i < n_res; i++)
+                if (res[i].n_threads == a.threads[ti] && res[i].test[0] == 't') tg = res[i].mean;
+            printf("\ndecode floor, %d threads: %.2f MiB read per token / %.2f GB/s measured = %.2f tokens/s",
+                   a.threads[ti], step_bytes / 1048576.0, bw[ti] / 1e9, floor_tps);
+            if (tg > 0 && floor_tps > 0) printf("; decode reaches %.0f%% of it", 100.0 * tg / floor_tps);
+            if (tg > floor_tps) printf(" (the weights fit in the CPU caches: DRAM does not bound this model)");
+            printf("\n");
+        }
+    }
+    optiml_batch_free(batch);
+    optiml_model_free(model);
+    return 0;
+fail:
+    fprintf(stderr, "optiml-bench: %s\n", optiml_last_error());
+    optiml_batch_free(batch);
+    optiml_model_free(model);
+    return 1;
+}
