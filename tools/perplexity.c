@@ -127,14 +127,21 @@ int main(int argc, char **argv) {
         fprintf(stderr, "optiml-perplexity: %s\n", optiml_last_error());
         goto done;
     }
-    int32_t n_max = (int32_t)text_len + 1;
-    toks = malloc((size_t)n_max * sizeof(*toks));
+    /* a token per byte is not always enough (a space can become the three
+     * bytes of U+2581, each its own byte token): retry with the size asked */
+    int32_t n_max = (int32_t)text_len + 1, n_tok = -n_max;
+    while (n_tok < 0 && n_tok != INT32_MIN) {
+        n_max = -n_tok;
+        free(toks);
+        toks = malloc((size_t)n_max * sizeof(*toks));
+        if (!toks) break;
+        n_tok = optiml_tokenize(model, text, (int32_t)text_len, toks, n_max, false, false);
+    }
     batch = optiml_batch_init((int32_t)n_batch);
     if (!toks || !batch.token) {
         fprintf(stderr, "optiml-perplexity: out of memory\n");
         goto done;
     }
-    int32_t n_tok = optiml_tokenize(model, text, (int32_t)text_len, toks, n_max, false, false);
     if (n_tok < 0) {
         fprintf(stderr, "optiml-perplexity: cannot tokenize '%s': %s\n", text_path, optiml_last_error());
         goto done;
