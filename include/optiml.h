@@ -131,7 +131,8 @@ OPTIML_API int32_t optiml_tokenize(const optiml_model *model, const char *text, 
 
 /* Write the text of one token into buf (not NUL-terminated). lstrip removes
  * the leading space SentencePiece pieces carry (for the first token after
- * BOS). Control tokens render as "" unless special is true. Returns the byte
+ * BOS; a no-op for vocabularies without that space prefix, as byte-level
+ * BPE). Control tokens render as "" unless special is true. Returns the byte
  * count, -(needed) if buf_size is too small, INT32_MIN for an invalid id. */
 OPTIML_API int32_t optiml_token_to_piece(const optiml_model *model, optiml_token token, char *buf,
                                          int32_t buf_size, bool lstrip, bool special);
@@ -212,6 +213,25 @@ OPTIML_API optiml_token optiml_sampler_sample(optiml_sampler *smpl, const float 
 OPTIML_API void optiml_sampler_accept(optiml_sampler *smpl, optiml_token token);
 /* Forget the history and re-seed. */
 OPTIML_API void optiml_sampler_reset(optiml_sampler *smpl);
+
+/* ---- chat ---------------------------------------------------------------- */
+
+typedef struct optiml_chat_message {
+    const char *role;    /* "system", "user", "assistant", ... */
+    const char *content; /* UTF-8 */
+} optiml_chat_message;
+/* Render a conversation as a prompt. tmpl: NULL = the model's
+ * tokenizer.chat_template (or, if the model has none, a built-in format
+ * guessed from its vocabulary), else the template text itself or a built-in
+ * name: "llama2", "llama3", "chatml", "mistral", "gemma", "phi3".
+ * Writes at most buf_size bytes including a NUL; returns the length of the
+ * rendered text (excluding the NUL) -- if that is >= buf_size, call again
+ * with a larger buffer -- or INT32_MIN on error (optiml_last_error() says
+ * which template construct failed and where). model may be NULL when tmpl
+ * is given. */
+OPTIML_API int32_t optiml_chat_apply_template(const optiml_model *model, const char *tmpl,
+                                              const optiml_chat_message *msgs, size_t n_msgs,
+                                              bool add_generation_prompt, char *buf, int32_t buf_size);
 
 /* ---- misc ---------------------------------------------------------------- */
 

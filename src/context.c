@@ -16,8 +16,10 @@
  *
  * The two steps of a layer are separate functions so a later backend can
  * run them on different devices. Each matrix op is one threadpool_run over
- * the weight rows: every weight row is read once per batch. All buffers are
- * allocated in optiml_context_init; decode allocates nothing.
+ * the weight rows: every weight row is read once per batch. Quantized
+ * weights multiply activations quantized to 8 bits (q8_0 / q8_1 / q8_k,
+ * as ggml does), quantized once per matmul before the rows are split. All
+ * buffers are allocated in optiml_context_init; decode allocates nothing.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "model.h"
@@ -64,6 +66,10 @@ struct optiml_context {
     float *logits;   /* (n_batch, n_vocab)                             */
     int32_t *logits_row; /* (n_batch) row of entry i in logits, or -1  */
     int32_t *out_ids;    /* (n_batch) entries that asked for logits    */
+    /* input rows of the quantized matmuls, quantized once per matmul: one
+     * buffer per activation type the weights use (q8_0, q8_1, q8_k),
+     * indexed by that type, NULL for the others */
+    void *xq[DTYPE_COUNT]; /* (n_batch, row bytes of the largest n_in)  */
 };
 
 optiml_context_params optiml_context_default_params(void) {
@@ -82,6 +88,40 @@ static void rope_init(optiml_context *ctx) {
         double f = pow((double)hp->rope_base, -2.0 * i / hp->n_rot) / hp->rope_scale;
         ctx->rope_inv_freq[i] = (float)(div ? f / div[i] : f);
     }
+}
+
+/* Track the largest input row of the matrices, and the activation types
+ * their weights need (act_used[t]). */
+static void matrix_note(const struct tensor *w, const struct cpu_kernels *kern, bool *act_used, int64_t *n_in_max) {
+    const uint32_t t = kern->vec_dot_type[w->type];
+    if (t != DTYPE_F32) act_used[t] = true;
+    if (w->ne[0] > *n_in_max) *n_in_max = w->ne[0];
+}
+
+static int64_t model_matrix_inputs(const optiml_model *m, const struct cpu_kernels *kern, bool *act_used) {
+    int64_t n_in_max = 0;
+    matrix_note(&m->output, kern, act_used, &n_in_max);
+    for (int32_t il = 0; il < m->hp.n_layer; il++) {
+        const struct layer *l = &m->layers[il];
+        const struct tensor *ws[7] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->ffn_gate, &l->ffn_up, &l->ffn_down};
+        for (int k = 0; k < 7; k++) matrix_note(ws[k], kern, act_used, &n_in_max);
+    }
+    return n_in_max;
+}
+
+static optiml_status context_alloc_xq(optiml_context *ctx) {
+    bool used[DTYPE_COUNT] = {0};
+    const int64_t n_in_max = model_matrix_inputs(ctx->model, ctx->kern, used);
+    for (uint32_t t = 0; t < DTYPE_COUNT; t++) {
+        if (!used[t]) continue;
+        const uint64_t bs = dtype_block_size(t);
+        const uint64_t n = (uint64_t)ctx->params.n_batch * (((uint64_t)n_in_max + bs - 1) / bs) * dtype_type_size(t);
+        ctx->xq[t] = optiml_alloc_aligned(n);
+        if (!ctx->xq[t])
+            return optiml_fail(OPTIML_ERR_NOMEM, "context: cannot allocate %llu bytes of %s activations",
+                               (unsigned long long)n, dtype_name(t));
+    }
+    return OPTIML_OK;
 }
 
 static optiml_status context_alloc(optiml_context *ctx) {
@@ -148,6 +188,7 @@ optiml_status optiml_context_init(const optiml_model *model, const optiml_contex
     ctx->kern = cpu_kernels_best();
     optiml_status st = threadpool_init(p.n_threads, &ctx->pool);
     if (st == OPTIML_OK) st = context_alloc(ctx);
+    if (st == OPTIML_OK) st = context_alloc_xq(ctx);
     if (st != OPTIML_OK) {
         optiml_context_free(ctx);
         return st;
@@ -163,6 +204,7 @@ void optiml_context_free(optiml_context *ctx) {
                     ctx->att, ctx->gate, ctx->up, ctx->scores, ctx->rope_inv_freq, ctx->rope_cs, ctx->cells,
                     ctx->logits, ctx->logits_row, ctx->out_ids};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) optiml_free_aligned(bufs[i]);
+    for (int t = 0; t < DTYPE_COUNT; t++) optiml_free_aligned(ctx->xq[t]);
     free(ctx);
 }
 
@@ -255,7 +297,9 @@ static optiml_status kv_claim(optiml_context *ctx, const optiml_batch *b) {
 
 /* ---- threaded ops -------------------------------------------------------- */
 
-/* Up to three matrices applied to the same input rows: y_j = x W_j^T. */
+/* Up to three matrices applied to the same input rows: y_j = x W_j^T.
+ * Quantized weights read the rows quantized beforehand (xq[j]), the
+ * others the f32 rows. */
 struct matmul_job {
     const struct cpu_kernels *kern;
     const float *x; /* (n_tok, n_in) */
@@ -263,7 +307,9 @@ struct matmul_job {
     int n_mat;
     bool accumulate; /* y += instead of y = */
     const struct tensor *w[3];
-    float *y[3];     /* (n_tok, rows of w[j]) */
+    float *y[3];       /* (n_tok, rows of w[j]) */
+    const void *xq[3]; /* (n_tok, xq_row bytes) or NULL: f32 path */
+    uint64_t xq_row[3];
 };
 
 static void matmul_run(void *arg, int ith, int nth) {
@@ -271,13 +317,15 @@ static void matmul_run(void *arg, int ith, int nth) {
     for (int j = 0; j < job->n_mat; j++) {
         const struct tensor *w = job->w[j];
         const cpu_dot_fn dot = job->kern->dot[w->type];
+        const cpu_dot_q_fn dot_q = job->kern->dot_q[w->type];
+        const char *xq = job->xq[j];
         const int64_t n_in = w->ne[0], n_out = w->ne[1];
         int64_t r0, r1;
         threadpool_split(n_out, ith, nth, &r0, &r1);
         for (int64_t r = r0; r < r1; r++) {
             const void *row = tensor_row(w, r);
             for (int64_t t = 0; t < job->n_tok; t++) {
-                float s = dot(n_in, row, job->x + t * n_in);
+                float s = xq ? dot_q(n_in, row, xq + (uint64_t)t * job->xq_row[j]) : dot(n_in, row, job->x + t * n_in);
                 float *y = &job->y[j][t * n_out + r];
                 *y = job->accumulate ? *y + s : s;
             }
@@ -285,11 +333,53 @@ static void matmul_run(void *arg, int ith, int nth) {
     }
 }
 
+/* Quantize the input rows into each activation type a matrix needs. */
+struct quantize_job {
+    const struct cpu_kernels *kern;
+    const float *x; /* (n_tok, n_in) */
+    int64_t n_tok, n_in;
+    int n_types;
+    uint32_t type[3];
+    void *dst[3];
+    uint64_t row[3];
+};
+
+static void quantize_run(void *arg, int ith, int nth) {
+    const struct quantize_job *job = arg;
+    int64_t t0, t1;
+    threadpool_split(job->n_tok, ith, nth, &t0, &t1);
+    for (int k = 0; k < job->n_types; k++)
+        for (int64_t t = t0; t < t1; t++)
+            job->kern->quantize[job->type[k]](job->n_in, job->x + t * job->n_in,
+                                              (char *)job->dst[k] + (uint64_t)t * job->row[k]);
+}
+
 static void matmul(optiml_context *ctx, const float *x, int64_t n_tok, bool accumulate, int n_mat,
                    const struct tensor *w0, float *y0, const struct tensor *w1, float *y1,
                    const struct tensor *w2, float *y2) {
     struct matmul_job job = {.kern = ctx->kern, .x = x, .n_tok = n_tok, .n_mat = n_mat,
                              .accumulate = accumulate, .w = {w0, w1, w2}, .y = {y0, y1, y2}};
+    const int64_t n_in = w0->ne[0];
+    struct quantize_job qj = {.kern = ctx->kern, .x = x, .n_tok = n_tok, .n_in = n_in};
+    for (int j = 0; j < n_mat; j++) {
+        const uint32_t t = ctx->kern->vec_dot_type[job.w[j]->type];
+        if (t == DTYPE_F32) continue;
+        dtype_row_size(t, (uint64_t)n_in, &job.xq_row[j]);
+        job.xq[j] = ctx->xq[t];
+        int k = 0;
+        while (k < qj.n_types && qj.type[k] != t) k++;
+        if (k == qj.n_types) {
+            qj.type[k] = t;
+            qj.dst[k] = ctx->xq[t];
+            qj.row[k] = job.xq_row[j];
+            qj.n_types++;
+        }
+    }
+    if (qj.n_types > 0) {
+        /* a few rows are quicker to quantize here than to hand out */
+        if (n_tok * n_in * qj.n_types <= 65536) quantize_run(&qj, 0, 1);
+        else threadpool_run(ctx->pool, quantize_run, &qj);
+    }
     threadpool_run(ctx->pool, matmul_run, &job);
 }
 

@@ -26,7 +26,7 @@ struct jinja_limits {
     int max_depth;     /* nesting of blocks, expressions and values      */
 };
 
-/* The defaults: 64 MiB output, 512 MiB memory, 50M steps, depth 64. */
+/* The defaults: 64 MiB output, 512 MiB memory, 10M steps, depth 64. */
 struct jinja_limits jinja_default_limits(void);
 
 struct jinja_input {

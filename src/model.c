@@ -118,7 +118,7 @@ static optiml_status bind(optiml_model *m, struct tensor *t, const char *name, i
                            (long long)ne1);
     if (kind == BIND_NORM && ti->type != DTYPE_F32)
         return optiml_fail(OPTIML_ERR_UNSUPPORTED, "tensor %s has type %s, expected f32", name, dtype_name(ti->type));
-    if (kind == BIND_MATRIX && !cpu_kernels_best()->dot[ti->type])
+    if (kind == BIND_MATRIX && !cpu_kernels_can_matmul(cpu_kernels_best(), ti->type))
         return optiml_fail(OPTIML_ERR_UNSUPPORTED, "tensor %s has type %s, which this build cannot compute yet",
                            name, dtype_name(ti->type));
     t->data = ti->data;

@@ -20,11 +20,31 @@ static void block_load(float *dst, const float *src, int n) {
     for (int i = 0; i < n; i++) dst[i] = isfinite(src[i]) ? src[i] : 0.0f;
 }
 
-/* Round half away from zero, clamped to [lo, hi] before the conversion. */
+/* Round to nearest (ties to even), clamped to [lo, hi] first (NaN gives
+ * lo): adding 1.5 * 2^23 leaves the integer in the low mantissa bits. Only
+ * the k-quant fits use it; the 32-value formats round as ggml does. */
 static inline int round_clamp(float v, int lo, int hi) {
-    if (!(v > (float)lo)) return lo; /* NaN too */
-    if (v > (float)hi) return hi;
-    return (int)roundf(v);
+    v = v > (float)lo ? v : (float)lo; /* branch-free (maxss, minss): the loops vectorize */
+    v = v < (float)hi ? v : (float)hi;
+    const float f = v + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &f, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+/* (int)v for v in [0, hi], v clamped first (NaN gives 0): ggml's
+ * MIN(hi, (int8_t)v) for every v it meets, without undefined conversions. */
+static inline int trunc_clamp(float v, int hi) {
+    v = v > 0.0f ? v : 0.0f;
+    v = v < (float)hi ? v : (float)hi;
+    return (int)v;
+}
+
+/* roundf(v) as int8 for v in [-127, 127], v clamped first (NaN gives 0). */
+static inline int8_t round_i8(float v) {
+    if (!(v >= -127.0f)) v = v < 0.0f ? -127.0f : 0.0f;
+    if (v > 127.0f) v = 127.0f;
+    return (int8_t)roundf(v);
 }
 
 /* Value with the largest magnitude (the first one on ties) and |it|. */
@@ -49,12 +69,10 @@ static void quantize_q4_0(int64_t n, const float *src, void *dst) {
         block_load(x, src + i * QK4_0, QK4_0);
         float amax;
         const float max = block_absmax(x, QK4_0, &amax);
-        const float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = max / -8.0f, id = quant_inv_scale(d);
         y[i].d = f32_to_f16(d);
         for (int j = 0; j < QK4_0 / 2; j++) {
-            int q0 = (int)(x[j] * id + 8.5f), q1 = (int)(x[j + QK4_0 / 2] * id + 8.5f);
-            q0 = q0 > 15 ? 15 : q0;
-            q1 = q1 > 15 ? 15 : q1;
+            const int q0 = trunc_clamp(x[j] * id + 8.5f, 15), q1 = trunc_clamp(x[j + QK4_0 / 2] * id + 8.5f, 15);
             y[i].qs[j] = (uint8_t)(q0 | q1 << 4);
         }
     }
@@ -62,12 +80,11 @@ static void quantize_q4_0(int64_t n, const float *src, void *dst) {
 
 static void dequantize_q4_0(int64_t n, const void *src, float *y) {
     const block_q4_0 *x = src;
+    int8_t q[QK4_0];
     for (int64_t i = 0; i < n / QK4_0; i++) {
         const float d = f16_to_f32(x[i].d);
-        for (int j = 0; j < QK4_0 / 2; j++) {
-            y[i * QK4_0 + j] = d * (float)((x[i].qs[j] & 0xF) - 8);
-            y[i * QK4_0 + j + QK4_0 / 2] = d * (float)((x[i].qs[j] >> 4) - 8);
-        }
+        quant_unpack_q4_0(&x[i], q);
+        for (int j = 0; j < QK4_0; j++) y[i * QK4_0 + j] = d * (float)q[j];
     }
 }
 
@@ -88,13 +105,12 @@ static void quantize_q4_1(int64_t n, const float *src, void *dst) {
         block_load(x, src + i * QK4_1, QK4_1);
         float mn, mx;
         block_minmax(x, QK4_1, &mn, &mx);
-        const float d = (mx - mn) / 15.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = (mx - mn) / 15.0f, id = quant_inv_scale(d);
         y[i].d = f32_to_f16(d);
         y[i].m = f32_to_f16(mn);
         for (int j = 0; j < QK4_1 / 2; j++) {
-            int q0 = (int)((x[j] - mn) * id + 0.5f), q1 = (int)((x[j + QK4_1 / 2] - mn) * id + 0.5f);
-            q0 = q0 > 15 ? 15 : q0;
-            q1 = q1 > 15 ? 15 : q1;
+            const int q0 = trunc_clamp((x[j] - mn) * id + 0.5f, 15);
+            const int q1 = trunc_clamp((x[j + QK4_1 / 2] - mn) * id + 0.5f, 15);
             y[i].qs[j] = (uint8_t)(q0 | q1 << 4);
         }
     }
@@ -102,12 +118,11 @@ static void quantize_q4_1(int64_t n, const float *src, void *dst) {
 
 static void dequantize_q4_1(int64_t n, const void *src, float *y) {
     const block_q4_1 *x = src;
+    int8_t q[QK4_1];
     for (int64_t i = 0; i < n / QK4_1; i++) {
         const float d = f16_to_f32(x[i].d), m = f16_to_f32(x[i].m);
-        for (int j = 0; j < QK4_1 / 2; j++) {
-            y[i * QK4_1 + j] = d * (float)(x[i].qs[j] & 0xF) + m;
-            y[i * QK4_1 + j + QK4_1 / 2] = d * (float)(x[i].qs[j] >> 4) + m;
-        }
+        quant_unpack_q4_1(&x[i], q);
+        for (int j = 0; j < QK4_1; j++) y[i * QK4_1 + j] = d * (float)q[j] + m;
     }
 }
 
@@ -121,13 +136,6 @@ static void pack_q5(const int *q, uint8_t *qs, uint8_t *qh) {
     for (int b = 0; b < 4; b++) qh[b] = (uint8_t)(h >> 8 * b);
 }
 
-static void unpack_q5(const uint8_t *qs, const uint8_t *qh, int *q) {
-    const uint32_t h = (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 | (uint32_t)qh[3] << 24;
-    for (int j = 0; j < 16; j++) {
-        q[j] = (qs[j] & 0xF) | (int)(h >> j & 1) << 4;
-        q[j + 16] = (qs[j] >> 4) | (int)(h >> (j + 16) & 1) << 4;
-    }
-}
 
 static void quantize_q5_0(int64_t n, const float *src, void *dst) {
     block_q5_0 *y = dst;
@@ -137,22 +145,19 @@ static void quantize_q5_0(int64_t n, const float *src, void *dst) {
         block_load(x, src + i * QK5_0, QK5_0);
         float amax;
         const float max = block_absmax(x, QK5_0, &amax);
-        const float d = max / -16.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = max / -16.0f, id = quant_inv_scale(d);
         y[i].d = f32_to_f16(d);
-        for (int j = 0; j < QK5_0; j++) {
-            q[j] = (int)(x[j] * id + 16.5f);
-            q[j] = q[j] > 31 ? 31 : q[j];
-        }
+        for (int j = 0; j < QK5_0; j++) q[j] = trunc_clamp(x[j] * id + 16.5f, 31);
         pack_q5(q, y[i].qs, y[i].qh);
     }
 }
 
 static void dequantize_q5_0(int64_t n, const void *src, float *y) {
     const block_q5_0 *x = src;
-    int q[QK5_0];
+    int8_t q[QK5_0];
     for (int64_t i = 0; i < n / QK5_0; i++) {
         const float d = f16_to_f32(x[i].d);
-        unpack_q5(x[i].qs, x[i].qh, q);
+        quant_unpack_q5(x[i].qs, x[i].qh, q);
         for (int j = 0; j < QK5_0; j++) y[i * QK5_0 + j] = d * (float)(q[j] - 16);
     }
 }
@@ -165,23 +170,20 @@ static void quantize_q5_1(int64_t n, const float *src, void *dst) {
         block_load(x, src + i * QK5_1, QK5_1);
         float mn, mx;
         block_minmax(x, QK5_1, &mn, &mx);
-        const float d = (mx - mn) / 31.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = (mx - mn) / 31.0f, id = quant_inv_scale(d);
         y[i].d = f32_to_f16(d);
         y[i].m = f32_to_f16(mn);
-        for (int j = 0; j < QK5_1; j++) {
-            q[j] = (int)((x[j] - mn) * id + 0.5f);
-            q[j] = q[j] > 31 ? 31 : q[j];
-        }
+        for (int j = 0; j < QK5_1; j++) q[j] = trunc_clamp((x[j] - mn) * id + 0.5f, 31);
         pack_q5(q, y[i].qs, y[i].qh);
     }
 }
 
 static void dequantize_q5_1(int64_t n, const void *src, float *y) {
     const block_q5_1 *x = src;
-    int q[QK5_1];
+    int8_t q[QK5_1];
     for (int64_t i = 0; i < n / QK5_1; i++) {
         const float d = f16_to_f32(x[i].d), m = f16_to_f32(x[i].m);
-        unpack_q5(x[i].qs, x[i].qh, q);
+        quant_unpack_q5(x[i].qs, x[i].qh, q);
         for (int j = 0; j < QK5_1; j++) y[i * QK5_1 + j] = d * (float)q[j] + m;
     }
 }
@@ -194,9 +196,9 @@ static void quantize_q8_0(int64_t n, const float *src, void *dst) {
         block_load(x, src + i * QK8_0, QK8_0);
         float amax;
         block_absmax(x, QK8_0, &amax);
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = amax / 127.0f, id = quant_inv_scale(d);
         y[i].d = f32_to_f16(d);
-        for (int j = 0; j < QK8_0; j++) y[i].qs[j] = (int8_t)roundf(x[j] * id);
+        for (int j = 0; j < QK8_0; j++) y[i].qs[j] = round_i8(x[j] * id);
     }
 }
 
@@ -215,11 +217,11 @@ static void quantize_q8_1(int64_t n, const float *src, void *dst) {
         block_load(x, src + i * QK8_1, QK8_1);
         float amax;
         block_absmax(x, QK8_1, &amax);
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = amax / 127.0f, id = quant_inv_scale(d);
         int sum = 0;
         y[i].d = f32_to_f16(d);
         for (int j = 0; j < QK8_1; j++) {
-            y[i].qs[j] = (int8_t)roundf(x[j] * id);
+            y[i].qs[j] = round_i8(x[j] * id);
             sum += y[i].qs[j];
         }
         y[i].s = f32_to_f16((float)sum * d);
@@ -244,7 +246,7 @@ static float fit_symmetric(int n, const float *x, int nmax, int8_t *L) {
     const float max = block_absmax(x, n, &amax);
     memset(L, 0, (size_t)n);
     if (amax < 1e-30f) return 0.0f;
-    float best_err = INFINITY, best = 0.0f;
+    float best_gain = -1.0f, best = 0.0f;
     int8_t t[32];
     for (int k = -9; k <= 9; k++) {
         const float iscale = -((float)nmax + 0.1f * (float)k) / max;
@@ -255,12 +257,12 @@ static float fit_symmetric(int n, const float *x, int nmax, int8_t *L) {
             suml2 += (float)(t[i] * t[i]);
         }
         if (suml2 <= 0.0f) continue;
-        const float scale = sumlx / suml2;
-        float err = 0.0f;
-        for (int i = 0; i < n; i++) err += (x[i] - scale * t[i]) * (x[i] - scale * t[i]);
-        if (err < best_err) {
-            best_err = err;
-            best = scale;
+        /* with the least-squares scale sumlx / suml2 the squared error is
+         * sum x^2 - sumlx^2 / suml2: keep the largest sumlx^2 / suml2 */
+        const float gain = sumlx * sumlx / suml2;
+        if (gain > best_gain) {
+            best_gain = gain;
+            best = sumlx / suml2;
             memcpy(L, t, (size_t)n);
         }
     }
@@ -277,27 +279,35 @@ static float fit_affine(int n, const float *x, int nmax, float *m_out) {
     *m_out = -mn;
     if (!(mx > mn)) return 0.0f;
     float best_err = INFINITY, best_a = 0.0f, best_b = mn;
+    float sx = 0.0f, sx2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        sx += x[i];
+        sx2 += x[i] * x[i];
+    }
     for (int k = -10; k <= 10; k++) {
         const float iscale = ((float)nmax + 0.05f * (float)nmax * (float)k / 10.0f) / (mx - mn);
-        float sl = 0.0f, sl2 = 0.0f, sx = 0.0f, sxl = 0.0f;
-        int L[32];
+        float sl = 0.0f, sl2 = 0.0f, sxl = 0.0f;
         for (int i = 0; i < n; i++) {
-            L[i] = round_clamp(iscale * (x[i] - mn), 0, nmax);
-            sl += (float)L[i];
-            sl2 += (float)(L[i] * L[i]);
-            sx += x[i];
-            sxl += x[i] * (float)L[i];
+            const float l = (float)round_clamp(iscale * (x[i] - mn), 0, nmax);
+            sl += l;
+            sl2 += l * l;
+            sxl += x[i] * l;
         }
         const float det = (float)n * sl2 - sl * sl;
-        if (!(det > 0.0f)) continue;
-        float a = ((float)n * sxl - sl * sx) / det, b = (sl2 * sx - sl * sxl) / det;
+        float a = 0.0f, b = 0.0f;
+        if (det > 0.0f) {
+            a = ((float)n * sxl - sl * sx) / det;
+            b = (sl2 * sx - sl * sxl) / det;
+        } else if (sl2 > 0.0f) { /* every L equal: no room for a min */
+            a = sxl / sl2;
+        }
         if (b > 0.0f) {
             b = 0.0f;
             a = sxl / sl2;
         }
         if (!(a > 0.0f)) continue;
-        float err = 0.0f;
-        for (int i = 0; i < n; i++) err += (a * L[i] + b - x[i]) * (a * L[i] + b - x[i]);
+        /* sum (a L + b - x)^2 expanded into the sums above */
+        const float err = a * a * sl2 + 2.0f * a * b * sl + (float)n * b * b - 2.0f * a * sxl - 2.0f * b * sx + sx2;
         if (err < best_err) {
             best_err = err;
             best_a = a;
@@ -384,13 +394,14 @@ static void quantize_q2_K(int64_t n, const float *src, void *dst) {
 
 static void dequantize_q2_K(int64_t n, const void *src, float *y) {
     const block_q2_K *x = src;
+    int8_t q[QK_K];
     for (int64_t i = 0; i < n / QK_K; i++) {
         const float d = f16_to_f32(x[i].d), dmin = f16_to_f32(x[i].dmin);
+        quant_unpack_q2_k(&x[i], q);
         for (int e = 0; e < QK_K; e++) {
             const uint8_t sc = x[i].scales[e / 16];
             const float dl = d * (float)(sc & 0xF), ml = dmin * (float)(sc >> 4);
-            const int q = x[i].qs[32 * (e / 128) + e % 32] >> 2 * (e % 128 / 32) & 3;
-            y[i * QK_K + e] = dl * (float)q - ml;
+            y[i * QK_K + e] = dl * (float)q[e] - ml;
         }
     }
 }
@@ -423,13 +434,13 @@ static void quantize_q3_K(int64_t n, const float *src, void *dst) {
 
 static void dequantize_q3_K(int64_t n, const void *src, float *y) {
     const block_q3_K *x = src;
+    int8_t q[QK_K];
     for (int64_t i = 0; i < n / QK_K; i++) {
         const float d = f16_to_f32(x[i].d);
+        quant_unpack_q3_k(&x[i], q);
         for (int e = 0; e < QK_K; e++) {
             const float dl = d * (float)quant_scale_q3_k(e / 16, x[i].scales);
-            const int lo = x[i].qs[32 * (e / 128) + e % 32] >> 2 * (e % 128 / 32) & 3;
-            const int hi = x[i].hmask[e % 32] >> (e / 32) & 1;
-            y[i * QK_K + e] = dl * (float)(lo - (hi ? 0 : 4));
+            y[i * QK_K + e] = dl * (float)q[e];
         }
     }
 }
@@ -460,14 +471,15 @@ static void quantize_q4_K(int64_t n, const float *src, void *dst) {
 
 static void dequantize_q4_K(int64_t n, const void *src, float *y) {
     const block_q4_K *x = src;
+    int8_t q[QK_K];
     for (int64_t i = 0; i < n / QK_K; i++) {
         const float d = f16_to_f32(x[i].d), dmin = f16_to_f32(x[i].dmin);
+        quant_unpack_q4_k(&x[i], q);
         for (int e = 0; e < QK_K; e++) {
             uint8_t sc, m;
             quant_scale_min_k4(e / 32, x[i].scales, &sc, &m);
             const float d1 = d * (float)sc, m1 = dmin * (float)m;
-            const int q = x[i].qs[32 * (e / 64) + e % 32] >> 4 * (e % 64 / 32) & 0xF;
-            y[i * QK_K + e] = d1 * (float)q - m1;
+            y[i * QK_K + e] = d1 * (float)q[e] - m1;
         }
     }
 }
@@ -491,15 +503,15 @@ static void quantize_q5_K(int64_t n, const float *src, void *dst) {
 
 static void dequantize_q5_K(int64_t n, const void *src, float *y) {
     const block_q5_K *x = src;
+    int8_t q[QK_K];
     for (int64_t i = 0; i < n / QK_K; i++) {
         const float d = f16_to_f32(x[i].d), dmin = f16_to_f32(x[i].dmin);
+        quant_unpack_q5_k(&x[i], q);
         for (int e = 0; e < QK_K; e++) {
             uint8_t sc, m;
             quant_scale_min_k4(e / 32, x[i].scales, &sc, &m);
             const float d1 = d * (float)sc, m1 = dmin * (float)m;
-            const int lo = x[i].qs[32 * (e / 64) + e % 32] >> 4 * (e % 64 / 32) & 0xF;
-            const int hi = x[i].qh[e % 32] >> (e / 32) & 1;
-            y[i * QK_K + e] = d1 * (float)(lo | hi << 4) - m1;
+            y[i * QK_K + e] = d1 * (float)q[e] - m1;
         }
     }
 }
@@ -527,21 +539,18 @@ static void quantize_q6_K(int64_t n, const float *src, void *dst) {
 
 static void dequantize_q6_K(int64_t n, const void *src, float *y) {
     const block_q6_K *x = src;
+    int8_t q[QK_K];
     for (int64_t i = 0; i < n / QK_K; i++) {
         const float d = f16_to_f32(x[i].d);
-        for (int e = 0; e < QK_K; e++) {
-            const int h = e / 128, r = e % 128;
-            const int lo = x[i].ql[64 * h + r % 64] >> 4 * (r / 64) & 0xF;
-            const int hi = x[i].qh[32 * h + r % 32] >> 2 * (r / 32) & 3;
-            const float d1 = d * (float)x[i].scales[e / 16];
-            y[i * QK_K + e] = d1 * (float)((lo | hi << 4) - 32);
-        }
+        quant_unpack_q6_k(&x[i], q);
+        for (int e = 0; e < QK_K; e++) y[i * QK_K + e] = d * (float)x[i].scales[e / 16] * (float)q[e];
     }
 }
 
 /* ---- q8_k (activations) -------------------------------------------------- */
 
-/* d = max / -127 (max: the value of largest magnitude), q = round(x / d). */
+/* d = max / -127 (max: the value of largest magnitude), q = round(x / d),
+ * computed as round(x * (-127 * (1 / max))). */
 static void quantize_q8_K(int64_t n, const float *src, void *dst) {
     block_q8_K *y = dst;
     float x[QK_K];
@@ -550,11 +559,10 @@ static void quantize_q8_K(int64_t n, const float *src, void *dst) {
         float amax;
         const float max = block_absmax(x, QK_K, &amax);
         memset(&y[i], 0, sizeof(y[i]));
-        if (amax == 0.0f) continue;
-        const float iscale = -127.0f / max;
+        const float iscale = -127.0f * quant_inv_scale(max);
+        if (iscale == 0.0f) continue; /* all zero (or subnormal) */
         for (int j = 0; j < QK_K; j++) {
-            const int v = (int)roundf(iscale * x[j]);
-            y[i].qs[j] = (int8_t)(v > 127 ? 127 : v < -127 ? -127 : v);
+            y[i].qs[j] = round_i8(iscale * x[j]);
             y[i].bsums[j / 16] = (int16_t)(y[i].bsums[j / 16] + y[i].qs[j]);
         }
         y[i].d = 1.0f / iscale;

@@ -157,6 +157,13 @@ typedef void (*quant_dequantize_fn)(int64_t n, const void *src, float *dst);
 quant_quantize_fn quant_quantizer(uint32_t type);
 quant_dequantize_fn quant_dequantizer(uint32_t type);
 
+/* 1 / d, or 0 where d is 0 or so small (subnormal) that 1 / d overflows:
+ * such a block quantizes to zeros. Otherwise exactly ggml's 1.0f / d. */
+static inline float quant_inv_scale(float d) {
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    return id - id == 0.0f ? id : 0.0f; /* finite */
+}
+
 /* Value of 6-bit scale j and min j (0..7) packed in a q4_k/q5_k scales[12]. */
 static inline void quant_scale_min_k4(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
     if (j < 4) {
@@ -173,6 +180,58 @@ static inline int quant_scale_q3_k(int j, const uint8_t *s) {
     int lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
     int hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
     return (lo | hi << 4) - 32;
+}
+
+/* ---- integer quants of one block, offsets applied ----------------------
+ * What the block's value j is, before the float scales: the reference
+ * dequantizers and the reference dot products both start from these. */
+
+static inline void quant_unpack_q4_0(const block_q4_0 *b, int8_t *q) { /* -8..7 */
+    for (int j = 0; j < 16; j++) {
+        q[j] = (int8_t)((b->qs[j] & 0xF) - 8);
+        q[j + 16] = (int8_t)((b->qs[j] >> 4) - 8);
+    }
+}
+static inline void quant_unpack_q4_1(const block_q4_1 *b, int8_t *q) { /* 0..15 */
+    for (int j = 0; j < 16; j++) {
+        q[j] = (int8_t)(b->qs[j] & 0xF);
+        q[j + 16] = (int8_t)(b->qs[j] >> 4);
+    }
+}
+/* 5-bit quants 0..31 from the low nibbles qs and the 32 high bits qh. */
+static inline void quant_unpack_q5(const uint8_t *qs, const uint8_t *qh, int8_t *q) {
+    const uint32_t h = (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 | (uint32_t)qh[3] << 24;
+    for (int j = 0; j < 16; j++) {
+        q[j] = (int8_t)((qs[j] & 0xF) | (int)(h >> j & 1) << 4);
+        q[j + 16] = (int8_t)((qs[j] >> 4) | (int)(h >> (j + 16) & 1) << 4);
+    }
+}
+static inline void quant_unpack_q2_k(const block_q2_K *b, int8_t *q) { /* 0..3 */
+    for (int e = 0; e < QK_K; e++) q[e] = (int8_t)(b->qs[32 * (e / 128) + e % 32] >> 2 * (e % 128 / 32) & 3);
+}
+static inline void quant_unpack_q3_k(const block_q3_K *b, int8_t *q) { /* -4..3 */
+    for (int e = 0; e < QK_K; e++) {
+        const int lo = b->qs[32 * (e / 128) + e % 32] >> 2 * (e % 128 / 32) & 3;
+        const int hi = b->hmask[e % 32] >> (e / 32) & 1;
+        q[e] = (int8_t)(lo - (hi ? 0 : 4));
+    }
+}
+static inline void quant_unpack_q4_k(const block_q4_K *b, int8_t *q) { /* 0..15 */
+    for (int e = 0; e < QK_K; e++) q[e] = (int8_t)(b->qs[32 * (e / 64) + e % 32] >> 4 * (e % 64 / 32) & 0xF);
+}
+static inline void quant_unpack_q5_k(const block_q5_K *b, int8_t *q) { /* 0..31 */
+    for (int e = 0; e < QK_K; e++) {
+        const int lo = b->qs[32 * (e / 64) + e % 32] >> 4 * (e % 64 / 32) & 0xF;
+        q[e] = (int8_t)(lo | (b->qh[e % 32] >> (e / 32) & 1) << 4);
+    }
+}
+static inline void quant_unpack_q6_k(const block_q6_K *b, int8_t *q) { /* -32..31 */
+    for (int e = 0; e < QK_K; e++) {
+        const int h = e / 128, r = e % 128;
+        const int lo = b->ql[64 * h + r % 64] >> 4 * (r / 64) & 0xF;
+        const int hi = b->qh[32 * h + r % 32] >> 2 * (r / 32) & 3;
+        q[e] = (int8_t)((lo | hi << 4) - 32);
+    }
 }
 #endif
 

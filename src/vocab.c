@@ -27,8 +27,17 @@
  *   5. Each remaining symbol is looked up: a piece gives its token, anything
  *      else falls back to one <0xXX> token per byte, or to the unknown token
  *      when the vocabulary lacks some of those byte tokens.
+ *
+ * Byte-level BPE ("gpt2") shares steps 1 and 4 with a different start and
+ * order: loading also indexes the merges in a hash table keyed by the pair
+ * of token ids (rank and result), and each fragment is decoded (UTF-8,
+ * category flags) and cut into words by the pre-tokenizer (src/unicode.c);
+ * a word's symbols are its bytes as the tokens of their GPT-2 characters,
+ * and the heap pops the lowest merge rank first. Rendering maps each
+ * character of a piece back to its byte.
  */
 #include "vocab.h"
+#include "unicode.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -40,6 +49,8 @@
 #define KEY_TOKENS "tokenizer.ggml.tokens"
 #define KEY_SCORES "tokenizer.ggml.scores"
 #define KEY_TYPES "tokenizer.ggml.token_type"
+#define KEY_MERGES "tokenizer.ggml.merges"
+#define KEY_PRE "tokenizer.ggml.pre"
 
 #define VOCAB_MAX_TOKENS (1 << 24)
 /* Longest text tokenize accepts: keeps symbol offsets (3 bytes per input
@@ -67,59 +78,124 @@ struct vocab_entry {
     uint8_t type; /* enum vocab_token_type */
 };
 
+/* A BPE merge: the pair (left, right) of token ids packed in key, its rank
+ * (lower merges first) and the token it makes. key UINT64_MAX: empty. */
+struct merge_slot {
+    uint64_t key;
+    int32_t rank;
+    int32_t id;
+};
+
+/* A slot of the piece index: the token, its piece's hash (compared first)
+ * and where the piece is, so a lookup touches the slot and the piece only. */
+struct piece_slot {
+    int32_t id; /* -1: empty */
+    uint32_t hash;
+    uint32_t off, len; /* the piece: arena[off..off+len) */
+};
+
 struct vocab {
+    bool bpe;               /* "gpt2": byte-level BPE; else SentencePiece */
+    enum unicode_pre pre;   /* BPE pre-tokenizer                          */
+    bool ignore_merges;     /* BPE: a word that is a token is that token   */
+    struct merge_slot *merges;
+    uint32_t merge_mask;
     int32_t n_tokens;
     struct vocab_entry *tok;
     char *arena;
-    int32_t *slots; /* hash table of token ids, -1 = empty */
+    struct piece_slot *slots; /* hash table of token ids */
     uint32_t slot_mask;
-    int32_t byte_tok[256]; /* token of "<0xXX>", -1 if none */
+    int32_t byte_tok[256]; /* token of "<0xXX>" (BPE: of the byte's character), -1 if none */
     int32_t *special;      /* matchable special tokens, longest text first */
     int32_t n_special;
     int32_t n_user_defined;
     optiml_token ids[SPECIAL_COUNT];
     bool add_bos, add_eos, add_space_prefix;
+    uint8_t *eog; /* n_tokens flags: ends generation */
 };
 
 /* ---- piece index ---------------------------------------------------------- */
 
-static uint32_t hash_bytes(const char *s, size_t n) {
-    uint64_t h = 0xcbf29ce484222325ull;
+/* FNV-1a over the piece bytes, in steps (a piece may come in two parts). */
+#define FNV_BASIS 0xcbf29ce484222325ull
+
+static uint64_t fnv_update(uint64_t h, const char *s, size_t n) {
     for (size_t i = 0; i < n; i++) {
         h ^= (unsigned char)s[i];
         h *= 0x100000001b3ull;
     }
-    return (uint32_t)(h ^ (h >> 32));
+    return h;
+}
+
+static uint32_t fnv_final(uint64_t h) { return (uint32_t)(h ^ (h >> 32)); }
+
+static uint32_t hash_bytes(const char *s, size_t n) { return fnv_final(fnv_update(FNV_BASIS, s, n)); }
+
+/* Slot holding the piece a[0..na) b[0..nb) of hash h, or the empty slot
+ * where it would go. */
+static struct piece_slot *vocab_slot2(const struct vocab *v, const char *a, size_t na,
+                                      const char *b, size_t nb, uint32_t h) {
+    for (uint32_t i = h & v->slot_mask;; i = (i + 1) & v->slot_mask) {
+        struct piece_slot *slot = &v->slots[i];
+        if (slot->id < 0) return slot;
+        if (slot->hash != h || slot->len != na + nb) continue;
+        const char *piece = v->arena + slot->off;
+        if (memcmp(piece, a, na) == 0 && (nb == 0 || memcmp(piece + na, b, nb) == 0))
+            return slot;
+    }
 }
 
 /* Slot holding the piece s[0..n), or the empty slot where it would go. */
-static uint32_t vocab_slot(const struct vocab *v, const char *s, size_t n) {
-    uint32_t i = hash_bytes(s, n) & v->slot_mask;
-    for (;; i = (i + 1) & v->slot_mask) {
-        int32_t id = v->slots[i];
-        if (id < 0) return i;
-        const struct vocab_entry *e = &v->tok[id];
-        if (e->piece_len == n && memcmp(e->piece, s, n) == 0) return i;
-    }
+static struct piece_slot *vocab_slot(const struct vocab *v, const char *s, size_t n) {
+    return vocab_slot2(v, s, n, NULL, 0, hash_bytes(s, n));
 }
 
 /* Token whose piece is s[0..n), or -1. */
 static int32_t vocab_find(const struct vocab *v, const char *s, size_t n) {
-    return v->slots[vocab_slot(v, s, n)];
+    return vocab_slot(v, s, n)->id;
+}
+
+/* ---- GPT-2 byte mapping ---------------------------------------------------- */
+
+/* Byte-level BPE spells each byte as one character: the printable bytes
+ * 0x21..0x7E, 0xA1..0xAC and 0xAE..0xFF as the code point of the same
+ * value, the other 68 bytes, in increasing order, as U+0100, U+0101, ... */
+static uint32_t byte_to_cp(unsigned b) {
+    if ((b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE) return b;
+    unsigned n = b <= 0x20 ? b : b <= 0xA0 ? b - 0x7F + 0x21 : 0x21 + 0x22;
+    return 0x100 + n;
+}
+
+/* The byte a character of the mapping stands for, -1 if none. */
+static int cp_to_byte(uint32_t cp) {
+    if (cp < 0x100) return byte_to_cp(cp) == cp ? (int)cp : -1;
+    if (cp <= 0x120) return (int)(cp - 0x100);
+    if (cp <= 0x142) return (int)(cp - 0x121 + 0x7F);
+    return cp == 0x143 ? 0xAD : -1;
+}
+
+/* The UTF-8 of byte b's character into dst (2 bytes of room); the length. */
+static size_t byte_to_utf8(unsigned b, char *dst) {
+    uint32_t cp = byte_to_cp(b);
+    if (cp < 0x80) {
+        dst[0] = (char)cp;
+        return 1;
+    }
+    dst[0] = (char)(0xC0 | cp >> 6);
+    dst[1] = (char)(0x80 | (cp & 0x3F));
+    return 2;
 }
 
 /* ---- loading -------------------------------------------------------------- */
 
-static optiml_status load_check_model(const gguf_file *f) {
+static optiml_status load_check_model(const gguf_file *f, bool *bpe) {
     struct gguf_str model;
     optiml_status st = gguf_get_str(f, KEY_MODEL, &model);
     if (st == OPTIML_ERR_INVALID_ARG)
         return optiml_fail(OPTIML_ERR_FORMAT, "missing key %s", KEY_MODEL);
     if (st != OPTIML_OK) return st;
-    if (gguf_str_eq(model, "llama")) return OPTIML_OK;
-    if (gguf_str_eq(model, "gpt2"))
-        return optiml_fail(OPTIML_ERR_UNSUPPORTED,
-                           "%s = \"gpt2\": byte-level BPE tokenizer not implemented yet", KEY_MODEL);
+    *bpe = gguf_str_eq(model, "gpt2");
+    if (*bpe || gguf_str_eq(model, "llama")) return OPTIML_OK;
     int len = model.n > 64 ? 64 : (int)model.n;
     return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s = \"%.*s\": tokenizer not supported", KEY_MODEL,
                        len, model.data);
@@ -152,10 +228,30 @@ static int byte_piece_value(const char *s, size_t n) {
     return hi && lo ? (int)((hi - hex_digits) % 16 * 16 + (lo - hex_digits) % 16) : -1;
 }
 
+/* A byte-level piece as the bytes its characters stand for (a character
+ * outside the mapping is kept as it is). dst has room for n bytes. */
+static uint32_t render_bpe_piece(const char *s, uint32_t n, char *dst) {
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < n;) {
+        uint32_t cp;
+        size_t len = unicode_decode((const unsigned char *)s + i, n - i, &cp);
+        int b = len > 1 || cp < 0x80 ? cp_to_byte(cp) : -1;
+        if (b >= 0) {
+            dst[m++] = (char)b;
+        } else {
+            memcpy(dst + m, s + i, len);
+            m += (uint32_t)len;
+        }
+        i += (uint32_t)len;
+    }
+    return m;
+}
+
 /* Write how a piece of the given type renders (without special) at dst;
  * returns the length. dst has room for n bytes. */
-static uint32_t render_piece(int type, const char *s, uint32_t n, char *dst) {
+static uint32_t render_piece(bool bpe, int type, const char *s, uint32_t n, char *dst) {
     uint32_t m = 0;
+    if (bpe && type == VOCAB_TOKEN_NORMAL) return render_bpe_piece(s, n, dst);
     switch (type) {
     case VOCAB_TOKEN_NORMAL:
         for (uint32_t i = 0; i < n; i++) {
@@ -185,6 +281,9 @@ static optiml_status load_entries(struct vocab *v, const struct gguf_value *toks
                                VOCAB_MAX_PIECE_LEN);
         total += 2 * strs[i].n + 1; /* piece + NUL + rendering */
     }
+    if (total > UINT32_MAX) /* the piece index keeps 32-bit arena offsets */
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s: %llu bytes of token text (at most 2 GiB)",
+                           KEY_TOKENS, (unsigned long long)(total / 2));
     v->n_tokens = (int32_t)n;
     v->tok = calloc(n, sizeof(*v->tok));
     v->arena = malloc(total);
@@ -220,7 +319,7 @@ static optiml_status load_entries(struct vocab *v, const struct gguf_value *toks
             e->text_len = len;
         } else {
             e->text = p;
-            e->text_len = render_piece((int)type, e->piece, len, p);
+            e->text_len = render_piece(v->bpe, (int)type, e->piece, len, p);
             p += e->text_len;
         }
     }
@@ -251,7 +350,8 @@ static optiml_status load_index(struct vocab *v) {
     for (int32_t i = 0; i < n; i++) {
         const struct vocab_entry *e = &v->tok[i];
         if (e->piece_len == 0) continue;
-        v->slots[vocab_slot(v, e->piece, e->piece_len)] = i;
+        *vocab_slot(v, e->piece, e->piece_len) = (struct piece_slot){
+            i, hash_bytes(e->piece, e->piece_len), (uint32_t)(e->piece - v->arena), e->piece_len};
         if (e->type == VOCAB_TOKEN_CONTROL || e->type == VOCAB_TOKEN_UNKNOWN ||
             e->type == VOCAB_TOKEN_USER_DEFINED) {
             /* longest first, then lowest id: ascending order of the key */
@@ -271,8 +371,142 @@ static optiml_status load_index(struct vocab *v) {
 
     for (int b = 0; b < 256; b++) {
         char name[7] = {'<', '0', 'x', hex_digits[b >> 4], hex_digits[b & 15], '>'};
-        v->byte_tok[b] = vocab_find(v, name, 6);
+        if (v->bpe)
+            v->byte_tok[b] = vocab_find(v, name, byte_to_utf8((unsigned)b, name));
+        else
+            v->byte_tok[b] = vocab_find(v, name, 6);
     }
+    return OPTIML_OK;
+}
+
+/* ---- loading: BPE merges ---------------------------------------------------- */
+
+static uint32_t merge_hash(uint64_t key) { /* splitmix64's finalizer */
+    key = (key ^ (key >> 30)) * 0xBF58476D1CE4E5B9ull;
+    key = (key ^ (key >> 27)) * 0x94D049BB133111EBull;
+    return (uint32_t)(key ^ (key >> 31));
+}
+
+/* The slot of the pair key, or the empty slot where it would go. */
+static struct merge_slot *merge_slot_find(const struct vocab *v, uint64_t key) {
+    for (uint32_t i = merge_hash(key) & v->merge_mask;; i = (i + 1) & v->merge_mask)
+        if (v->merges[i].key == key || v->merges[i].key == UINT64_MAX) return &v->merges[i];
+}
+
+/* A merge string cut at its first space, with the hashes of both parts
+ * and of their concatenation; nl = UINT32_MAX if it has no space. */
+struct merge_parse {
+    uint32_t nl;
+    uint32_t h_left, h_right, h_joined;
+};
+
+static void merge_parse(const struct gguf_str *m, const struct vocab *v, struct merge_parse *p) {
+    const char *sp = memchr(m->data, ' ', m->n);
+    p->nl = UINT32_MAX;
+    if (!sp) return;
+    size_t nl = (size_t)(sp - m->data), nr = m->n - nl - 1;
+    uint64_t hl = fnv_update(FNV_BASIS, m->data, nl);
+    p->nl = (uint32_t)nl;
+    p->h_left = fnv_final(hl);
+    p->h_right = hash_bytes(sp + 1, nr);
+    p->h_joined = fnv_final(fnv_update(hl, sp + 1, nr));
+    __builtin_prefetch(&v->slots[p->h_left & v->slot_mask]);
+    __builtin_prefetch(&v->slots[p->h_right & v->slot_mask]);
+    __builtin_prefetch(&v->slots[p->h_joined & v->slot_mask]);
+}
+
+/* Prefetch the piece the first slot of hash h with that hash points at. */
+static void merge_prefetch_piece(const struct vocab *v, uint32_t h) {
+    for (uint32_t i = h & v->slot_mask;; i = (i + 1) & v->slot_mask) {
+        const struct piece_slot *slot = &v->slots[i];
+        if (slot->id < 0) return;
+        if (slot->hash == h) {
+            __builtin_prefetch(v->arena + slot->off);
+            return;
+        }
+    }
+}
+
+/* The merge m as (left, right) -> result, trying each space of the string
+ * as the cut (the first is usually right, and p has it pre-hashed). False
+ * if no cut names three tokens. */
+static bool merge_resolve(const struct vocab *v, const struct gguf_str *m,
+                          const struct merge_parse *p, struct merge_slot *out) {
+    const char *s = m->data;
+    for (const char *sp = memchr(s, ' ', m->n); sp; sp = memchr(sp + 1, ' ', m->n - (size_t)(sp + 1 - s))) {
+        size_t nl = (size_t)(sp - s), nr = m->n - nl - 1;
+        if (nl == 0 || nr == 0) continue;
+        bool first = nl == p->nl;
+        int32_t left = vocab_slot2(v, s, nl, NULL, 0, first ? p->h_left : hash_bytes(s, nl))->id;
+        int32_t right =
+            vocab_slot2(v, sp + 1, nr, NULL, 0, first ? p->h_right : hash_bytes(sp + 1, nr))->id;
+        if (left < 0 || right < 0) continue;
+        uint32_t hj = first ? p->h_joined : fnv_final(fnv_update(fnv_update(FNV_BASIS, s, nl), sp + 1, nr));
+        int32_t id = vocab_slot2(v, s, nl, sp + 1, nr, hj)->id;
+        if (id < 0) continue;
+        out->key = (uint64_t)left << 32 | (uint32_t)right;
+        out->id = id;
+        return true;
+    }
+    return false;
+}
+
+#define MERGE_AHEAD 16 /* merges parsed (and their slots prefetched) ahead */
+
+/* tokenizer.ggml.merges: "left right" strings, rank = index. A merge whose
+ * parts or result are not tokens can never apply and is skipped; of two
+ * equal merges the first (lower rank) counts. The lookups are cache misses
+ * in big tables, so they run in two passes that prefetch MERGE_AHEAD
+ * entries ahead: resolve every merge to ids, then insert them. */
+static optiml_status load_merges(struct vocab *v, const gguf_file *f) {
+    const struct gguf_value *arr;
+    TRY(load_array(f, KEY_MERGES, GGUF_TYPE_STRING, true, 0, &arr));
+    if (arr->arr.n > VOCAB_MAX_TOKENS)
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s has %llu merges (at most %d)", KEY_MERGES,
+                           (unsigned long long)arr->arr.n, VOCAB_MAX_TOKENS);
+    const struct gguf_str *strs = arr->arr.data;
+    uint32_t n = (uint32_t)arr->arr.n, cap = 16, n_skipped = 0;
+    while (cap < n + n / 2) cap *= 2;
+    v->merges = malloc((size_t)cap * sizeof(*v->merges));
+    struct merge_slot *resolved = malloc(((size_t)n + 1) * sizeof(*resolved));
+    if (!v->merges || !resolved) {
+        free(resolved);
+        return optiml_fail(OPTIML_ERR_NOMEM, "vocab: out of memory for %u merges", n);
+    }
+    memset(v->merges, 0xff, (size_t)cap * sizeof(*v->merges));
+    v->merge_mask = cap - 1;
+
+    /* merge i + 2 * MERGE_AHEAD: hashed, slots prefetched; merge i +
+     * MERGE_AHEAD: pieces prefetched; merge i: resolved */
+    struct merge_parse ring[4 * MERGE_AHEAD];
+    const uint32_t ring_mask = 4 * MERGE_AHEAD - 1;
+    for (uint32_t i = 0; i < n && i < 2 * MERGE_AHEAD; i++) merge_parse(&strs[i], v, &ring[i]);
+    for (uint32_t i = 0; i < n; i++) {
+        if (i + 2 * MERGE_AHEAD < n)
+            merge_parse(&strs[i + 2 * MERGE_AHEAD], v, &ring[(i + 2 * MERGE_AHEAD) & ring_mask]);
+        const struct merge_parse *ahead = &ring[(i + MERGE_AHEAD) & ring_mask];
+        if (i + MERGE_AHEAD < n && ahead->nl != UINT32_MAX) {
+            merge_prefetch_piece(v, ahead->h_left);
+            merge_prefetch_piece(v, ahead->h_right);
+            merge_prefetch_piece(v, ahead->h_joined);
+        }
+        resolved[i].rank = (int32_t)i;
+        if (!merge_resolve(v, &strs[i], &ring[i & ring_mask], &resolved[i])) {
+            resolved[i].key = UINT64_MAX;
+            n_skipped++;
+        }
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        if (i + MERGE_AHEAD < n && resolved[i + MERGE_AHEAD].key != UINT64_MAX)
+            __builtin_prefetch(&v->merges[merge_hash(resolved[i + MERGE_AHEAD].key) & v->merge_mask]);
+        if (resolved[i].key == UINT64_MAX) continue;
+        struct merge_slot *slot = merge_slot_find(v, resolved[i].key);
+        if (slot->key == UINT64_MAX) *slot = resolved[i];
+    }
+    free(resolved);
+    if (n_skipped)
+        LOG_WARN("%s: %u of %u merges name pieces that are not tokens: skipped", KEY_MERGES,
+                 n_skipped, n);
     return OPTIML_OK;
 }
 
@@ -295,9 +529,41 @@ static optiml_status load_settings(struct vocab *v, const gguf_file *f) {
     }
     for (int32_t i = 0; i < v->n_tokens && v->ids[SPECIAL_UNK] < 0; i++)
         if (v->tok[i].type == VOCAB_TOKEN_UNKNOWN) v->ids[SPECIAL_UNK] = i;
-    TRY(gguf_get_bool_or(f, "tokenizer.ggml.add_bos_token", true, &v->add_bos));
+    TRY(gguf_get_bool_or(f, "tokenizer.ggml.add_bos_token", !v->bpe, &v->add_bos));
     TRY(gguf_get_bool_or(f, "tokenizer.ggml.add_eos_token", false, &v->add_eos));
-    TRY(gguf_get_bool_or(f, "tokenizer.ggml.add_space_prefix", true, &v->add_space_prefix));
+    TRY(gguf_get_bool_or(f, "tokenizer.ggml.add_space_prefix", !v->bpe, &v->add_space_prefix));
+    if (v->bpe) {
+        struct gguf_str pre = {7, "default"};
+        optiml_status st = gguf_get_str(f, KEY_PRE, &pre);
+        if (st == OPTIML_ERR_INVALID_ARG) {
+            LOG_WARN("%s missing: using the GPT-2 pre-tokenizer (\"default\")", KEY_PRE);
+            pre = (struct gguf_str){7, "default"};
+        } else if (st != OPTIML_OK) {
+            return st;
+        }
+        if (!unicode_pre_from_name(pre.data, pre.n, &v->pre))
+            return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                               "%s = \"%.*s\": pre-tokenizer not supported (gpt2, default, "
+                               "llama-bpe, qwen2, smollm, starcoder, falcon)",
+                               KEY_PRE, pre.n > 64 ? 64 : (int)pre.n, pre.data);
+        v->ignore_merges = v->pre == UNICODE_PRE_LLAMA3; /* as HF's Llama 3 tokenizer.json */
+    }
+    return OPTIML_OK;
+}
+
+/* End-of-generation tokens: the EOS, EOT and EOM ids, and control tokens
+ * spelled like the end-of-turn markers of common chat formats. */
+static optiml_status load_eog(struct vocab *v) {
+    static const char *const texts[] = {"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>",
+                                        "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>"};
+    v->eog = calloc((size_t)v->n_tokens, 1);
+    if (!v->eog) return optiml_fail(OPTIML_ERR_NOMEM, "vocab: out of memory");
+    for (int k = SPECIAL_EOS; k <= SPECIAL_EOM; k++)
+        if (k != SPECIAL_UNK && k != SPECIAL_PAD && v->ids[k] >= 0) v->eog[v->ids[k]] = 1;
+    for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+        int32_t id = vocab_find(v, texts[i], strlen(texts[i]));
+        if (id >= 0 && v->tok[id].type == VOCAB_TOKEN_CONTROL) v->eog[id] = 1;
+    }
     return OPTIML_OK;
 }
 
@@ -305,7 +571,8 @@ optiml_status vocab_load(const gguf_file *f, struct vocab **out) {
     if (!out) return optiml_fail(OPTIML_ERR_INVALID_ARG, "vocab_load: out is NULL");
     *out = NULL;
     if (!f) return optiml_fail(OPTIML_ERR_INVALID_ARG, "vocab_load: file is NULL");
-    TRY(load_check_model(f));
+    bool bpe = false;
+    TRY(load_check_model(f, &bpe));
     const struct gguf_value *toks, *scores, *types;
     TRY(load_array(f, KEY_TOKENS, GGUF_TYPE_STRING, true, 0, &toks));
     if (toks->arr.n == 0 || toks->arr.n > VOCAB_MAX_TOKENS)
@@ -316,9 +583,12 @@ optiml_status vocab_load(const gguf_file *f, struct vocab **out) {
 
     struct vocab *v = calloc(1, sizeof(*v));
     if (!v) return optiml_fail(OPTIML_ERR_NOMEM, "vocab: out of memory");
+    v->bpe = bpe;
     optiml_status st = load_entries(v, toks, scores, types);
     if (st == OPTIML_OK) st = load_index(v);
+    if (st == OPTIML_OK && bpe) st = load_merges(v, f);
     if (st == OPTIML_OK) st = load_settings(v, f);
+    if (st == OPTIML_OK) st = load_eog(v);
     if (st != OPTIML_OK) {
         vocab_free(v);
         return st;
@@ -333,6 +603,8 @@ void vocab_free(struct vocab *v) {
     free(v->arena);
     free(v->slots);
     free(v->special);
+    free(v->merges);
+    free(v->eog);
     free(v);
 }
 
@@ -350,8 +622,7 @@ bool vocab_add_bos(const struct vocab *v) { return v && v->add_bos; }
 bool vocab_add_eos(const struct vocab *v) { return v && v->add_eos; }
 
 bool vocab_is_eog(const struct vocab *v, optiml_token t) {
-    return vocab_valid(v, t) &&
-           (t == v->ids[SPECIAL_EOS] || t == v->ids[SPECIAL_EOT] || t == v->ids[SPECIAL_EOM]);
+    return vocab_valid(v, t) && v->eog[t];
 }
 
 enum vocab_token_type vocab_token_type(const struct vocab *v, optiml_token t) {
@@ -367,6 +638,7 @@ const char *vocab_piece(const struct vocab *v, optiml_token t) {
 struct symbol {
     int32_t prev, next; /* neighbours in the list, -1 at the ends */
     uint32_t off, len;  /* bytes in the normalized fragment; len 0 = merged away */
+    int32_t id;         /* BPE: the symbol's token */
 };
 
 /* A candidate merge. key orders the heap: the piece's score mapped to an
@@ -385,6 +657,10 @@ struct work {
     int32_t *mark;       /* text_len, if special tokens are matched          */
     char *norm;          /* 3 * (text_len + 1): every byte may become U+2581 */
     size_t n_heap;
+    /* byte-level BPE: the decoded characters (text_len + 1 each) and the
+     * word ends of the pre-tokenizer (text_len each) */
+    struct unicode_chars chars;
+    uint32_t *ends, *scratch;
 };
 
 struct sink {
@@ -397,35 +673,33 @@ static void sink_push(struct sink *s, optiml_token t) {
     s->n++;
 }
 
-static bool work_init(struct work *w, size_t len, bool with_mark) {
+static bool work_init(struct work *w, size_t len, bool with_mark, bool bpe) {
     uint64_t n = (uint64_t)len + 1;
-    uint64_t sz_sym = n * sizeof(struct symbol), sz_heap = 3 * n * sizeof(struct bigram);
-    uint64_t sz_mark = with_mark ? (uint64_t)len * sizeof(int32_t) : 0;
-    uint64_t total = sz_sym + sz_heap + sz_mark + 3 * n;
+    /* each part starts 8-byte aligned (struct bigram holds a uint64_t) */
+    uint64_t sz_sym = align_up_u64(n * sizeof(struct symbol), 8);
+    uint64_t sz_heap = 3 * n * sizeof(struct bigram);
+    uint64_t sz_mark = with_mark ? align_up_u64((uint64_t)len * sizeof(int32_t), 8) : 0;
+    uint64_t sz_u32 = n * sizeof(uint32_t), sz_bpe = bpe ? 4 * sz_u32 + n : 0;
+    uint64_t total = sz_sym + sz_heap + sz_mark + sz_bpe + 3 * n;
     if (total > SIZE_MAX || !(w->mem = malloc((size_t)total))) return false;
     char *p = w->mem;
     w->sym = (struct symbol *)p;
     w->heap = (struct bigram *)(p + sz_sym);
     w->mark = with_mark ? (int32_t *)(p + sz_sym + sz_heap) : NULL;
-    w->norm = p + sz_sym + sz_heap + sz_mark;
+    p += sz_sym + sz_heap + sz_mark;
+    if (bpe) {
+        w->chars.cp = (uint32_t *)p;
+        w->chars.off = (uint32_t *)(p + sz_u32);
+        w->ends = (uint32_t *)(p + 2 * sz_u32);
+        w->scratch = (uint32_t *)(p + 3 * sz_u32);
+        w->chars.flags = (uint8_t *)(p + 4 * sz_u32);
+        p += sz_bpe;
+    }
+    w->norm = p;
     return true;
 }
 
-/* ---- tokenizing: BPE merges of one fragment ------------------------------- */
-
-/* Bytes of the UTF-8 character at s[0..n), or 1 if it is not a valid
- * (shortest-form, non-surrogate, <= U+10FFFF) sequence. */
-static size_t utf8_char_len(const unsigned char *s, size_t n) {
-    unsigned c = s[0];
-    size_t len = c < 0x80 ? 1 : c < 0xC2 ? 0 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : c < 0xF5 ? 4 : 0;
-    if (len <= 1 || len > n) return 1;
-    for (size_t i = 1; i < len; i++)
-        if ((s[i] & 0xC0) != 0x80) return 1;
-    if ((c == 0xE0 && s[1] < 0xA0) || (c == 0xED && s[1] > 0x9F) ||
-        (c == 0xF0 && s[1] < 0x90) || (c == 0xF4 && s[1] > 0x8F))
-        return 1;
-    return len;
-}
+/* ---- tokenizing: SentencePiece merges of one fragment ---------------------- */
 
 /* Order-preserving map of a (non-NaN) float to an unsigned integer. */
 static uint32_t score_key(float score) {
@@ -509,8 +783,9 @@ static bool tokenize_fragment(const struct vocab *v, struct work *w, const char 
     }
     int32_t n_sym = 0;
     for (size_t off = 0; off < nb; n_sym++) {
-        size_t len = utf8_char_len((const unsigned char *)w->norm + off, nb - off);
-        w->sym[n_sym] = (struct symbol){n_sym - 1, n_sym + 1, (uint32_t)off, (uint32_t)len};
+        uint32_t cp;
+        size_t len = unicode_decode((const unsigned char *)w->norm + off, nb - off, &cp);
+        w->sym[n_sym] = (struct symbol){n_sym - 1, n_sym + 1, (uint32_t)off, (uint32_t)len, -1};
         off += len;
     }
     w->sym[n_sym - 1].next = -1;
@@ -532,6 +807,72 @@ static bool tokenize_fragment(const struct vocab *v, struct work *w, const char 
     }
     for (int32_t i = 0; i >= 0; i = w->sym[i].next)
         if (!emit_symbol(v, w->norm + w->sym[i].off, w->sym[i].len, out)) return false;
+    return true;
+}
+
+/* ---- tokenizing: byte-level BPE of one fragment --------------------------- */
+
+/* Queue the pair (left, right) if a merge joins their tokens; the heap
+ * pops the lowest rank first, then the leftmost pair. */
+static void bpe_try_pair(const struct vocab *v, struct work *w, int32_t left, int32_t right) {
+    if (left < 0 || right < 0) return;
+    const struct merge_slot *m =
+        merge_slot_find(v, (uint64_t)w->sym[left].id << 32 | (uint32_t)w->sym[right].id);
+    if (m->key == UINT64_MAX) return;
+    uint64_t key = (uint64_t)~(uint32_t)m->rank << 32 | (uint32_t)~(uint32_t)left;
+    heap_push(w, (struct bigram){key, right, w->sym[left].len + w->sym[right].len});
+}
+
+/* BPE of one word s[0..n) (n > 0): its bytes as byte tokens, merged by
+ * rank. With ignore_merges a word that is a normal token is that token. */
+static bool bpe_word(const struct vocab *v, struct work *w, const char *s, size_t n,
+                     struct sink *out) {
+    if (v->ignore_merges) {
+        size_t m = 0;
+        for (size_t i = 0; i < n; i++) m += byte_to_utf8((unsigned char)s[i], w->norm + m);
+        int32_t id = vocab_find(v, w->norm, m);
+        if (id >= 0 && v->tok[id].type == VOCAB_TOKEN_NORMAL) {
+            sink_push(out, id);
+            return true;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        int32_t id = v->byte_tok[(unsigned char)s[i]];
+        if (id < 0) {
+            optiml_set_error("vocab_tokenize: the vocabulary has no token for byte 0x%02X",
+                             (unsigned char)s[i]);
+            return false;
+        }
+        w->sym[i] = (struct symbol){(int32_t)i - 1, (int32_t)i + 1, (uint32_t)i, 1, id};
+    }
+    w->sym[n - 1].next = -1;
+    w->n_heap = 0;
+    for (size_t i = 1; i < n; i++) bpe_try_pair(v, w, (int32_t)i - 1, (int32_t)i);
+    while (w->n_heap) {
+        struct bigram b = heap_pop(w);
+        int32_t left = (int32_t)~(uint32_t)b.key;
+        struct symbol *l = &w->sym[left], *r = &w->sym[b.right];
+        if (l->len == 0 || r->len == 0 || l->next != b.right || l->len + r->len != b.len)
+            continue; /* stale: one side was merged since */
+        l->id = merge_slot_find(v, (uint64_t)l->id << 32 | (uint32_t)r->id)->id;
+        l->len += r->len;
+        r->len = 0;
+        l->next = r->next;
+        if (r->next >= 0) w->sym[r->next].prev = left;
+        bpe_try_pair(v, w, l->prev, left);
+        bpe_try_pair(v, w, left, l->next);
+    }
+    for (int32_t i = 0; i >= 0; i = w->sym[i].next) sink_push(out, w->sym[i].id);
+    return true;
+}
+
+/* Pre-tokenize text[0..n) (n > 0) into words and BPE each. */
+static bool tokenize_fragment_bpe(const struct vocab *v, struct work *w, const char *text,
+                                  size_t n, struct sink *out) {
+    unicode_chars_decode(&w->chars, text, n);
+    size_t n_words = unicode_pre_split(v->pre, &w->chars, text, w->ends, w->scratch);
+    for (size_t i = 0, start = 0; i < n_words; start = w->ends[i++])
+        if (!bpe_word(v, w, text + start, w->ends[i] - start, out)) return false;
     return true;
 }
 
@@ -583,9 +924,10 @@ static bool tokenize_text(const struct vocab *v, struct work *w, const char *tex
             continue;
         }
         if (i > start) {
-            if (!tokenize_fragment(v, w, text + start, i - start,
-                                   v->add_space_prefix && after_special, out))
-                return false;
+            bool ok = v->bpe ? tokenize_fragment_bpe(v, w, text + start, i - start, out)
+                             : tokenize_fragment(v, w, text + start, i - start,
+                                                 v->add_space_prefix && after_special, out);
+            if (!ok) return false;
             after_special = false;
         }
         if (i == n) break;
@@ -610,7 +952,7 @@ int32_t vocab_tokenize(const struct vocab *v, const char *text, int32_t text_len
     if (text_len > 0) {
         struct work w = {0};
         bool marks = v->n_user_defined > 0 || (parse_special && v->n_special > 0);
-        if (!work_init(&w, (size_t)text_len, marks)) {
+        if (!work_init(&w, (size_t)text_len, marks, v->bpe)) {
             optiml_set_error("vocab_tokenize: out of memory for %d bytes of text", text_len);
             return INT32_MIN;
         }
@@ -641,7 +983,7 @@ int32_t vocab_token_to_piece(const struct vocab *v, optiml_token token, char *bu
         s = e->piece;
         n = (int32_t)e->piece_len;
     }
-    if (lstrip && n > 0 && s[0] == ' ') {
+    if (lstrip && v->add_space_prefix && n > 0 && s[0] == ' ') {
         s++;
         n--;
     }

@@ -1,6 +1,7 @@
 /*
- * vocab.h - the tokenizer: SentencePiece-style BPE vocabularies stored in
- * GGUF metadata (tokenizer.ggml.model = "llama").
+ * vocab.h - the tokenizer: SentencePiece-style BPE vocabularies
+ * (tokenizer.ggml.model = "llama") and byte-level BPE vocabularies ("gpt2")
+ * stored in GGUF metadata.
  *
  * A vocabulary is built once from the GGUF keys and is read-only afterwards,
  * so one vocabulary may serve several threads at once. Tokenizing follows
@@ -16,6 +17,15 @@
  * tokenized fragment by fragment; a fragment at the start of the text or
  * right after a special token gets the U+2581 prefix (current llama.cpp and
  * the Hugging Face "legacy" Llama tokenizer behave the same way).
+ *
+ * Byte-level BPE (as Hugging Face tokenizers' BPE model with a ByteLevel
+ * pre-tokenizer): the text between special tokens is cut into words by the
+ * pre-tokenizer tokenizer.ggml.pre names (src/unicode.h), each word's bytes
+ * start as the tokens of GPT-2's byte characters, and adjacent pairs merge
+ * lowest merge rank first (ties: leftmost). No space prefix; no unknown
+ * token. Pieces render as the bytes their characters stand for. Invalid
+ * UTF-8 is kept byte for byte (see unicode.h), so rendering the tokens of
+ * any text gives it back.
  */
 #ifndef OPTIML_VOCAB_H
 #define OPTIML_VOCAB_H
@@ -44,15 +54,21 @@ enum vocab_token_type {
 struct vocab; /* opaque */
 
 /* Build from the GGUF metadata keys tokenizer.ggml.*:
- *   model (string, required): "llama" is supported; "gpt2" fails with
- *     OPTIML_ERR_UNSUPPORTED; any other value too; missing: OPTIML_ERR_FORMAT.
+ *   model (string, required): "llama" or "gpt2"; any other value fails
+ *     with OPTIML_ERR_UNSUPPORTED; missing: OPTIML_ERR_FORMAT.
+ *   gpt2 only: merges (string array, required: "left right", rank = index;
+ *     a merge whose parts or result are not tokens is skipped with a
+ *     warning) and pre (string, optional: "default"; a name
+ *     unicode_pre_from_name does not know fails with
+ *     OPTIML_ERR_UNSUPPORTED).
  *   tokens (string array, required), scores (f32 array, optional: 0),
  *   token_type (i32 array, optional: normal),
  *   bos_token_id / eos_token_id / unknown_token_id / padding_token_id /
  *   eot_token_id / eom_token_id (u32, optional: none; an unknown_token_id
  *   that is missing falls back to the first token of type unknown),
- *   add_bos_token (default true), add_eos_token (default false),
- *   add_space_prefix (default true).
+ *   add_bos_token (default true for llama, false for gpt2), add_eos_token
+ *   (default false), add_space_prefix (default true for llama; gpt2 never
+ *   adds one).
  * Array lengths must agree, ids must be in range (an out-of-range
  * padding_token_id is only warned about: nothing here uses it), pieces must
  * be at most VOCAB_MAX_PIECE_LEN bytes, byte tokens must be spelled <0xXX>,
@@ -65,7 +81,9 @@ int32_t vocab_n_tokens(const struct vocab *v);
 optiml_token vocab_bos(const struct vocab *v); /* -1 if none */
 optiml_token vocab_eos(const struct vocab *v); /* -1 if none */
 optiml_token vocab_unk(const struct vocab *v); /* -1 if none */
-/* True for the EOS, EOT and EOM tokens. */
+/* True for the EOS, EOT and EOM tokens and for control tokens spelled as
+ * the end-of-turn markers of common chat formats (<|eot_id|>, <|eom_id|>,
+ * <|im_end|>, <|end|>, <end_of_turn>, <|endoftext|>, <|end_of_text|>). */
 bool vocab_is_eog(const struct vocab *v, optiml_token t);
 /* The file's add_bos_token / add_eos_token flags. */
 bool vocab_add_bos(const struct vocab *v);
@@ -82,9 +100,12 @@ int32_t vocab_tokenize(const struct vocab *v, const char *text, int32_t text_len
                        optiml_token *tokens, int32_t n_max, bool add_bos, bool parse_special);
 
 /* Same contract as optiml_token_to_piece: normal tokens render with U+2581
- * turned into ' ', byte tokens as their byte, control and unused tokens as
+ * turned into ' ' (gpt2: as the bytes of their characters), byte tokens as
+ * their byte, control and unused tokens as
  * "" unless special (then their piece), unknown and user-defined tokens as
- * their piece. lstrip drops one leading ' ' of the result. Returns the byte
+ * their piece. lstrip drops one leading ' ' of the result if the
+ * vocabulary adds a space prefix (SentencePiece); byte-level BPE adds none,
+ * so there a leading space is text and stays. Returns the byte
  * count, -(needed) if buf_size is too small, INT32_MIN for an invalid id. */
 int32_t vocab_token_to_piece(const struct vocab *v, optiml_token token, char *buf,
                              int32_t buf_size, bool lstrip, bool special);

@@ -22,6 +22,9 @@ command -v cmake >/dev/null || missing+=(cmake)
 command -v cc >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 pkg-config --exists jansson 2>/dev/null || missing+=(libjansson-dev)
+pkg-config --exists libmicrohttpd 2>/dev/null || missing+=(libmicrohttpd-dev) # optiml-server
+command -v chromium >/dev/null || missing+=(chromium) # the web UI browser test
+command -v curl >/dev/null || missing+=(curl)
 command -v clang >/dev/null || missing+=(clang)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -35,6 +38,7 @@ fi
 PY=build/pyenv/bin/python
 [ -x "$PY" ] || { mkdir -p build && python3 -m venv --system-site-packages build/pyenv; }
 "$PY" -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+"$PY" -m pip install -q --disable-pip-version-check --no-deps -r tests/requirements-nodeps.txt
 
 step "release build + C tests"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
@@ -47,6 +51,9 @@ cmake --build build-asan -j "$JOBS"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 ctest --test-dir build-asan --output-on-failure -j "$JOBS"
 OPTIML_BIN_DIR="$ROOT/build-asan/bin" "$PY" -m pytest -q -p no:cacheprovider tests/python/test_cli.py
+if [ -x build-asan/bin/optiml-server ]; then # the server under the sanitizers (leaks checked at its exit)
+  OPTIML_BIN_DIR="$ROOT/build-asan/bin" "$PY" -m pytest -q -p no:cacheprovider tests/python/test_server.py
+fi
 
 if [ "$FUZZ_SECONDS" != 0 ] && command -v clang >/dev/null; then
   step "libFuzzer, ${FUZZ_SECONDS}s per target"

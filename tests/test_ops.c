@@ -2,10 +2,18 @@
  * test_ops.c - every SIMD kernel against its scalar reference twin on fresh
  * random inputs of several shapes, ragged lengths included. Prints the
  * largest relative difference per kernel; fails above 1e-5 (f32 sums in a
- * different order).
+ * different order). Quantized dot products: the variant against the
+ * reference (both sum each block in integers exactly; only the float
+ * accumulation order differs: 1e-5 of sum |w x|), and the reference against
+ * a double-precision dot of the dequantized rows (1e-5; 2e-3 for q4_1/q5_1,
+ * whose activation block sum s is stored in f16, a relative error of 2^-11
+ * on the min term). Activation quantizers must match the reference bytes.
  */
 #include "cpu/ops.h"
+#include "quant.h"
 #include "test.h"
+
+#include <string.h>
 
 #include <math.h>
 #include <stdint.h>
@@ -62,10 +70,109 @@ static void compare(const char *name, const struct cpu_kernels *k) {
     free(w);
 }
 
+/* Byte offsets of the f16 scales of a weight block (random-byte blocks get
+ * sane scales there, 1e-3..1 with either sign). */
+static void sane_scales(uint32_t t, uint8_t *blk) {
+    int offs[2] = {-1, -1};
+    switch (t) {
+    case DTYPE_Q4_1: case DTYPE_Q5_1: case DTYPE_Q4_K: case DTYPE_Q5_K: offs[0] = 0; offs[1] = 2; break;
+    case DTYPE_Q4_0: case DTYPE_Q5_0: case DTYPE_Q8_0: offs[0] = 0; break;
+    case DTYPE_Q2_K: offs[0] = 80; offs[1] = 82; break;
+    case DTYPE_Q3_K: offs[0] = 108; break;
+    case DTYPE_Q6_K: offs[0] = 208; break;
+    default: break;
+    }
+    for (int k = 0; k < 2; k++) {
+        if (offs[k] < 0) continue;
+        f16_t h = f32_to_f16(frand() * 0.999f + (frand() > 0 ? 0.001f : -0.001f));
+        memcpy(blk + offs[k], &h, 2);
+    }
+}
+
+static void compare_quant(const char *name, const struct cpu_kernels *k) {
+    static const int64_t sizes[] = {32, 64, 96, 256, 512, 768, 4096, 11008};
+    const struct cpu_kernels *ref = cpu_kernels_ref();
+    const int64_t n_max = 11008;
+    float *x = malloc(n_max * sizeof(float)), *wf = malloc(n_max * sizeof(float)), *xf = malloc(n_max * sizeof(float));
+    uint8_t *w = malloc(n_max * 2), *xq = malloc(n_max * 2), *xq2 = malloc(n_max * 2);
+    for (uint32_t t = 0; t < DTYPE_COUNT; t++) {
+        if (!ref->dot_q[t]) continue;
+        const uint32_t vt = ref->vec_dot_type[t];
+        const int64_t bs = dtype_block_size(t), ts = dtype_type_size(t);
+        double max_rel = 0.0, max_deq = 0.0;
+        int n_cases = 0;
+        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+            const int64_t n = sizes[si];
+            if (n % bs) continue;
+            for (int rep = 0; rep < 4; rep++) {
+                if (rep < 2) { /* a quantized random row */
+                    for (int64_t i = 0; i < n; i++) x[i] = frand();
+                    quant_quantizer(t)(n, x, w);
+                } else { /* random bytes: every bit pattern, sane scales */
+                    for (int64_t i = 0; i < n / bs * ts; i++) w[i] = (uint8_t)(frand() * 128.0f + 128.0f);
+                    for (int64_t b = 0; b < n / bs; b++) sane_scales(t, w + b * ts);
+                }
+                for (int64_t i = 0; i < n; i++) x[i] = frand() * (rep == 3 ? 100.0f : 1.0f);
+                ref->quantize[vt](n, x, xq);
+                ref->to_f32[t](n, w, wf);
+                ref->to_f32[vt](n, xq, xf);
+                double exact = 0.0, sum_abs = 0.0;
+                for (int64_t i = 0; i < n; i++) {
+                    exact += (double)wf[i] * xf[i];
+                    sum_abs += fabs((double)wf[i] * xf[i]);
+                }
+                if (sum_abs < 1e-30) sum_abs = 1.0;
+                const double rd = ref->dot_q[t](n, w, xq), kd = k->dot_q[t](n, w, xq);
+                max_rel = fmax(max_rel, fabs(rd - kd) / sum_abs);
+                max_deq = fmax(max_deq, fabs(rd - exact) / sum_abs);
+                n_cases++;
+            }
+        }
+        const double tol_deq = (t == DTYPE_Q4_1 || t == DTYPE_Q5_1) ? 2e-3 : 1e-5;
+        printf("%s dot_q %-4s x %-4s: max relative difference %.3g vs ref (tolerance 1e-5), ref vs dequantized "
+               "%.3g (tolerance %g), %d cases\n", name, dtype_name(t), dtype_name(vt), max_rel, max_deq, tol_deq,
+               n_cases);
+        CHECK(n_cases > 0 && max_rel <= 1e-5, "%s dot_q %s", name, dtype_name(t));
+        CHECK(max_deq <= tol_deq, "ref dot_q %s vs dequantized dot", dtype_name(t));
+    }
+    /* activation quantizers: identical bytes, NaN, inf and subnormals included */
+    static const uint32_t acts[] = {DTYPE_Q8_0, DTYPE_Q8_1, DTYPE_Q8_K};
+    for (size_t ai = 0; ai < 3; ai++) {
+        const uint32_t vt = acts[ai];
+        int differ = 0;
+        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+            const int64_t n = sizes[si];
+            if (n % dtype_block_size(vt)) continue;
+            for (int rep = 0; rep < 4; rep++) { /* rep 3: subnormal values */
+                for (int64_t i = 0; i < n; i++) x[i] = frand() * (rep == 3 ? 1e-39f : rep == 2 ? 1e-3f : 10.0f);
+                if (rep == 1) {
+                    x[0] = NAN;
+                    x[n - 1] = INFINITY;
+                    for (int64_t i = 32; i < 64 && i < n; i++) x[i] = 0.0f;
+                }
+                uint64_t row;
+                dtype_row_size(vt, (uint64_t)n, &row);
+                ref->quantize[vt](n, x, xq);
+                k->quantize[vt](n, x, xq2);
+                differ += memcmp(xq, xq2, row) != 0;
+            }
+        }
+        printf("%s quantize %s: %d rows differ from ref\n", name, dtype_name(vt), differ);
+        CHECK(differ == 0, "%s quantize %s", name, dtype_name(vt));
+    }
+    free(x);
+    free(wf);
+    free(xf);
+    free(w);
+    free(xq);
+    free(xq2);
+}
+
 int main(void) {
     rng_state = (uint64_t)time(NULL);
     printf("seed %llu\n", (unsigned long long)rng_state);
     compare("best", cpu_kernels_best());
+    compare_quant("best", cpu_kernels_best());
 #if defined(OPTIML_X86)
     if (cpu_kernels_avx2()) {
         /* the avx2 table leaves some entries to the reference: fill them */
@@ -74,8 +181,11 @@ int main(void) {
         for (int t = 0; t < DTYPE_COUNT; t++) {
             if (v->dot[t]) k.dot[t] = v->dot[t];
             if (v->to_f32[t]) k.to_f32[t] = v->to_f32[t];
+            if (v->dot_q[t]) k.dot_q[t] = v->dot_q[t];
+            if (v->quantize[t]) k.quantize[t] = v->quantize[t];
         }
         compare("avx2", &k);
+        compare_quant("avx2", &k);
     } else {
         printf("avx2: not supported by this CPU, skipped\n");
     }

@@ -430,7 +430,7 @@ static void test_tiny_errors(void) {
         optiml_status status;
         const char *message;
     } cases[] = {
-        {TINY_GPT2, OPTIML_ERR_UNSUPPORTED, "byte-level BPE tokenizer not implemented yet"},
+        {TINY_GPT2, OPTIML_ERR_FORMAT, "missing key tokenizer.ggml.merges"},
         {TINY_NO_MODEL, OPTIML_ERR_FORMAT, "tokenizer.ggml.model"},
         {TINY_BAD_SCORES, OPTIML_ERR_FORMAT, "tokenizer.ggml.scores"},
         {TINY_BAD_BOS, OPTIML_ERR_FORMAT, "tokenizer.ggml.bos_token_id"},

@@ -5,16 +5,28 @@
  *              [--temp T] [--top-k K] [--top-p P] [--min-p P]
  *              [--repeat-penalty R] [--repeat-last-n N] [-s SEED]
  *              [--show-ids] [--no-bos] [-v]
+ *   optiml-cli -cnv [--system TEXT] [--chat-template NAME|FILE] [options]
  *
  * Standard output carries the prompt followed by the generated text and
  * nothing else; logs, token ids (--show-ids) and timings go to standard
  * error. Without -m the model shipped in the repository is used.
+ *
+ * -cnv is an interactive chat: user lines come from standard input (the
+ * "> " prompt goes to standard error), standard output carries only the
+ * replies, each followed by a newline. Every turn renders the whole
+ * conversation with the chat template (the model's tokenizer.chat_template,
+ * else a built-in format; a template that fails falls back to the built-in
+ * format it resembles) and decodes only the tokens that differ from what
+ * the KV cache holds. Ctrl-C during a reply stops the reply; Ctrl-C or
+ * end of input at the prompt ends the program.
  */
 #define _POSIX_C_SOURCE 200809L
+#include "chat.h"
 #include "optiml.h"
 
 #include <errno.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +48,9 @@ struct cli_args {
     bool show_ids;
     bool no_bos;
     bool verbose;
+    bool chat;                 /* -cnv */
+    const char *system_prompt; /* --system */
+    const char *chat_template; /* --chat-template: built-in name or file */
     optiml_sampler_params sp;
 };
 
@@ -45,7 +60,8 @@ static void usage(FILE *out) {
             "  -m, --model FILE         GGUF model (default: %s)\n"
             "  -p, --prompt TEXT        prompt (default: empty, BOS only)\n"
             "  -f, --file FILE          read the prompt from a file\n"
-            "  -n, --n-predict N        tokens to generate, -1 = until end of text or context (default 128)\n"
+            "  -n, --n-predict N        tokens to generate (per reply with -cnv), -1 = until end of text or\n"
+            "                           context (default 128)\n"
             "  -t, --threads N          CPU threads (default: all cores)\n"
             "  -c, --ctx-size N         context size, 0 = the model's (default 2048)\n"
             "      --temp T             temperature, 0 = greedy (default 0.8)\n"
@@ -57,6 +73,10 @@ static void usage(FILE *out) {
             "  -s, --seed N             random seed (default: random, printed)\n"
             "      --no-bos             do not start the prompt with BOS\n"
             "      --show-ids           print prompt and generated token ids to stderr\n"
+            "  -cnv, --conversation     interactive chat: lines from stdin, replies on stdout\n"
+            "      --system TEXT        system message of the chat\n"
+            "      --chat-template T    chat format: llama2, llama3, chatml, mistral, gemma, phi3, or a\n"
+            "                           file with a Jinja template (default: the model's template)\n"
             "  -v, --verbose            debug logging\n"
             "  -h, --help               this help\n",
             OPTIML_DEFAULT_MODEL);
@@ -94,10 +114,12 @@ static int parse_args(int argc, char **argv, struct cli_args *a) {
         if (!strcmp(arg, "--show-ids")) { a->show_ids = true; continue; }
         if (!strcmp(arg, "--no-bos")) { a->no_bos = true; continue; }
         if (!strcmp(arg, "-v") || !strcmp(arg, "--verbose")) { a->verbose = true; continue; }
+        if (!strcmp(arg, "-cnv") || !strcmp(arg, "--conversation")) { a->chat = true; continue; }
         static const char *const with_value[] = {"-m", "--model", "-p", "--prompt", "-f", "--file", "-n",
                                                  "--n-predict", "-t", "--threads", "-c", "--ctx-size",
                                                  "--temp", "--top-k", "--top-p", "--min-p", "--repeat-penalty",
-                                                 "--repeat-last-n", "-s", "--seed"};
+                                                 "--repeat-last-n", "-s", "--seed", "--system",
+                                                 "--chat-template"};
         bool known = false;
         for (size_t k = 0; k < sizeof(with_value) / sizeof(with_value[0]); k++) known |= !strcmp(arg, with_value[k]);
         if (!known) {
@@ -114,6 +136,8 @@ static int parse_args(int argc, char **argv, struct cli_args *a) {
         if (!strcmp(arg, "-m") || !strcmp(arg, "--model")) a->model = val;
         else if (!strcmp(arg, "-p") || !strcmp(arg, "--prompt")) a->prompt = val;
         else if (!strcmp(arg, "-f") || !strcmp(arg, "--file")) a->prompt_file = val;
+        else if (!strcmp(arg, "--system")) a->system_prompt = val;
+        else if (!strcmp(arg, "--chat-template")) a->chat_template = val;
         else if (!strcmp(arg, "-n") || !strcmp(arg, "--n-predict")) { ok = parse_long(val, -1, INT32_MAX, &l); a->n_predict = (int32_t)l; }
         else if (!strcmp(arg, "-t") || !strcmp(arg, "--threads")) { ok = parse_long(val, 1, 1024, &l); a->n_threads = (int32_t)l; }
         else if (!strcmp(arg, "-c") || !strcmp(arg, "--ctx-size")) { ok = parse_long(val, 0, 1 << 24, &l); a->n_ctx = (int32_t)l; }
@@ -135,6 +159,14 @@ static int parse_args(int argc, char **argv, struct cli_args *a) {
             fprintf(stderr, "optiml-cli: invalid value '%s' for %s\n", val, arg);
             return 1;
         }
+    }
+    if (a->chat && (a->prompt[0] || a->prompt_file)) {
+        fprintf(stderr, "optiml-cli: -cnv takes its turns from standard input; use --system for a system message\n");
+        return 1;
+    }
+    if (!a->chat && (a->system_prompt || a->chat_template)) {
+        fprintf(stderr, "optiml-cli: --system and --chat-template need -cnv\n");
+        return 1;
     }
     return 0;
 }
@@ -209,6 +241,290 @@ static void print_ids(const char *label, const optiml_token *ids, int32_t n) {
     fputc('\n', stderr);
 }
 
+/* Decode toks[0..n) at positions pos0.. of sequence 0 in batches of
+ * batch->n_tokens' capacity n_batch, asking logits for the last token only;
+ * the logits are then those of entry batch->n_tokens - 1. */
+static optiml_status decode_tokens(optiml_context *ctx, optiml_batch *batch, int32_t n_batch,
+                                   const optiml_token *toks, int32_t n, int32_t pos0) {
+    for (int32_t i = 0; i < n; i += n_batch) {
+        batch->n_tokens = n - i < n_batch ? n - i : n_batch;
+        for (int32_t j = 0; j < batch->n_tokens; j++) {
+            batch->token[j] = toks[i + j];
+            batch->pos[j] = pos0 + i + j;
+            batch->seq_id[j] = 0;
+            batch->logits[j] = i + j == n - 1;
+        }
+        optiml_status st = optiml_decode(ctx, batch);
+        if (st != OPTIML_OK) return st;
+    }
+    return OPTIML_OK;
+}
+
+/* ---- interactive chat (-cnv) ------------------------------------------------ */
+
+static volatile sig_atomic_t chat_interrupted;
+
+static void chat_on_sigint(int sig) {
+    (void)sig;
+    chat_interrupted = 1;
+}
+
+/* A growable byte string. */
+struct text {
+    char *p;
+    size_t n, cap;
+};
+
+/* Room for size bytes in all. */
+static bool text_reserve(struct text *t, size_t size) {
+    if (size <= t->cap) return true;
+    size_t cap = t->cap ? t->cap : 256;
+    while (cap < size) cap *= 2;
+    char *p = realloc(t->p, cap);
+    if (!p) return false;
+    t->p = p;
+    t->cap = cap;
+    return true;
+}
+
+static bool text_append(struct text *t, const char *s, size_t n) {
+    if (!text_reserve(t, t->n + n + 1)) return false;
+    memcpy(t->p + t->n, s, n);
+    t->n += n;
+    t->p[t->n] = '\0';
+    return true;
+}
+
+struct chat {
+    const optiml_model *model;
+    const char *tmpl;            /* template text or built-in name */
+    optiml_chat_message *msgs;   /* role: static string; content: owned */
+    size_t n_msgs, cap_msgs;
+    struct text prompt;          /* the last rendering */
+};
+
+static bool chat_add(struct chat *c, const char *role, const char *content, size_t len) {
+    if (c->n_msgs == c->cap_msgs) {
+        size_t cap = c->cap_msgs ? 2 * c->cap_msgs : 8;
+        optiml_chat_message *m = realloc(c->msgs, cap * sizeof(*m));
+        if (!m) {
+            fprintf(stderr, "optiml-cli: out of memory\n");
+            return false;
+        }
+        c->msgs = m;
+        c->cap_msgs = cap;
+    }
+    char *copy = malloc(len + 1);
+    if (!copy) {
+        fprintf(stderr, "optiml-cli: out of memory\n");
+        return false;
+    }
+    memcpy(copy, content, len);
+    copy[len] = '\0';
+    c->msgs[c->n_msgs++] = (optiml_chat_message){role, copy};
+    return true;
+}
+
+/* Render the conversation into c->prompt. On a template error, switch to
+ * the built-in format the template resembles (chatml if none) and say so. */
+static bool chat_render(struct chat *c) {
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int32_t n = optiml_chat_apply_template(c->model, c->tmpl, c->msgs, c->n_msgs, true, c->prompt.p,
+                                               (int32_t)c->prompt.cap);
+        if (n >= 0 && (size_t)n < c->prompt.cap) {
+            c->prompt.n = (size_t)n;
+            return true;
+        }
+        if (n >= 0) { /* grow and render again */
+            if (!text_reserve(&c->prompt, (size_t)n + 1)) {
+                fprintf(stderr, "optiml-cli: out of memory\n");
+                return false;
+            }
+            attempt--;
+            continue;
+        }
+        if (chat_builtin_template(c->tmpl)) break; /* a built-in failed: give up */
+        const char *fallback = chat_guess_builtin(c->tmpl);
+        fprintf(stderr, "optiml-cli: the chat template failed (%s); using the built-in %s format instead\n",
+                optiml_last_error(), fallback ? fallback : "chatml");
+        c->tmpl = fallback ? fallback : "chatml";
+    }
+    fprintf(stderr, "optiml-cli: cannot render the conversation: %s\n", optiml_last_error());
+    return false;
+}
+
+/* Template text from --chat-template (built-in name or file), or the
+ * model's, or a built-in guessed from the vocabulary. *owned is what to free. */
+static const char *chat_pick_template(const struct cli_args *a, const optiml_model *model, char **owned) {
+    *owned = NULL;
+    if (a->chat_template) {
+        if (chat_builtin_template(a->chat_template)) return a->chat_template;
+        size_t len;
+        *owned = read_file(a->chat_template, &len);
+        if (!*owned)
+            fprintf(stderr, "optiml-cli: --chat-template '%s' is neither a built-in format nor a readable file\n",
+                    a->chat_template);
+        return *owned;
+    }
+    const char *t = optiml_model_meta_str(model, "tokenizer.chat_template");
+    if (t) return t;
+    t = chat_guess_builtin_from_vocab(model);
+    fprintf(stderr, "optiml-cli: the model has no chat template; using the built-in %s format\n", t);
+    return t;
+}
+
+static int chat_run(const struct cli_args *a, optiml_model *model, optiml_context *ctx, optiml_sampler *smpl) {
+    const int32_t n_ctx = (int32_t)optiml_context_n_ctx(ctx), n_batch = 512;
+    struct chat c = {.model = model};
+    char *tmpl_owned = NULL, *line = NULL;
+    size_t line_cap = 0;
+    struct text reply = {0};
+    optiml_token *cached = malloc((size_t)n_ctx * sizeof(*cached)); /* what the KV cache holds */
+    optiml_token *toks = malloc(((size_t)n_ctx + 1) * sizeof(*toks));
+    optiml_token *gen = malloc(((size_t)n_ctx + 1) * sizeof(*gen)); /* ids of the reply */
+    optiml_batch batch = optiml_batch_init(n_batch);
+    int32_t n_cached = 0;
+    int rc = 1;
+    c.tmpl = chat_pick_template(a, model, &tmpl_owned);
+    if (!c.tmpl) goto done;
+    if (!cached || !toks || !gen || !batch.token) {
+        fprintf(stderr, "optiml-cli: out of memory\n");
+        goto done;
+    }
+    if (a->system_prompt && !chat_add(&c, "system", a->system_prompt, strlen(a->system_prompt))) goto done;
+
+    /* the BOS text, to see whether the template writes BOS itself */
+    char bos_text[256] = "";
+    const optiml_token bos = optiml_token_bos(model);
+    if (bos >= 0) {
+        int32_t nb = optiml_token_to_piece(model, bos, bos_text, sizeof(bos_text) - 1, false, true);
+        bos_text[nb > 0 ? nb : 0] = '\0';
+    }
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = chat_on_sigint; /* no SA_RESTART: Ctrl-C at the prompt ends the read */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+
+    for (int turn = 1;; turn++) {
+        fputs("> ", stderr);
+        fflush(stderr);
+        chat_interrupted = 0;
+        ssize_t len = getline(&line, &line_cap, stdin);
+        if (len < 0) { /* end of input, or Ctrl-C at the prompt */
+            fputc('\n', stderr);
+            rc = 0;
+            break;
+        }
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = '\0';
+        if (len == 0) {
+            turn--;
+            continue;
+        }
+        if (!chat_add(&c, "user", line, (size_t)len) || !chat_render(&c)) goto done;
+
+        /* tokenize the whole conversation; reuse the cached prefix */
+        bool add_bos = !a->no_bos && optiml_token_add_bos(model) &&
+                       !(bos_text[0] && !strncmp(c.prompt.p, bos_text, strlen(bos_text)));
+        int32_t n = optiml_tokenize(model, c.prompt.p, (int32_t)c.prompt.n, toks, n_ctx, add_bos, true);
+        if (n == INT32_MIN) {
+            fprintf(stderr, "optiml-cli: cannot tokenize the conversation: %s\n", optiml_last_error());
+            goto done;
+        }
+        if (n < 0 || n >= n_ctx) {
+            fprintf(stderr, "optiml-cli: the conversation no longer fits the context of %d tokens\n", n_ctx);
+            rc = 0;
+            break;
+        }
+        int32_t same = 0;
+        while (same < n_cached && same < n && cached[same] == toks[same]) same++;
+        if (same == n) same = n - 1; /* decode at least one token for the logits */
+        if (same < n_cached) {
+            if (a->verbose)
+                fprintf(stderr, "chat: the rendering differs from the cache at token %d of %d; truncating\n", same,
+                        n_cached);
+            optiml_kv_seq_truncate(ctx, 0, same);
+        }
+        int64_t t1 = optiml_time_us();
+        if (decode_tokens(ctx, &batch, n_batch, toks + same, n - same, same) != OPTIML_OK) {
+            fprintf(stderr, "optiml-cli: %s\n", optiml_last_error());
+            goto done;
+        }
+        memcpy(cached, toks, (size_t)n * sizeof(*toks));
+        n_cached = n;
+        for (int32_t i = same; i < n; i++) optiml_sampler_accept(smpl, toks[i]);
+        int64_t t_prompt = optiml_time_us() - t1;
+        if (a->show_ids) print_ids("prompt_ids", toks, n);
+
+        /* stream the reply */
+        int64_t t2 = optiml_time_us();
+        const float *logits = optiml_get_logits_ith(ctx, batch.n_tokens - 1);
+        struct utf8_out out = {0};
+        int32_t n_gen = 0;
+        reply.n = 0;
+        const char *stop = NULL;
+        while (!stop) {
+            if (chat_interrupted) {
+                stop = "interrupted";
+                break;
+            }
+            optiml_token tok = optiml_sampler_sample(smpl, logits);
+            if (optiml_token_is_eog(model, tok)) break;
+            char piece[256];
+            int32_t np = optiml_token_to_piece(model, tok, piece, sizeof(piece), false, false);
+            if (np > 0) {
+                utf8_out_write(&out, piece, np);
+                if (!text_append(&reply, piece, (size_t)np)) {
+                    fprintf(stderr, "optiml-cli: out of memory\n");
+                    goto done;
+                }
+            }
+            optiml_sampler_accept(smpl, tok);
+            gen[n_gen++] = tok;
+            if (a->n_predict >= 0 && n_gen >= a->n_predict) break;
+            if (n_cached >= n_ctx) {
+                stop = "context full";
+                break;
+            }
+            batch.n_tokens = 1;
+            batch.token[0] = tok;
+            batch.pos[0] = n_cached;
+            batch.seq_id[0] = 0;
+            batch.logits[0] = 1;
+            if (optiml_decode(ctx, &batch) != OPTIML_OK) {
+                fprintf(stderr, "optiml-cli: %s\n", optiml_last_error());
+                goto done;
+            }
+            cached[n_cached++] = tok;
+            logits = optiml_get_logits_ith(ctx, 0);
+        }
+        int64_t t_gen = optiml_time_us() - t2;
+        utf8_out_flush(&out);
+        fputc('\n', stdout);
+        fflush(stdout);
+        chat_interrupted = 0;
+        if (a->show_ids) print_ids("generated_ids", gen, n_gen);
+        if (stop) fprintf(stderr, "[reply %s]\n", stop);
+        fprintf(stderr, "[turn %d: %d new prompt tokens, %d reused from the cache, %.2f ms; %d tokens generated, "
+                        "%.2f tokens/s]\n",
+                turn, n - same, same, t_prompt / 1e3, n_gen, t_gen > 0 ? n_gen * 1e6 / t_gen : 0.0);
+        if (!chat_add(&c, "assistant", reply.p ? reply.p : "", reply.n)) goto done;
+    }
+done:
+    for (size_t i = 0; i < c.n_msgs; i++) free((char *)c.msgs[i].content);
+    free(c.msgs);
+    free(c.prompt.p);
+    free(reply.p);
+    free(line);
+    free(tmpl_owned);
+    free(cached);
+    free(toks);
+    free(gen);
+    optiml_batch_free(batch);
+    return rc;
+}
+
 /* ---- main ----------------------------------------------------------------- */
 
 int main(int argc, char **argv) {
@@ -264,17 +580,25 @@ int main(int argc, char **argv) {
         goto done;
     }
     int64_t t_load = optiml_time_us() - t0;
+    if (a.chat) {
+        rc = chat_run(&a, model, ctx, smpl);
+        goto done;
+    }
 
     /* tokenize */
     const int32_t n_ctx = (int32_t)optiml_context_n_ctx(ctx);
     bool add_bos = !a.no_bos && optiml_token_add_bos(model);
-    int32_t n_max = (int32_t)prompt_len + 2;
-    toks = malloc((size_t)n_max * sizeof(*toks));
-    int32_t n_prompt = toks ? optiml_tokenize(model, a.prompt, (int32_t)prompt_len, toks, n_max, add_bos, false) : INT32_MIN;
-    if (n_prompt < 0) {
-        fprintf(stderr, "optiml-cli: cannot tokenize the prompt: %s\n", toks ? optiml_last_error() : "out of memory");
+    toks = malloc((size_t)n_ctx * sizeof(*toks));
+    if (!toks) {
+        fprintf(stderr, "optiml-cli: out of memory\n");
         goto done;
     }
+    int32_t n_prompt = optiml_tokenize(model, a.prompt, (int32_t)prompt_len, toks, n_ctx, add_bos, false);
+    if (n_prompt == INT32_MIN) {
+        fprintf(stderr, "optiml-cli: cannot tokenize the prompt: %s\n", optiml_last_error());
+        goto done;
+    }
+    if (n_prompt < 0) n_prompt = -n_prompt; /* more than n_ctx: reported below */
     if (n_prompt == 0) {
         fprintf(stderr, "optiml-cli: the prompt is empty and the model has no BOS token; give a prompt\n");
         goto done;
@@ -299,18 +623,9 @@ int main(int argc, char **argv) {
         goto done;
     }
     int64_t t1 = optiml_time_us();
-    for (int32_t i = 0; i < n_prompt; i += n_batch) {
-        batch.n_tokens = n_prompt - i < n_batch ? n_prompt - i : n_batch;
-        for (int32_t j = 0; j < batch.n_tokens; j++) {
-            batch.token[j] = toks[i + j];
-            batch.pos[j] = i + j;
-            batch.seq_id[j] = 0;
-            batch.logits[j] = i + j == n_prompt - 1;
-        }
-        if (optiml_decode(ctx, &batch) != OPTIML_OK) {
-            fprintf(stderr, "optiml-cli: %s\n", optiml_last_error());
-            goto done;
-        }
+    if (decode_tokens(ctx, &batch, n_batch, toks, n_prompt, 0) != OPTIML_OK) {
+        fprintf(stderr, "optiml-cli: %s\n", optiml_last_error());
+        goto done;
     }
     for (int32_t i = 0; i < n_prompt; i++) optiml_sampler_accept(smpl, toks[i]);
     int64_t t_prompt = optiml_time_us() - t1;

@@ -615,21 +615,89 @@ static optiml_status hf_tokenizer_spm(const char *path, const struct hf_config *
     return st;
 }
 
-/* Llama 3's pre-tokenizer: a Split on this regex, then ByteLevel. */
-static bool hf_is_llama3_pre(const json_t *pre) {
-    static const char llama3_regex[] =
-        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
-        "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
-    const json_t *list = json_object_get(pre, "pretokenizers");
-    size_t i;
-    const json_t *p;
-    json_array_foreach(list, i, p) {
-        const char *type = hf_json_str(p, "type");
-        const char *regex = hf_json_str(json_object_get(p, "pattern"), "Regex");
-        if (type && strcmp(type, "Split") == 0 && regex && strcmp(regex, llama3_regex) == 0)
-            return true;
+/* ---- tokenizer.json: the pre-tokenizer ---------------------------------------------- */
+
+/* The regexes of the Split pre-tokenizers we know (tokenizer.json spelling). */
+static const char hf_regex_llama3[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+static const char hf_regex_qwen2[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+static const char hf_regex_falcon_digits[] = "[0-9][0-9][0-9]";
+
+/* Whether pre-tokenizer node p has this type; for ByteLevel also that it
+ * adds no prefix space and uses (or not) its GPT-2 regex. */
+static bool hf_pre_is(const json_t *p, const char *type) {
+    const char *t = hf_json_str(p, "type");
+    return t && strcmp(t, type) == 0;
+}
+
+static bool hf_pre_byte_level(const json_t *p, bool use_regex) {
+    const json_t *r = json_object_get(p, "use_regex");
+    bool regex = r ? json_is_true(r) : true;
+    return hf_pre_is(p, "ByteLevel") && !json_is_true(json_object_get(p, "add_prefix_space")) &&
+           regex == use_regex;
+}
+
+/* A Split on exactly this regex, isolating the matches. */
+static bool hf_pre_split(const json_t *p, const char *regex) {
+    const char *r = hf_json_str(json_object_get(p, "pattern"), "Regex");
+    const char *behavior = hf_json_str(p, "behavior");
+    return hf_pre_is(p, "Split") && r && strcmp(r, regex) == 0 && behavior &&
+           strcmp(behavior, "Isolated") == 0 && !json_is_true(json_object_get(p, "invert"));
+}
+
+static bool hf_pre_digits(const json_t *p, bool individual) {
+    return hf_pre_is(p, "Digits") &&
+           json_is_true(json_object_get(p, "individual_digits")) == individual;
+}
+
+/* The tokenizer.ggml.pre name of a tokenizer.json pre_tokenizer, or NULL if
+ * it is none of the pipelines the engine implements (src/unicode.c):
+ *   llama-bpe  Split(Llama 3 regex), ByteLevel(use_regex false)
+ *   qwen2      Split(Qwen2 regex), ByteLevel(use_regex false)
+ *   default    ByteLevel(use_regex true)  (GPT-2's; = gpt2)
+ *   smollm     Digits(individual), ByteLevel(use_regex true)  (= starcoder)
+ *   falcon     Punctuation(contiguous), ByteLevel(use_regex true),
+ *              Digits(not individual), Split([0-9][0-9][0-9]) */
+static const char *hf_pre_name(const json_t *pre) {
+    const json_t *one[1] = {pre}, *const *p = one;
+    const json_t *items[4] = {NULL, NULL, NULL, NULL};
+    size_t n = 1;
+    if (hf_pre_is(pre, "Sequence")) {
+        const json_t *list = json_object_get(pre, "pretokenizers");
+        n = json_array_size(list);
+        if (n > 4) return NULL;
+        for (size_t i = 0; i < n; i++) items[i] = json_array_get(list, i);
+        p = items;
     }
-    return false;
+    if (n == 1 && hf_pre_byte_level(p[0], true)) return "default"; /* = "gpt2" */
+    if (n == 2 && hf_pre_split(p[0], hf_regex_llama3) && hf_pre_byte_level(p[1], false))
+        return "llama-bpe";
+    if (n == 2 && hf_pre_split(p[0], hf_regex_qwen2) && hf_pre_byte_level(p[1], false))
+        return "qwen2";
+    if (n == 2 && hf_pre_digits(p[0], true) && hf_pre_byte_level(p[1], true)) return "smollm";
+    const char *behavior = hf_json_str(p[0], "behavior");
+    if (n == 4 && hf_pre_is(p[0], "Punctuation") && behavior &&
+        strcmp(behavior, "Contiguous") == 0 && hf_pre_byte_level(p[1], true) &&
+        hf_pre_digits(p[2], false) && hf_pre_split(p[3], hf_regex_falcon_digits))
+        return "falcon";
+    return NULL;
+}
+
+/* Whether the post-processor puts a special token before the text (as
+ * Llama 3's TemplateProcessing does with <|begin_of_text|>). */
+static bool hf_post_adds_bos(const json_t *post) {
+    if (hf_pre_is(post, "Sequence")) {
+        size_t i;
+        const json_t *p;
+        json_array_foreach(json_object_get(post, "processors"), i, p) if (hf_post_adds_bos(p))
+            return true;
+        return false;
+    }
+    const json_t *first = json_array_get(json_object_get(post, "single"), 0);
+    return hf_pre_is(post, "TemplateProcessing") && json_object_get(first, "SpecialToken");
 }
 
 /* True if tok (a tokenizer.json) is byte-level: ByteLevel pre-tokenizer or
@@ -749,11 +817,20 @@ static optiml_status hf_tokenizer_bpe(struct convert_out *out, const char *path,
     TRY(convert_vocab_pad(v, c->n_vocab, &n_pad));
     if (n_pad) LOG_INFO("%s: %u ids without a token padded as [PADn]", path, n_pad);
 
-    bool llama3 = hf_is_llama3_pre(json_object_get(tok, "pre_tokenizer"));
-    TRY(gguf_writer_set_str(out->w, "tokenizer.ggml.pre", llama3 ? "llama-bpe" : "default"));
+    const char *pre = hf_pre_name(json_object_get(tok, "pre_tokenizer"));
+    if (!pre)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                           "%s: pre_tokenizer is none of the pipelines of llama-bpe, qwen2, gpt2, "
+                           "smollm/starcoder or falcon (see tools/convert_hf.c, hf_pre_name)",
+                           path);
+    const char *norm = hf_json_str(json_object_get(tok, "normalizer"), "type");
+    if (norm)
+        LOG_WARN("%s: normalizer %s is not applied by the engine: texts must come normalized",
+                 path, norm);
+    TRY(gguf_writer_set_str(out->w, "tokenizer.ggml.pre", pre));
     TRY(hf_write_merges(out, path, merges));
     LOG_INFO("%s: byte-level BPE, %u tokens, %zu merges, pre-tokenizer %s", path, v->n - n_pad,
-             json_array_size(merges), llama3 ? "llama-bpe" : "default");
+             json_array_size(merges), pre);
     return OPTIML_OK;
 }
 
@@ -816,8 +893,11 @@ static optiml_status hf_tokenizer(struct convert_out *out, const char *dir,
         const char *bos = hf_token_text(tcfg, "bos_token"), *eos = hf_token_text(tcfg, "eos_token");
         if (sp.bos < 0 && bos) sp.bos = hf_vocab_find(&v, bos);
         if (sp.eos < 0 && eos) sp.eos = hf_vocab_find(&v, eos);
-        if (!spm) {
-            sp.eot = hf_vocab_find(&v, "<|eot_id|>");
+        if (!spm) { /* the end-of-turn marker of the chat format */
+            static const char *const eot[] = {"<|eot_id|>", "<|im_end|>", "<|end|>",
+                                              "<end_of_turn>"};
+            for (size_t i = 0; i < sizeof(eot) / sizeof(eot[0]) && sp.eot < 0; i++)
+                sp.eot = hf_vocab_find(&v, eot[i]);
             sp.eom = hf_vocab_find(&v, "<|eom_id|>");
         }
         static const char *const keys[] = {
@@ -842,6 +922,13 @@ static optiml_status hf_tokenizer(struct convert_out *out, const char *dir,
             st = gguf_writer_set_bool(out->w, "tokenizer.ggml.add_bos_token", json_is_true(add_bos));
         else if (spm)
             st = gguf_writer_set_bool(out->w, "tokenizer.ggml.add_bos_token", true);
+        else /* byte-level BPE: BOS if the post-processor adds one; Llama 3 models
+              * (some of whose tokenizer.json lack that step) are trained with it */
+            st = gguf_writer_set_bool(
+                out->w, "tokenizer.ggml.add_bos_token",
+                hf_post_adds_bos(json_object_get(tok, "post_processor")) ||
+                    (sp.bos >= 0 && hf_pre_name(json_object_get(tok, "pre_tokenizer")) &&
+                     strcmp(hf_pre_name(json_object_get(tok, "pre_tokenizer")), "llama-bpe") == 0));
         if (st == OPTIML_OK && json_is_boolean(add_eos))
             st = gguf_writer_set_bool(out->w, "tokenizer.ggml.add_eos_token", json_is_true(add_eos));
         if (st == OPTIML_OK && spm)

@@ -5,6 +5,7 @@
  *   optiml-random-model --outfile M.gguf [--n-embd 4096] [--n-layer 32]
  *       [--n-ff 11008] [--n-head 32] [--n-head-kv 32] [--n-vocab 32000]
  *       [--ctx 4096] [--type f32|f16|bf16] [--act silu|relu|relu2] [--seed N]
+ *       [--chat-template FILE]
  *
  * Weights are uniform in +-sqrt(3 / n_in) (unit-variance outputs), norms 1.
  * The vocabulary is synthetic: <unk>, <s>, </s>, 256 byte tokens, then
@@ -54,7 +55,7 @@ static long arg_long(const char *flag, const char *v) {
 }
 
 int main(int argc, char **argv) {
-    const char *out = NULL, *act = "silu";
+    const char *out = NULL, *act = "silu", *chat_template = NULL;
     long n_embd = 4096, n_layer = 32, n_ff = 11008, n_head = 32, n_head_kv = -1, n_vocab = 32000, ctx = 4096;
     long seed = 1;
     int type = DTYPE_F32;
@@ -75,6 +76,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(f, "--ctx")) ctx = arg_long(f, v);
         else if (!strcmp(f, "--seed")) seed = arg_long(f, v);
         else if (!strcmp(f, "--act")) act = v;
+        else if (!strcmp(f, "--chat-template")) chat_template = v;
         else if (!strcmp(f, "--type")) {
             type = dtype_from_name(v);
             if (type != DTYPE_F32 && type != DTYPE_F16 && type != DTYPE_BF16) {
@@ -131,6 +133,19 @@ int main(int argc, char **argv) {
     gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1);
     gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2);
     gguf_writer_set_u32(w, "tokenizer.ggml.unknown_token_id", 0);
+    if (chat_template) { /* tokenizer.chat_template from a file */
+        FILE *tf = fopen(chat_template, "rb");
+        char *text = tf ? calloc(1, 1 << 20) : NULL;
+        size_t n = text ? fread(text, 1, (1 << 20) - 1, tf) : 0;
+        if (tf) fclose(tf);
+        if (!text) {
+            fprintf(stderr, "optiml-random-model: cannot read '%s'\n", chat_template);
+            return 1;
+        }
+        text[n] = '\0';
+        gguf_writer_set_str(w, "tokenizer.chat_template", text);
+        free(text);
+    }
 
     /* tensors: (name, n_in, n_out, is_norm) */
     const long hd = n_embd / n_head;

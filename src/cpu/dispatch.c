@@ -33,6 +33,8 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
     for (int t = 0; t < DTYPE_COUNT; t++) {
         if (src->dot[t]) dst->dot[t] = src->dot[t];
         if (src->to_f32[t]) dst->to_f32[t] = src->to_f32[t];
+        if (src->dot_q[t]) dst->dot_q[t] = src->dot_q[t];
+        if (src->quantize[t]) dst->quantize[t] = src->quantize[t];
     }
 }
 

@@ -1,9 +1,13 @@
 /*
- * ops.c - scalar reference kernels and elementwise ops (see ops.h).
+ * ops.c - scalar reference kernels (f32/f16/bf16 dots, quantized dots
+ * against 8-bit activations) and elementwise ops (see ops.h).
  */
 #include "cpu/ops.h"
 
+#include "quant.h"
+
 #include <math.h>
+#include <pthread.h>
 
 /* ---- reference dot products and conversions -------------------------- */
 
@@ -43,13 +47,196 @@ static void to_f32_bf16(int64_t n, const void *src, float *dst) {
     for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
 }
 
-static const struct cpu_kernels kernels_ref = {
+/* ---- reference quantized dot products --------------------------------
+ * Each block: the integer dot of the weight quants (quant.h's unpack
+ * helpers) with the activation quants, then the float scales. */
+
+static int32_t idot(const int8_t *a, const int8_t *b, int n) {
+    int32_t s = 0;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static float dot_q4_0_ref(int64_t n, const void *w, const void *xq) {
+    const block_q4_0 *a = w;
+    const block_q8_0 *b = xq;
+    int8_t q[QK4_0];
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK4_0; i++) {
+        quant_unpack_q4_0(&a[i], q);
+        s += (float)idot(q, b[i].qs, QK4_0) * f16_to_f32(a[i].d) * f16_to_f32(b[i].d);
+    }
+    return s;
+}
+
+static float dot_q4_1_ref(int64_t n, const void *w, const void *xq) {
+    const block_q4_1 *a = w;
+    const block_q8_1 *b = xq;
+    int8_t q[QK4_1];
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK4_1; i++) {
+        quant_unpack_q4_1(&a[i], q);
+        s += (float)idot(q, b[i].qs, QK4_1) * f16_to_f32(a[i].d) * f16_to_f32(b[i].d) +
+             f16_to_f32(a[i].m) * f16_to_f32(b[i].s);
+    }
+    return s;
+}
+
+static float dot_q5_0_ref(int64_t n, const void *w, const void *xq) {
+    const block_q5_0 *a = w;
+    const block_q8_0 *b = xq;
+    int8_t q[QK5_0];
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK5_0; i++) {
+        quant_unpack_q5(a[i].qs, a[i].qh, q);
+        for (int j = 0; j < QK5_0; j++) q[j] = (int8_t)(q[j] - 16);
+        s += (float)idot(q, b[i].qs, QK5_0) * f16_to_f32(a[i].d) * f16_to_f32(b[i].d);
+    }
+    return s;
+}
+
+static float dot_q5_1_ref(int64_t n, const void *w, const void *xq) {
+    const block_q5_1 *a = w;
+    const block_q8_1 *b = xq;
+    int8_t q[QK5_1];
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK5_1; i++) {
+        quant_unpack_q5(a[i].qs, a[i].qh, q);
+        s += (float)idot(q, b[i].qs, QK5_1) * f16_to_f32(a[i].d) * f16_to_f32(b[i].d) +
+             f16_to_f32(a[i].m) * f16_to_f32(b[i].s);
+    }
+    return s;
+}
+
+static float dot_q8_0_ref(int64_t n, const void *w, const void *xq) {
+    const block_q8_0 *a = w;
+    const block_q8_0 *b = xq;
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK8_0; i++)
+        s += (float)idot(a[i].qs, b[i].qs, QK8_0) * f16_to_f32(a[i].d) * f16_to_f32(b[i].d);
+    return s;
+}
+
+/* sum_j mins[j] * (activation sum of sub-block j), sub-blocks of 16 * per16 values */
+static int32_t ksum_mins(const int16_t *bsums, const uint8_t *mins, int n_sub, int per16) {
+    int32_t s = 0;
+    for (int j = 0; j < n_sub; j++)
+        for (int k = 0; k < per16; k++) s += mins[j] * bsums[j * per16 + k];
+    return s;
+}
+
+static float dot_q2_K_ref(int64_t n, const void *w, const void *xq) {
+    const block_q2_K *a = w;
+    const block_q8_K *b = xq;
+    int8_t q[QK_K];
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        quant_unpack_q2_k(&a[i], q);
+        int32_t isum = 0;
+        uint8_t mins[16];
+        for (int j = 0; j < 16; j++) {
+            isum += (a[i].scales[j] & 0xF) * idot(q + 16 * j, b[i].qs + 16 * j, 16);
+            mins[j] = a[i].scales[j] >> 4;
+        }
+        const int32_t msum = ksum_mins(b[i].bsums, mins, 16, 1);
+        s += b[i].d * f16_to_f32(a[i].d) * (float)isum - b[i].d * f16_to_f32(a[i].dmin) * (float)msum;
+    }
+    return s;
+}
+
+static float dot_q3_K_ref(int64_t n, const void *w, const void *xq) {
+    const block_q3_K *a = w;
+    const block_q8_K *b = xq;
+    int8_t q[QK_K];
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        quant_unpack_q3_k(&a[i], q);
+        int32_t isum = 0;
+        for (int j = 0; j < 16; j++) isum += quant_scale_q3_k(j, a[i].scales) * idot(q + 16 * j, b[i].qs + 16 * j, 16);
+        s += b[i].d * f16_to_f32(a[i].d) * (float)isum;
+    }
+    return s;
+}
+
+/* q4_k and q5_k: 8 sub-blocks of 32 with 6-bit scales and mins. */
+static float dot_k4_block(const int8_t *q, const block_q8_K *b, const uint8_t *scales, uint16_t d, uint16_t dmin) {
+    int32_t isum = 0;
+    uint8_t sc[8], mins[8];
+    for (int j = 0; j < 8; j++) {
+        quant_scale_min_k4(j, scales, &sc[j], &mins[j]);
+        isum += sc[j] * idot(q + 32 * j, b->qs + 32 * j, 32);
+    }
+    const int32_t msum = ksum_mins(b->bsums, mins, 8, 2);
+    return b->d * f16_to_f32(d) * (float)isum - b->d * f16_to_f32(dmin) * (float)msum;
+}
+
+static float dot_q4_K_ref(int64_t n, const void *w, const void *xq) {
+    const block_q4_K *a = w;
+    const block_q8_K *b = xq;
+    int8_t q[QK_K];
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        quant_unpack_q4_k(&a[i], q);
+        s += dot_k4_block(q, &b[i], a[i].scales, a[i].d, a[i].dmin);
+    }
+    return s;
+}
+
+static float dot_q5_K_ref(int64_t n, const void *w, const void *xq) {
+    const block_q5_K *a = w;
+    const block_q8_K *b = xq;
+    int8_t q[QK_K];
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        quant_unpack_q5_k(&a[i], q);
+        s += dot_k4_block(q, &b[i], a[i].scales, a[i].d, a[i].dmin);
+    }
+    return s;
+}
+
+static float dot_q6_K_ref(int64_t n, const void *w, const void *xq) {
+    const block_q6_K *a = w;
+    const block_q8_K *b = xq;
+    int8_t q[QK_K];
+    float s = 0.0f;
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        quant_unpack_q6_k(&a[i], q);
+        int32_t isum = 0;
+        for (int j = 0; j < 16; j++) isum += a[i].scales[j] * idot(q + 16 * j, b[i].qs + 16 * j, 16);
+        s += b[i].d * f16_to_f32(a[i].d) * (float)isum;
+    }
+    return s;
+}
+
+/* ---- the reference table ------------------------------------------------ */
+
+static struct cpu_kernels kernels_ref = {
     .name = "ref",
     .dot = {[DTYPE_F32] = dot_f32_ref, [DTYPE_F16] = dot_f16_ref, [DTYPE_BF16] = dot_bf16_ref},
     .to_f32 = {[DTYPE_F32] = to_f32_f32, [DTYPE_F16] = to_f32_f16, [DTYPE_BF16] = to_f32_bf16},
+    .vec_dot_type = {[DTYPE_Q4_0] = DTYPE_Q8_0, [DTYPE_Q4_1] = DTYPE_Q8_1, [DTYPE_Q5_0] = DTYPE_Q8_0,
+                     [DTYPE_Q5_1] = DTYPE_Q8_1, [DTYPE_Q8_0] = DTYPE_Q8_0, [DTYPE_Q2_K] = DTYPE_Q8_K,
+                     [DTYPE_Q3_K] = DTYPE_Q8_K, [DTYPE_Q4_K] = DTYPE_Q8_K, [DTYPE_Q5_K] = DTYPE_Q8_K,
+                     [DTYPE_Q6_K] = DTYPE_Q8_K},
+    .dot_q = {[DTYPE_Q4_0] = dot_q4_0_ref, [DTYPE_Q4_1] = dot_q4_1_ref, [DTYPE_Q5_0] = dot_q5_0_ref,
+              [DTYPE_Q5_1] = dot_q5_1_ref, [DTYPE_Q8_0] = dot_q8_0_ref, [DTYPE_Q2_K] = dot_q2_K_ref,
+              [DTYPE_Q3_K] = dot_q3_K_ref, [DTYPE_Q4_K] = dot_q4_K_ref, [DTYPE_Q5_K] = dot_q5_K_ref,
+              [DTYPE_Q6_K] = dot_q6_K_ref},
 };
+static pthread_once_t kernels_ref_once = PTHREAD_ONCE_INIT;
 
-const struct cpu_kernels *cpu_kernels_ref(void) { return &kernels_ref; }
+/* Dequantizers (to_f32) and activation quantizers come from quant.c. */
+static void kernels_ref_init(void) {
+    for (uint32_t t = 0; t < DTYPE_COUNT; t++) {
+        if (quant_dequantizer(t)) kernels_ref.to_f32[t] = quant_dequantizer(t);
+        if (t == DTYPE_Q8_0 || t == DTYPE_Q8_1 || t == DTYPE_Q8_K) kernels_ref.quantize[t] = quant_quantizer(t);
+    }
+}
+
+const struct cpu_kernels *cpu_kernels_ref(void) {
+    pthread_once(&kernels_ref_once, kernels_ref_init);
+    return &kernels_ref;
+}
 
 /* ---- elementwise ops --------------------------------------------------- */
 

@@ -1,8 +1,12 @@
 """optiml-cli end to end: greedy generation reproduces the llama2.c
 reference output (tests/data/stories260K_greedy.txt, produced by llama2.c's
 run.c), standard output carries only text, errors are one line and
-non-zero."""
+non-zero; the interactive chat (-cnv) reuses its KV cache between turns,
+replies as a fresh run over the rendered conversation would, and survives
+Ctrl-C during a reply."""
 import re
+import signal
+import subprocess
 
 import pytest
 
@@ -113,3 +117,149 @@ def test_context_limit():
     r = run([tool("optiml-cli"), "-p", "Once upon a time", "-n", "-1", "-c", "32", "--temp", "0"])
     assert r.returncode == 0, r.stderr
     assert "context of 32 tokens is full" in r.stderr
+
+
+# ---- interactive chat (-cnv) ----
+
+TURN_RE = re.compile(r"\[turn (\d+): (\d+) new prompt tokens, (\d+) reused from the cache, [0-9.]+ ms; "
+                     r"(\d+) tokens generated")
+
+
+def chat(args, turns, model=None):
+    cmd = [tool("optiml-cli"), "-cnv"] + (["-m", str(model)] if model else []) + args
+    return run(cmd, input="".join(t + "\n" for t in turns), errors="replace")
+
+
+def turn_stats(stderr):
+    """[(turn, new prompt tokens, reused, generated)] from the per-turn lines."""
+    return [tuple(int(g) for g in m.groups()) for m in TURN_RE.finditer(stderr)]
+
+
+def all_ids(stderr, label):
+    """Every "label: ids" line (in chat mode the line follows the "> " prompt)."""
+    return [[int(x) for x in ids.split()] for ids in re.findall(r"^(?:> )*" + label + r":([0-9 ]*)$", stderr, re.M)]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A small random-weight GGUF that carries a chat template (SmolLM2's)."""
+    out = tmp_path_factory.mktemp("chat") / "chat.gguf"
+    r = run([tool("optiml-random-model"), "--outfile", str(out), "--n-embd", "256", "--n-layer", "2",
+             "--n-ff", "768", "--n-head", "4", "--n-vocab", "1000", "--ctx", "4096",
+             "--chat-template", str(DATA / "templates" / "smollm2.jinja")])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_chat_reuses_the_cache_and_replies_as_a_fresh_run():
+    """Turn 2 decodes only the new tokens, and its greedy reply equals a
+    fresh (non-chat) run over the whole rendered conversation."""
+    base = ["--chat-template", "chatml", "--temp", "0", "-n", "24", "--show-ids"]
+    one = chat(base, ["Hello there"])
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.endswith("\n")
+    reply1 = one.stdout[:-1]
+    two = chat(base, ["Hello there", "", "Tell me a story"])  # empty lines are skipped
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.startswith(reply1 + "\n") and two.stdout.endswith("\n")
+    reply2 = two.stdout[len(reply1) + 1:-1]
+    stats = turn_stats(two.stderr)
+    assert [s[0] for s in stats] == [1, 2]
+    (_, new1, reused1, gen1), (_, new2, reused2, gen2) = stats
+    assert reused1 == 0 and gen1 == gen2 == 24
+    assert reused2 >= new1, stats  # the first turn's prompt (and more) came from the cache
+    assert new2 < reused2 + new2 - new1, stats
+    rendered = run([tool("optiml-chat-template"), "chatml", "--gen", "user", "Hello there",
+                    "assistant", reply1, "user", "Tell me a story"])
+    assert rendered.returncode == 0, rendered.stderr
+    fresh = run([tool("optiml-cli"), "-p", rendered.stdout, "--temp", "0", "-n", "24", "--show-ids"])
+    assert fresh.returncode == 0, fresh.stderr
+    assert all_ids(two.stderr, "prompt_ids")[1] == ids_from(fresh.stderr, "prompt_ids")
+    assert all_ids(two.stderr, "generated_ids")[1] == ids_from(fresh.stderr, "generated_ids")
+    assert fresh.stdout == rendered.stdout + reply2
+
+
+def test_chat_system_prompt_and_template_file(tmp_path):
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] ")
+    r = chat(["--chat-template", str(tmpl), "--system", "Be brief.", "--temp", "0", "-n", "8",
+              "--show-ids"], ["Hi"])
+    assert r.returncode == 0, r.stderr
+    fresh = run([tool("optiml-cli"), "-p", "[system] Be brief.\n[user] Hi\n[assistant] ", "--temp", "0",
+                 "-n", "8", "--show-ids"])
+    assert all_ids(r.stderr, "prompt_ids")[0] == ids_from(fresh.stderr, "prompt_ids")
+
+
+def test_chat_uses_the_model_template(chat_model):
+    r = chat(["--temp", "0", "-n", "16", "-c", "4096", "--show-ids"], ["Hello", "Again"], model=chat_model)
+    assert r.returncode == 0, r.stderr
+    assert "no chat template" not in r.stderr and "failed" not in r.stderr
+    assert [s[0] for s in turn_stats(r.stderr)] == [1, 2]
+    assert turn_stats(r.stderr)[1][2] >= turn_stats(r.stderr)[0][1]
+    assert len(r.stdout.split("\n")) >= 3
+
+
+def test_chat_falls_back_to_a_builtin_format(tmp_path):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% macro turn(m) %}<|im_start|>{{ m.role }}{% endmacro %}")
+    r = chat(["--chat-template", str(bad), "--temp", "0", "-n", "8"], ["Hi"])
+    assert r.returncode == 0, r.stderr
+    assert "unsupported construct: {% macro %}" in r.stderr
+    assert "using the built-in chatml format instead" in r.stderr
+    assert len(turn_stats(r.stderr)) == 1
+
+
+def test_chat_without_template_guesses_a_format():
+    r = chat(["--temp", "0", "-n", "8"], ["Hi"])
+    assert r.returncode == 0, r.stderr
+    assert "the model has no chat template; using the built-in llama2 format" in r.stderr
+
+
+def test_chat_ctrl_c_stops_the_reply_not_the_program(chat_model):
+    p = subprocess.Popen([tool("optiml-cli"), "-m", str(chat_model), "-cnv", "--temp", "0", "-n", "400",
+                          "-c", "4096", "-t", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(b"Tell me everything\n")
+        p.stdin.flush()
+        assert p.stdout.read(1)  # the reply streams
+        p.send_signal(signal.SIGINT)
+        p.stdin.write(b"Again\n")
+        p.stdin.close()
+        p.stdin = None  # communicate() would flush it
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    err = err.decode(errors="replace")
+    assert p.returncode == 0, err
+    assert "[reply interrupted]" in err
+    stats = turn_stats(err)
+    assert [s[0] for s in stats] == [1, 2], err
+    assert stats[0][3] < 400 and stats[1][3] > 0
+
+
+def test_chat_ctrl_c_at_the_prompt_exits(chat_model):
+    p = subprocess.Popen([tool("optiml-cli"), "-m", str(chat_model), "-cnv", "-n", "4"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        got = b""
+        while not got.endswith(b"> "):
+            c = p.stderr.read(1)
+            assert c, got
+            got += c
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0 and out == b""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-cnv", "-p", "hi"], "-cnv takes its turns from standard input"),
+    (["--system", "x"], "need -cnv"),
+    (["-cnv", "--chat-template", "/nonexistent.jinja"], "neither a built-in format nor a readable file"),
+])
+def test_chat_argument_errors(args, needle):
+    r = run([tool("optiml-cli")] + args, input="")
+    assert r.returncode != 0 and r.stdout == ""
+    assert needle in r.stderr

@@ -18,7 +18,7 @@ import threading
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from . import _lib
-from ._lib import (BatchStruct, ChatMessage, ContextParams, ModelParams, SamplerParams, check, lib)
+from ._lib import ChatMessage, SamplerParams, check, lib
 
 try:  # numpy is optional
     import numpy as _np
@@ -108,7 +108,7 @@ class Model(_Handle):
     def __init__(self, path: Union[str, os.PathLike], n_gpu_layers: int = 0,
                  vram_budget: Optional[float] = None, use_mmap: bool = True) -> None:
         self.path = os.fspath(path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a GC-run __del__ may detach inside _attach
         self._users = 0
         self._close_requested = False
         params = lib.optiml_model_default_params()
