@@ -127,7 +127,6 @@ static optiml_status bind(optiml_model *m, struct tensor *t, const char *name, i
     t->ne[1] = ne1;
     t->ne[2] = t->ne[3] = 1;
     dtype_row_size(ti->type, (uint64_t)ne0, &t->row_size);
-    t->name = NULL;
     return OPTIML_OK;
 }
 
@@ -238,6 +237,13 @@ optiml_status optiml_model_load(const char *path, const optiml_model_params *par
     optiml_status st = model_load(m, path, params ? params : &defaults);
     if (st != OPTIML_OK) {
         optiml_model_free(m);
+        /* every reason names the file (the GGUF parser's already do) */
+        const char *why = optiml_last_error();
+        if (strncmp(why, path, strlen(path)) != 0) {
+            char buf[512];
+            snprintf(buf, sizeof(buf), "%s", why);
+            optiml_set_error("%s: %s", path, buf);
+        }
         return st;
     }
     *out = m;

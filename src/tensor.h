@@ -12,7 +12,6 @@ struct tensor {
     uint32_t type;     /* enum dtype                               */
     int64_t ne[4];     /* ne[0] = row length, ne[1] = rows, ...     */
     uint64_t row_size; /* bytes of one row                         */
-    const char *name;  /* NUL-terminated, owned by the model       */
 };
 
 static inline const void *tensor_row(const struct tensor *t, int64_t row) {

@@ -263,3 +263,29 @@ def test_chat_argument_errors(args, needle):
     r = run([tool("optiml-cli")] + args, input="")
     assert r.returncode != 0 and r.stdout == ""
     assert needle in r.stderr
+
+
+def test_missing_tensor_names_file_and_tensor(tmp_path):
+    """A GGUF that parses but lacks a weight: one line naming the file and
+    the tensor (the file is rewritten without it by gguf-py, an independent
+    writer)."""
+    gguf = pytest.importorskip("gguf")
+    src = gguf.GGUFReader(str(MODELS / "stories260K.gguf"))
+    bad = tmp_path / "missing.gguf"
+    w = gguf.GGUFWriter(str(bad), "llama")
+    for f in src.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        v = f.contents()
+        sub = f.types[-1] if isinstance(v, list) else None
+        w.add_key_value(f.name, v, f.types[0], sub_type=sub)
+    for t in src.tensors:
+        if t.name != "blk.3.ffn_up.weight":
+            w.add_tensor(t.name, t.data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = run([tool("optiml-cli"), "-m", str(bad), "-n", "4"])
+    assert r.returncode != 0 and r.stdout == ""
+    assert f"{bad}: missing tensor blk.3.ffn_up.weight" in r.stderr
