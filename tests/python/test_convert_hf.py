@@ -10,6 +10,7 @@ even). Metadata, the Llama 3 rope_freqs divisors (against transformers' own
 ROPE_INIT_FUNCTIONS["llama3"]), the SentencePiece vocabulary (against
 llama.cpp's vocab GGUF of the same tokenizer) and a byte-level BPE
 tokenizer.json are checked, and so are the error paths."""
+import gzip
 import json
 import shutil
 
@@ -24,7 +25,6 @@ transformers = pytest.importorskip(
 gguf = pytest.importorskip("gguf", reason="the HF converter tests need gguf (pip install gguf)")
 
 SPM_VOCAB = 32000  # tests/data/llama2-tokenizer.model
-SHARED_VOCAB = DATA.parent.parent.parent / "shared" / "vocab"  # optional extra data
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
@@ -434,18 +434,18 @@ def test_bpe_default_pre_tokenizer(tmp_path):
     assert field(r, "tokenizer.ggml.bos_token_id") == 1  # from config.json
 
 
-@pytest.mark.skipif(not (SHARED_VOCAB / "llama3-tokenizer.json").exists(),
-                    reason="the 9 MB Llama 3 tokenizer.json is not shipped with the repo")
 def test_real_llama3_tokenizer(tmp_path):
+    """Meta's Llama 3 tokenizer.json (shipped gzip-compressed in tests/data)."""
     d = tmp_path / "m"
     make_model(d, dtype="bf16", tokenizer=None, vocab_size=128256, num_hidden_layers=1,
                tie_word_embeddings=True, bos_token_id=128000, eos_token_id=[128001, 128009])
-    shutil.copy(SHARED_VOCAB / "llama3-tokenizer.json", d / "tokenizer.json")
-    shutil.copy(SHARED_VOCAB / "llama3-tokenizer_config.json", d / "tokenizer_config.json")
+    with gzip.open(DATA / "llama3-tokenizer.json.gz", "rb") as src:
+        (d / "tokenizer.json").write_bytes(src.read())
+    shutil.copy(DATA / "llama3-tokenizer_config.json", d / "tokenizer_config.json")
     out = tmp_path / "m.gguf"
     convert(d, out)
     r = gguf.GGUFReader(str(out))
-    tj = json.loads((SHARED_VOCAB / "llama3-tokenizer.json").read_text())
+    tj = json.loads((d / "tokenizer.json").read_text())
     toks = field(r, "tokenizer.ggml.tokens")
     assert len(toks) == 128256
     for t, i in list(tj["model"]["vocab"].items())[:2000]:
