@@ -238,7 +238,7 @@ OPTIML_API int32_t optiml_chat_apply_template(const optiml_model *model, const c
 OPTIML_API const char *optiml_version(void);
 /* Monotonic time in microseconds (for timings). */
 OPTIML_API int64_t optiml_time_us(void);
-/* Text describing the CPU kernels chosen at run time, e.g. "avx2 fma f16c". */
+/* Name of the CPU kernel set chosen at run time: "avx2" (AVX2+FMA+F16C) or "ref". */
 OPTIML_API const char *optiml_cpu_features(void);
 
 #ifdef __cplusplus
