@@ -318,13 +318,24 @@ static void matmul_run(void *arg, int ith, int nth) {
         const struct tensor *w = job->w[j];
         const cpu_dot_fn dot = job->kern->dot[w->type];
         const cpu_dot_q_fn dot_q = job->kern->dot_q[w->type];
+        const cpu_dot_q_x4_fn dot_q_x4 = job->kern->dot_q_x4[w->type];
         const char *xq = job->xq[j];
         const int64_t n_in = w->ne[0], n_out = w->ne[1];
+        /* tokens handled 4 at a time (one unpacking of the row for 4) */
+        const int64_t n_x4 = xq && dot_q_x4 ? job->n_tok / 4 * 4 : 0;
         int64_t r0, r1;
         threadpool_split(n_out, ith, nth, &r0, &r1);
         for (int64_t r = r0; r < r1; r++) {
             const void *row = tensor_row(w, r);
-            for (int64_t t = 0; t < job->n_tok; t++) {
+            for (int64_t t = 0; t < n_x4; t += 4) {
+                float s4[4];
+                dot_q_x4(n_in, row, xq + (uint64_t)t * job->xq_row[j], job->xq_row[j], s4);
+                for (int k = 0; k < 4; k++) {
+                    float *y = &job->y[j][(t + k) * n_out + r];
+                    *y = job->accumulate ? *y + s4[k] : s4[k];
+                }
+            }
+            for (int64_t t = n_x4; t < job->n_tok; t++) {
                 float s = xq ? dot_q(n_in, row, xq + (uint64_t)t * job->xq_row[j]) : dot(n_in, row, job->x + t * n_in);
                 float *y = &job->y[j][t * n_out + r];
                 *y = job->accumulate ? *y + s : s;

@@ -128,6 +128,31 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
                 n_cases++;
             }
         }
+        /* the 4-row kernel: the same bits as 4 calls of this table's dot_q */
+        int x4_differ = 0, x4_cases = 0;
+        for (int rep = 0; k->dot_q_x4[t] && rep < 8; rep++) {
+            const int64_t n = rep < 4 ? 4096 : bs * (1 + rep % 3); /* odd block counts too */
+            if (n % bs) continue;
+            for (int64_t i = 0; i < n / bs * ts; i++) w[i] = (uint8_t)(frand() * 128.0f + 128.0f);
+            for (int64_t b = 0; b < n / bs; b++) sane_scales(t, w + b * ts);
+            uint64_t row;
+            dtype_row_size(vt, (uint64_t)n, &row);
+            uint8_t *x4q = malloc(4 * row);
+            for (int r = 0; r < 4; r++) {
+                for (int64_t i = 0; i < n; i++) x[i] = frand();
+                k->quantize[vt](n, x, x4q + r * row);
+            }
+            float out[4];
+            k->dot_q_x4[t](n, w, x4q, row, out);
+            for (int r = 0; r < 4; r++) x4_differ += out[r] != k->dot_q[t](n, w, x4q + r * row);
+            x4_cases += 4;
+            free(x4q);
+        }
+        if (k->dot_q_x4[t]) {
+            printf("%s dot_q_x4 %-4s: %d of %d results differ from dot_q\n", name, dtype_name(t), x4_differ,
+                   x4_cases);
+            CHECK(x4_cases > 0 && x4_differ == 0, "%s dot_q_x4 %s", name, dtype_name(t));
+        }
         const double tol_deq = (t == DTYPE_Q4_1 || t == DTYPE_Q5_1) ? 2e-3 : 1e-5;
         printf("%s dot_q %-4s x %-4s: max relative difference %.3g vs ref (tolerance 1e-5), ref vs dequantized "
                "%.3g (tolerance %g), %d cases\n", name, dtype_name(t), dtype_name(vt), max_rel, max_deq, tol_deq,
@@ -182,6 +207,7 @@ int main(void) {
             if (v->dot[t]) k.dot[t] = v->dot[t];
             if (v->to_f32[t]) k.to_f32[t] = v->to_f32[t];
             if (v->dot_q[t]) k.dot_q[t] = v->dot_q[t];
+            if (v->dot_q[t]) k.dot_q_x4[t] = v->dot_q_x4[t];
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];
         }
         compare("avx2", &k);

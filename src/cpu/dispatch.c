@@ -34,6 +34,8 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
         if (src->dot[t]) dst->dot[t] = src->dot[t];
         if (src->to_f32[t]) dst->to_f32[t] = src->to_f32[t];
         if (src->dot_q[t]) dst->dot_q[t] = src->dot_q[t];
+        /* a 4-row kernel belongs with its own table's dot_q (equal bits) */
+        if (src->dot_q[t]) dst->dot_q_x4[t] = src->dot_q_x4[t];
         if (src->quantize[t]) dst->quantize[t] = src->quantize[t];
     }
 }

@@ -21,6 +21,11 @@ typedef void (*cpu_to_f32_fn)(int64_t n, const void *src, float *dst);
 /* Quantized weight row of type T (n values) dot an activation row already
  * quantized to vec_dot_type[T] (q8_0, q8_1 or q8_k blocks of n values). */
 typedef float (*cpu_dot_q_fn)(int64_t n, const void *w, const void *xq);
+/* The same for 4 input rows at once (xq, xq + xq_stride, ...: quantized
+ * rows of a batch): out[k] = dot_q(n, w, row k). A weight row is unpacked
+ * once for the 4 rows; the result equals 4 dot_q calls of the same table
+ * bit for bit. Used for prompt processing. */
+typedef void (*cpu_dot_q_x4_fn)(int64_t n, const void *w, const void *xq, uint64_t xq_stride, float out[4]);
 /* Quantize n activations (a multiple of the block size) into blocks. */
 typedef void (*cpu_quantize_fn)(int64_t n, const float *x, void *dst);
 
@@ -36,6 +41,7 @@ struct cpu_kernels {
     cpu_to_f32_fn to_f32[DTYPE_COUNT];      /* NULL where the type has none */
     uint32_t vec_dot_type[DTYPE_COUNT];     /* activation type of dot_q[T]  */
     cpu_dot_q_fn dot_q[DTYPE_COUNT];        /* NULL where the type has none */
+    cpu_dot_q_x4_fn dot_q_x4[DTYPE_COUNT];  /* optional: NULL = 4 dot_q      */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
 };
 

@@ -128,6 +128,50 @@ static float dot_q4_0_avx2(int64_t n, const void *w, const void *xq) {
     return hsum256(_mm256_add_ps(acc0, acc1));
 }
 
+/* 4 input rows per pass over a weight row of 32-value blocks with one f16
+ * scale (q4_0, q8_0): each block's signed weights are unpacked once. Per row
+ * the blocks go to the two accumulators of the one-row kernels (even, odd;
+ * an odd last block to the even one), so the sums are the same bits. */
+#define DOT_X4_STEP(I, SLOT)                                                                  \
+    do {                                                                                      \
+        const __m256i wv = LOAD_W(a, I);                                                      \
+        const __m256i wabs = _mm256_sign_epi8(wv, wv);                                        \
+        const float da = f16s(a[I].d);                                                        \
+        for (int k = 0; k < 4; k++) {                                                         \
+            const block_q8_0 *b = (const block_q8_0 *)((const char *)xq + k * xq_stride) + (I); \
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)b->qs);                    \
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv)), \
+                                                _mm256_set1_epi16(1));                        \
+            acc[k][SLOT] = _mm256_fmadd_ps(_mm256_set1_ps(da * f16s(b->d)), _mm256_cvtepi32_ps(p), acc[k][SLOT]); \
+        }                                                                                     \
+    } while (0)
+
+#define DOT_X4_BODY(BLOCK_T)                                                                  \
+    const BLOCK_T *a = w;                                                                     \
+    const int64_t nb = n / 32;                                                                \
+    __m256 acc[4][2];                                                                         \
+    for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();                 \
+    int64_t i = 0;                                                                            \
+    for (; i + 2 <= nb; i += 2) {                                                             \
+        DOT_X4_STEP(i, 0);                                                                    \
+        DOT_X4_STEP(i + 1, 1);                                                                \
+    }                                                                                         \
+    if (i < nb) DOT_X4_STEP(i, 0);                                                            \
+    for (int k = 0; k < 4; k++) out[k] = hsum256(_mm256_add_ps(acc[k][0], acc[k][1]));
+
+static void dot_q4_0_x4_avx2(int64_t n, const void *w, const void *xq, uint64_t xq_stride, float out[4]) {
+    const __m256i off = _mm256_set1_epi8(8);
+#define LOAD_W(A, I) _mm256_sub_epi8(nibbles32((A)[I].qs), off)
+    DOT_X4_BODY(block_q4_0)
+#undef LOAD_W
+}
+
+static void dot_q8_0_x4_avx2(int64_t n, const void *w, const void *xq, uint64_t xq_stride, float out[4]) {
+#define LOAD_W(A, I) _mm256_loadu_si256((const __m256i *)(A)[I].qs)
+    DOT_X4_BODY(block_q8_0)
+#undef LOAD_W
+}
+
 static float dot_q4_1_avx2(int64_t n, const void *w, const void *xq) {
     const block_q4_1 *a = w;
     const block_q8_1 *b = xq;
@@ -428,6 +472,7 @@ static const struct cpu_kernels kernels_avx2 = {
               [DTYPE_Q5_1] = dot_q5_1_avx2, [DTYPE_Q8_0] = dot_q8_0_avx2, [DTYPE_Q2_K] = dot_q2_K_avx2,
               [DTYPE_Q3_K] = dot_q3_K_avx2, [DTYPE_Q4_K] = dot_q4_K_avx2, [DTYPE_Q5_K] = dot_q5_K_avx2,
               [DTYPE_Q6_K] = dot_q6_K_avx2},
+    .dot_q_x4 = {[DTYPE_Q4_0] = dot_q4_0_x4_avx2, [DTYPE_Q8_0] = dot_q8_0_x4_avx2},
     .quantize = {[DTYPE_Q8_0] = quantize_q8_0_avx2, [DTYPE_Q8_K] = quantize_q8_K_avx2},
 };
 
