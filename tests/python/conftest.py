@@ -22,6 +22,19 @@ def tool(name: str) -> str:
     return str(path)
 
 
+def gpt2_byte_chars() -> dict:
+    """GPT-2's byte -> character table of byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
 def run(args, **kw):
     """Run a command, capturing text output; never raises on exit codes."""
     return subprocess.run(args, capture_output=True, text=True, timeout=kw.pop("timeout", 300), **kw)

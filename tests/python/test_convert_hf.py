@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import DATA, run, tool
+from conftest import DATA, gpt2_byte_chars, run, tool
 
 torch = pytest.importorskip("torch", reason="the HF converter tests need torch (pip install torch)")
 transformers = pytest.importorskip(
@@ -39,15 +39,8 @@ FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}
 def bpe_tokenizer_json(n_merges=24):
     """A tiny byte-level BPE tokenizer.json with Llama 3's pre-tokenizer:
     256 byte tokens, n_merges merges, 4 added tokens."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_chars = [chr(c) for _, c in sorted(zip(bs, cs))]
+    table = gpt2_byte_chars()
+    byte_chars = [table[b] for b in range(256)]
     vocab = {ch: i for i, ch in enumerate(byte_chars)}
     pairs = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"),
              ("o", "n"), ("Ġ", "s"), ("r", "e"), ("a", "t"), ("e", "n"), ("Ġ", "w"),

@@ -28,7 +28,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from conftest import DATA, run, tool
+from conftest import DATA, gpt2_byte_chars, run, tool
 
 tokenizers = pytest.importorskip("tokenizers", reason="pip install tokenizers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="pip install safetensors")
@@ -121,19 +121,6 @@ def compare(ours, ref, texts, what):
 
 
 # ---- building tokenizer.json files and converting them ---------------------
-
-def byte_chars():
-    """GPT-2's byte -> character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
 
 def byte_level(use_regex):
     return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
@@ -277,7 +264,7 @@ def qwen2(tmp_path_factory):
         if line:
             b64, rank = line.split()
             ranks[base64.b64decode(b64)] = int(rank)
-    bc = byte_chars()
+    bc = gpt2_byte_chars()
     spell = lambda b: "".join(bc[x] for x in b)  # noqa: E731
     vocab = {spell(t): r for t, r in ranks.items()}
     merges = [f"{spell(a)} {spell(b)}" for a, b in qwen_merges(ranks)]
@@ -361,7 +348,7 @@ def test_invalid_utf8_rule(llama3, tmp_path):
     raw = b"ok\xff\xfe tail\xc3(\xe2\x82 x"
     words = [b"ok", b"\xff\xfe", b" tail", b"\xc3(\xe2\x82", b" x"]
     assert b"".join(words) == raw
-    bc = byte_chars()
+    bc = gpt2_byte_chars()
     want = [t.id for w in words for t in hf.model.tokenize("".join(bc[b] for b in w))]
     cases = tmp_path / "bad.txt"
     cases.write_bytes(raw + SEPARATOR.encode())
