@@ -46,6 +46,7 @@ typedef enum optiml_status {
     OPTIML_ERR_NOMEM = 5,       /* an allocation failed                      */
     OPTIML_ERR_CONTEXT_FULL = 6,/* no free KV-cache cell for a batch token   */
     OPTIML_ERR_INTERNAL = 7,    /* a bug: please report it                   */
+    OPTIML_ERR_BACKEND = 8,     /* the GPU backend failed (driver, VRAM)     */
 } optiml_status;
 
 /* Static string naming a status ("invalid argument", ...). */

@@ -22,55 +22,12 @@
  * buffers are allocated in optiml_context_init; decode allocates nothing.
  */
 #define _POSIX_C_SOURCE 200809L
-#include "model.h"
-#include "threadpool.h"
+#include "context.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-#define KV_SEQ_MAX 64 /* sequence ids are bits of a uint64_t per cell */
-
-/* ---- the context ------------------------------------------------------- */
-
-struct kv_cache {
-    uint32_t n_cells;
-    uint32_t n_used_hi; /* cells >= this are free                        */
-    int32_t *pos;       /* (n_cells) position, -1 when free              */
-    uint64_t *seq;      /* (n_cells) bit s set: cell belongs to seq s    */
-    float *k;           /* (n_layer, n_cells, n_head_kv * head_dim)      */
-    float *v;           /* (n_layer, n_cells, n_head_kv * head_dim)      */
-};
-
-struct optiml_context {
-    const optiml_model *model;
-    optiml_context_params params;
-    const struct cpu_kernels *kern;
-    struct threadpool *pool;
-    struct kv_cache kv;
-
-    /* scratch, n_batch rows each */
-    float *x;        /* (n_batch, n_embd) residual stream              */
-    float *xb;       /* (n_batch, n_embd) normed input of a step       */
-    float *q;        /* (n_batch, n_head * head_dim)                   */
-    float *k;        /* (n_batch, n_head_kv * head_dim)                */
-    float *v;        /* (n_batch, n_head_kv * head_dim)                */
-    float *att;      /* (n_batch, n_head * head_dim)                   */
-    float *gate;     /* (n_batch, n_ff)                                */
-    float *up;       /* (n_batch, n_ff)                                */
-    float *scores;   /* (n_threads, n_ctx) attention weights           */
-    float *rope_inv_freq; /* (n_rot / 2)                              */
-    float *rope_cs;  /* (n_batch, n_rot) cos, sin per token and pair  */
-    uint32_t *cells; /* (n_batch) KV cell of each batch entry          */
-    float *logits;   /* (n_batch, n_vocab)                             */
-    int32_t *logits_row; /* (n_batch) row of entry i in logits, or -1  */
-    int32_t *out_ids;    /* (n_batch) entries that asked for logits    */
-    /* input rows of the quantized matmuls, quantized once per matmul: one
-     * buffer per activation type the weights use (q8_0, q8_1, q8_k),
-     * indexed by that type, NULL for the others */
-    void *xq[DTYPE_COUNT]; /* (n_batch, row bytes of the largest n_in)  */
-};
 
 optiml_context_params optiml_context_default_params(void) {
     return (optiml_context_params){.n_ctx = 0, .n_batch = 512, .n_seq_max = 1, .n_threads = 0};
@@ -209,6 +166,11 @@ void optiml_context_free(optiml_context *ctx) {
 }
 
 uint32_t optiml_context_n_ctx(const optiml_context *ctx) { return ctx->params.n_ctx; }
+
+void context_set_ffn_observer(optiml_context *ctx, ffn_observer_fn fn, void *user) {
+    ctx->ffn_observer = fn;
+    ctx->ffn_observer_user = user;
+}
 
 /* ---- batches ------------------------------------------------------------ */
 
@@ -525,6 +487,7 @@ static void layer_ffn(optiml_context *ctx, const optiml_batch *b, int32_t il) {
     rmsnorm(ctx, ctx->xb, ctx->x, &l->ffn_norm, n, NULL);
     matmul(ctx, ctx->xb, n, false, 2, &l->ffn_gate, ctx->gate, &l->ffn_up, ctx->up, NULL, NULL);
     ops_act_mul(ctx->gate, ctx->up, n * hp->n_ff, hp->ffn_act);
+    if (ctx->ffn_observer) ctx->ffn_observer(ctx->ffn_observer_user, il, n, ctx->xb, ctx->gate);
     matmul(ctx, ctx->gate, n, true, 1, &l->ffn_down, ctx->x, NULL, NULL, NULL, NULL);
 }
 

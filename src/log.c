@@ -25,6 +25,7 @@ const char *optiml_status_str(optiml_status status) {
     case OPTIML_ERR_NOMEM: return "out of memory";
     case OPTIML_ERR_CONTEXT_FULL: return "context full";
     case OPTIML_ERR_INTERNAL: return "internal error";
+    case OPTIML_ERR_BACKEND: return "GPU backend error";
     }
     return "unknown status";
 }

@@ -8,7 +8,7 @@ Three layers, all over the public C API (include/optiml.h) through ctypes:
 
 Errors of the C library raise OptimlError subclasses carrying its message.
 """
-from ._lib import (ContextFullError, FormatError, InternalError, InvalidArgumentError, ModelNotFoundError,
+from ._lib import (BackendError, ContextFullError, FormatError, InternalError, InvalidArgumentError, ModelNotFoundError,
                    OptimlError, OptimlIOError, OutOfMemoryError, UnsupportedError, has_function,
                    library_path, set_verbosity)
 from ._lib import lib as _clib
@@ -32,6 +32,6 @@ def cpu_features() -> str:
 __all__ = [
     "Model", "Context", "Batch", "Sampler", "Llama", "AutoTokenizer", "AutoModelForCausalLM", "BatchEncoding",
     "OptimlError", "InvalidArgumentError", "OptimlIOError", "ModelNotFoundError", "FormatError",
-    "UnsupportedError", "OutOfMemoryError", "ContextFullError", "InternalError", "BUILTIN_CHAT_TEMPLATES",
+    "UnsupportedError", "OutOfMemoryError", "ContextFullError", "InternalError", "BackendError", "BUILTIN_CHAT_TEMPLATES",
     "CHAT_FORMATS", "library_path", "library_version", "cpu_features", "has_function", "set_verbosity",
 ]

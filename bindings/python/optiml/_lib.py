@@ -41,6 +41,7 @@ OPTIML_ERR_UNSUPPORTED = 4
 OPTIML_ERR_NOMEM = 5
 OPTIML_ERR_CONTEXT_FULL = 6
 OPTIML_ERR_INTERNAL = 7
+OPTIML_ERR_BACKEND = 8
 
 
 class OptimlError(Exception):
@@ -95,6 +96,10 @@ class InternalError(OptimlError):
     """OPTIML_ERR_INTERNAL: a bug in the library."""
 
 
+class BackendError(OptimlError):
+    """OPTIML_ERR_BACKEND: the GPU backend failed (driver, out of VRAM)."""
+
+
 _STATUS_EXC = {
     OPTIML_ERR_INVALID_ARG: InvalidArgumentError,
     OPTIML_ERR_IO: OptimlIOError,
@@ -103,6 +108,7 @@ _STATUS_EXC = {
     OPTIML_ERR_NOMEM: OutOfMemoryError,
     OPTIML_ERR_CONTEXT_FULL: ContextFullError,
     OPTIML_ERR_INTERNAL: InternalError,
+    OPTIML_ERR_BACKEND: BackendError,
 }
 
 # ---- structs ----------------------------------------------------------------
