@@ -79,8 +79,13 @@ typedef struct optiml_model optiml_model;
 typedef struct optiml_context optiml_context;
 
 typedef struct optiml_model_params {
-    int32_t n_gpu_layers;   /* layers on the GPU (CUDA builds); 0 = CPU only  */
-    double vram_budget_gib; /* > 0: choose layers to fit this budget          */
+    int32_t n_gpu_layers;   /* CUDA builds: the last N layers run on the GPU;
+                               N > n_layer (or < 0) adds the output head and
+                               embedding (llama.cpp's -ngl); 0 = CPU only     */
+    double vram_budget_gib; /* > 0: the most layers whose weights, KV cache
+                               (min(training context, 4096) cells), scratch
+                               and CUDA context fit this many GiB; with
+                               n_gpu_layers > 0 too, the smaller wins        */
     bool use_mmap;          /* map the file (default) instead of reading it   */
 } optiml_model_params;
 
@@ -103,6 +108,9 @@ OPTIML_API uint64_t optiml_model_size(const optiml_model *model);
  * token embedding table, of which it reads one row (unless it is also the
  * output head). The numerator of the memory-bandwidth floor. */
 OPTIML_API uint64_t optiml_model_decode_bytes(const optiml_model *model);
+/* Layers running on the GPU, plus 1 when the output head runs there too
+ * (so it equals an -ngl value that gives this placement); 0 on the CPU. */
+OPTIML_API int32_t optiml_model_n_gpu_layers(const optiml_model *model);
 /* Number of weight parameters (elements of all tensors). */
 OPTIML_API uint64_t optiml_model_n_params(const optiml_model *model);
 /* Short description, e.g. "llama 64d 5L f32"; writes at most buf_size bytes
@@ -145,6 +153,10 @@ typedef struct optiml_context_params {
     uint32_t n_batch;   /* most tokens in one optiml_decode() call            */
     uint32_t n_seq_max; /* distinct sequence ids, 1..64                       */
     int32_t n_threads;  /* CPU threads; <= 0 picks the number of cores        */
+    int32_t sparse_mode; /* FFN of ReLU-sparse models: 0 = sparse when the
+                            model has predictors, 1 = dense, 2 = oracle (the
+                            exact active set from the dense gate; tests),
+                            3 = predictor (init fails without predictors)  */
 } optiml_context_params;
 
 OPTIML_API optiml_context_params optiml_context_default_params(void);
@@ -156,6 +168,11 @@ OPTIML_API optiml_status optiml_context_init(const optiml_model *model,
                                              optiml_context **out);
 OPTIML_API void optiml_context_free(optiml_context *ctx); /* NULL is a no-op */
 OPTIML_API uint32_t optiml_context_n_ctx(const optiml_context *ctx);
+/* FFN neurons of the last optiml_decode: *n_active computed (sparse FFN:
+ * those with a non-zero activation; layers handed to the dense FFN count
+ * all), *n_total = n_layer * n_ff * n_tokens. Both 0 when the context runs
+ * the dense FFN (sparse_mode 1, or 0 on a model without predictors). */
+OPTIML_API void optiml_context_ffn_stats(const optiml_context *ctx, uint64_t *n_active, uint64_t *n_total);
 
 /* A batch of tokens; entry i is token[i] at position pos[i] of sequence
  * seq_id[i]; logits[i] != 0 asks for the logits of that entry. */

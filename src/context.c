@@ -23,6 +23,8 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "context.h"
+#include "gpu.h"
+#include "sparse.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -30,7 +32,7 @@
 #include <unistd.h>
 
 optiml_context_params optiml_context_default_params(void) {
-    return (optiml_context_params){.n_ctx = 0, .n_batch = 512, .n_seq_max = 1, .n_threads = 0};
+    return (optiml_context_params){.n_ctx = 0, .n_batch = 512, .n_seq_max = 1, .n_threads = 0, .sparse_mode = 0};
 }
 
 static int default_threads(void) {
@@ -146,6 +148,8 @@ optiml_status optiml_context_init(const optiml_model *model, const optiml_contex
     optiml_status st = threadpool_init(p.n_threads, &ctx->pool);
     if (st == OPTIML_OK) st = context_alloc(ctx);
     if (st == OPTIML_OK) st = context_alloc_xq(ctx);
+    if (st == OPTIML_OK) st = sparse_init(ctx);
+    if (st == OPTIML_OK) st = gpu_context_init(ctx);
     if (st != OPTIML_OK) {
         optiml_context_free(ctx);
         return st;
@@ -156,7 +160,9 @@ optiml_status optiml_context_init(const optiml_model *model, const optiml_contex
 
 void optiml_context_free(optiml_context *ctx) {
     if (!ctx) return;
+    gpu_context_free(ctx);
     threadpool_free(ctx->pool);
+    sparse_free(ctx->sparse);
     void *bufs[] = {ctx->kv.pos, ctx->kv.seq, ctx->kv.k, ctx->kv.v, ctx->x, ctx->xb, ctx->q, ctx->k, ctx->v,
                     ctx->att, ctx->gate, ctx->up, ctx->scores, ctx->rope_inv_freq, ctx->rope_cs, ctx->cells,
                     ctx->logits, ctx->logits_row, ctx->out_ids};
@@ -485,19 +491,28 @@ static void layer_ffn(optiml_context *ctx, const optiml_batch *b, int32_t il) {
     const struct hparams *hp = &ctx->model->hp;
     const int64_t n = b->n_tokens;
     rmsnorm(ctx, ctx->xb, ctx->x, &l->ffn_norm, n, NULL);
-    matmul(ctx, ctx->xb, n, false, 2, &l->ffn_gate, ctx->gate, &l->ffn_up, ctx->up, NULL, NULL);
+    if (ctx->sparse && sparse_layer_ffn(ctx, n, il)) return; /* else dense pays off */
+    if (l->ffn_gate.data) matmul(ctx, ctx->xb, n, false, 2, &l->ffn_gate, ctx->gate, &l->ffn_up, ctx->up, NULL, NULL);
+    else matmul(ctx, ctx->xb, n, false, 1, &l->ffn_up, ctx->up, NULL, NULL, NULL, NULL); /* relu_nogate */
+    const float cut = ctx->model->sparse.act_threshold; /* FATReLU */
+    if (cut > 0.0f) ops_threshold(l->ffn_gate.data ? ctx->gate : ctx->up, n * hp->n_ff, cut);
     ops_act_mul(ctx->gate, ctx->up, n * hp->n_ff, hp->ffn_act);
     if (ctx->ffn_observer) ctx->ffn_observer(ctx->ffn_observer_user, il, n, ctx->xb, ctx->gate);
     matmul(ctx, ctx->gate, n, true, 1, &l->ffn_down, ctx->x, NULL, NULL, NULL, NULL);
 }
 
-static void output_logits(optiml_context *ctx, const optiml_batch *b) {
+/* Which batch entries get logits: their rows in ctx->logits. */
+static int32_t select_outputs(optiml_context *ctx, const optiml_batch *b) {
     int32_t n_out = 0;
     for (uint32_t i = 0; i < ctx->params.n_batch; i++) {
         bool want = (int32_t)i < b->n_tokens && b->logits[i];
         ctx->logits_row[i] = want ? n_out : -1;
         if (want) ctx->out_ids[n_out++] = (int32_t)i;
     }
+    return n_out;
+}
+
+static void output_logits(optiml_context *ctx, int32_t n_out) {
     if (n_out == 0) return;
     rmsnorm(ctx, ctx->xb, ctx->x, &ctx->model->output_norm, n_out, ctx->out_ids);
     matmul(ctx, ctx->xb, n_out, false, 1, &ctx->model->output, ctx->logits, NULL, NULL, NULL, NULL);
@@ -526,13 +541,24 @@ optiml_status optiml_decode(optiml_context *ctx, const optiml_batch *batch) {
     if (!ctx) return optiml_fail(OPTIML_ERR_INVALID_ARG, "decode: context is NULL");
     TRY(batch_check(ctx, batch));
     TRY(kv_claim(ctx, batch));
-    embed_tokens(ctx, batch);
+    const int32_t first_gpu = gpu_first_layer(ctx->model); /* n_layer: CPU only */
+    if (!gpu_embeds(ctx->model)) embed_tokens(ctx, batch);
     rope_prepare(ctx, batch);
-    for (int32_t il = 0; il < ctx->model->hp.n_layer; il++) {
+    for (int32_t il = 0; il < first_gpu; il++) {
         layer_attention(ctx, batch, il);
         layer_ffn(ctx, batch, il);
     }
-    output_logits(ctx, batch);
+    const int32_t n_out = select_outputs(ctx, batch);
+    bool cpu_output = true;
+    optiml_status st = gpu_forward(ctx, batch, n_out, &cpu_output);
+    if (st != OPTIML_OK) {
+        /* nothing of the batch counts: free its cells, no logits */
+        for (int32_t i = 0; i < batch->n_tokens; i++) kv_cell_drop(&ctx->kv, ctx->cells[i], -1);
+        kv_update_used(&ctx->kv);
+        select_outputs(ctx, &(optiml_batch){.n_tokens = 0});
+        return st;
+    }
+    if (cpu_output) output_logits(ctx, n_out);
     return OPTIML_OK;
 }
 

@@ -53,6 +53,9 @@ struct optiml_context {
      * indexed by that type, NULL for the others */
     void *xq[DTYPE_COUNT]; /* (n_batch, row bytes of the largest n_in)  */
 
+    struct gpu_ctx *gpu; /* device buffers when layers are offloaded (gpu.c) */
+    struct sparse_state *sparse; /* sparse FFN (sparse.c), NULL: dense */
+
     ffn_observer_fn ffn_observer; /* NULL, or called after each FFN activation */
     void *ffn_observer_user;
 };

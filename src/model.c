@@ -5,8 +5,10 @@
  */
 #include "model.h"
 
+#include "gpu.h"
 #include "vocab.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,14 +40,16 @@ static optiml_status parse_ffn_act(const gguf_file *f, enum ffn_act *out) {
     if (st == OPTIML_ERR_INVALID_ARG) return OPTIML_OK; /* absent: SiLU, as Llama */
     TRY(st);
     static const struct { const char *name; enum ffn_act act; } acts[] = {
-        {"silu", FFN_ACT_SILU}, {"relu", FFN_ACT_RELU}, {"relu2", FFN_ACT_RELU2}, {"gelu", FFN_ACT_GELU},
+        {"silu", FFN_ACT_SILU},   {"relu", FFN_ACT_RELU},   {"relu2", FFN_ACT_RELU2},
+        {"gelu", FFN_ACT_GELU},   {"drelu", FFN_ACT_DRELU}, {"relu_nogate", FFN_ACT_RELU_NOGATE},
     };
     for (size_t i = 0; i < sizeof(acts) / sizeof(acts[0]); i++)
         if (gguf_str_eq(s, acts[i].name)) {
             *out = acts[i].act;
             return OPTIML_OK;
         }
-    return optiml_fail(OPTIML_ERR_UNSUPPORTED, "optiml.ffn_activation \"%.*s\" is not one of silu, relu, relu2, gelu",
+    return optiml_fail(OPTIML_ERR_UNSUPPORTED, "optiml.ffn_activation \"%.*s\" is not one of silu, relu, relu2, gelu, drelu, "
+                       "relu_nogate",
                        (int)(s.n > 32 ? 32 : s.n), s.data);
 }
 
@@ -130,6 +134,88 @@ static optiml_status bind(optiml_model *m, struct tensor *t, const char *name, i
     return OPTIML_OK;
 }
 
+/* ---- sparse FFN tensors and keys (docs/FORMAT.md "Sparse FFN") ---------- */
+
+/* The optional per-layer tensors: predictor fc1 (n_embd -> r, r read from
+ * the file) and fc2 (r -> n_ff), neuron-major down, activation frequencies. */
+static optiml_status bind_sparse_layer(optiml_model *m, int32_t il) {
+    const struct hparams *hp = &m->hp;
+    struct layer *l = &m->layers[il];
+    char n1[64], n2[64], name[64];
+    snprintf(n1, sizeof(n1), "blk.%d.fc1.weight", il);
+    snprintf(n2, sizeof(n2), "blk.%d.fc2.weight", il);
+    const struct gguf_tensor_info *t1 = gguf_find_tensor(m->file, n1), *t2 = gguf_find_tensor(m->file, n2);
+    if (!t1 != !t2)
+        return optiml_fail(OPTIML_ERR_FORMAT, "%s without %s: a predictor needs both layers", t1 ? n1 : n2,
+                           t1 ? n2 : n1);
+    if (t1) {
+        const uint64_t r = t1->ne[1] * t1->ne[2] * t1->ne[3];
+        if (r == 0 || r > (1u << 20))
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s: predictor rank %llu out of range", n1, (unsigned long long)r);
+        for (int k = 0; k < 2; k++) {
+            const struct gguf_tensor_info *t = k ? t2 : t1;
+            if (t->type != DTYPE_F32 && t->type != DTYPE_F16 && t->type != DTYPE_Q8_0)
+                return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s has type %s, expected f32, f16 or q8_0",
+                                   k ? n2 : n1, dtype_name(t->type));
+        }
+        TRY(bind(m, &l->fc1, n1, hp->n_embd, (int64_t)r, BIND_MATRIX, true));
+        TRY(bind(m, &l->fc2, n2, (int64_t)r, hp->n_ff, BIND_MATRIX, true));
+    }
+    snprintf(name, sizeof(name), "blk.%d.ffn_down_t.weight", il);
+    TRY(bind(m, &l->ffn_down_t, name, hp->n_embd, hp->n_ff, BIND_MATRIX, false));
+    if (l->ffn_down_t.data && !cpu_kernels_best()->to_f32[l->ffn_down_t.type])
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s has type %s, which cannot be read yet", name,
+                           dtype_name(l->ffn_down_t.type));
+    snprintf(name, sizeof(name), "blk.%d.ffn_act_freq", il);
+    return bind(m, &l->ffn_act_freq, name, hp->n_ff, 1, BIND_NORM, false);
+}
+
+static optiml_status load_sparse_info(optiml_model *m) {
+    const gguf_file *f = m->file;
+    const int32_t n_layer = m->hp.n_layer;
+    struct sparse_info *sp = &m->sparse;
+    TRY(gguf_get_u32_or(f, "optiml.sparse.version", 0, &sp->version));
+    if (sp->version > 1)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED,
+                           "optiml.sparse.version %u is not supported (this build reads version 1)", sp->version);
+    TRY(gguf_get_f32_or(f, "optiml.sparse.act_threshold", 0.0f, &sp->act_threshold));
+    if (!(sp->act_threshold >= 0.0f && sp->act_threshold < 1e30f))
+        return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.act_threshold %g must be finite and >= 0",
+                           sp->act_threshold);
+    if (sp->act_threshold > 0.0f && !ffn_act_is_relu(m->hp.ffn_act))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "optiml.sparse.act_threshold needs a ReLU-family activation");
+    int64_t calib = 0;
+    optiml_status st = gguf_get_i64(f, "optiml.sparse.calib_tokens", &calib);
+    if (st != OPTIML_OK && st != OPTIML_ERR_INVALID_ARG) return st;
+    sp->calib_tokens = calib > 0 ? (uint64_t)calib : 0;
+
+    int32_t n_pred = 0, n_down_t = 0;
+    for (int32_t il = 0; il < n_layer; il++) {
+        n_pred += m->layers[il].fc1.data != NULL;
+        n_down_t += m->layers[il].ffn_down_t.data != NULL;
+    }
+    sp->has_predictor = n_pred == n_layer;
+    sp->has_down_t = n_down_t == n_layer;
+    if (n_pred > 0 && n_pred < n_layer)
+        LOG_WARN("predictors in %d of %d layers only: the model runs dense", n_pred, n_layer);
+
+    sp->layer_threshold = calloc((size_t)n_layer, sizeof(float)); /* absent: logit > 0 */
+    if (!sp->layer_threshold) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    const struct gguf_value *arr;
+    st = gguf_get_arr(f, "optiml.sparse.layer_threshold", GGUF_TYPE_FLOAT32, &arr);
+    if (st == OPTIML_ERR_INVALID_ARG) return OPTIML_OK;
+    TRY(st);
+    if (arr->arr.n != (uint64_t)n_layer)
+        return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.layer_threshold has %llu values, expected %d (n_layer)",
+                           (unsigned long long)arr->arr.n, n_layer);
+    for (int32_t il = 0; il < n_layer; il++) {
+        sp->layer_threshold[il] = (float)gguf_arr_f64(arr, (uint64_t)il);
+        if (isnan(sp->layer_threshold[il]))
+            return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.layer_threshold[%d] is NaN", il);
+    }
+    return OPTIML_OK;
+}
+
 static optiml_status load_weights(optiml_model *m) {
     const struct hparams *hp = &m->hp;
     const struct gguf_tensor_info *emb = gguf_find_tensor(m->file, "token_embd.weight");
@@ -164,11 +250,15 @@ static optiml_status load_weights(optiml_model *m) {
         BIND(wv, "attn_v", n_embd, n_kv, BIND_MATRIX);
         BIND(wo, "attn_output", n_q, n_embd, BIND_MATRIX);
         BIND(ffn_norm, "ffn_norm", n_embd, 1, BIND_NORM);
-        BIND(ffn_gate, "ffn_gate", n_embd, hp->n_ff, BIND_MATRIX);
+        if (hp->ffn_act != FFN_ACT_RELU_NOGATE) { /* relu_nogate: no gate */
+            BIND(ffn_gate, "ffn_gate", n_embd, hp->n_ff, BIND_MATRIX);
+        }
         BIND(ffn_up, "ffn_up", n_embd, hp->n_ff, BIND_MATRIX);
         BIND(ffn_down, "ffn_down", hp->n_ff, n_embd, BIND_MATRIX);
 #undef BIND
+        TRY(bind_sparse_layer(m, il));
     }
+    TRY(load_sparse_info(m));
     for (uint64_t i = 0; i < m->file->n_tensors; i++) {
         const struct gguf_tensor_info *ti = &m->file->tensors[i];
         m->n_bytes += ti->size;
@@ -204,8 +294,6 @@ optiml_model_params optiml_model_default_params(void) {
 }
 
 static optiml_status model_load(optiml_model *m, const char *path, const optiml_model_params *params) {
-    if (params->n_gpu_layers > 0 || params->vram_budget_gib > 0.0)
-        LOG_WARN("this build has no GPU backend: running all layers on the CPU");
     TRY(gguf_open(path, &m->file));
     struct gguf_str arch;
     optiml_status st = gguf_get_str(m->file, "general.architecture", &arch);
@@ -224,7 +312,7 @@ static optiml_status model_load(optiml_model *m, const char *path, const optiml_
     TRY(load_meta_strs(m));
     snprintf(m->desc, sizeof(m->desc), "%s %dd %dL %s", m->arch, m->hp.n_embd, m->hp.n_layer,
              dtype_name(m->layers[0].wq.type));
-    return OPTIML_OK;
+    return gpu_model_load(m, params);
 }
 
 optiml_status optiml_model_load(const char *path, const optiml_model_params *params, optiml_model **out) {
@@ -252,6 +340,7 @@ optiml_status optiml_model_load(const char *path, const optiml_model_params *par
 
 void optiml_model_free(optiml_model *m) {
     if (!m) return;
+    gpu_model_free(m);
     for (int32_t i = 0; i < m->n_meta_strs; i++) {
         free(m->meta_keys[i]);
         free(m->meta_strs[i]);
@@ -259,6 +348,7 @@ void optiml_model_free(optiml_model *m) {
     free(m->meta_keys);
     free(m->meta_strs);
     vocab_free(m->vocab);
+    free(m->sparse.layer_threshold);
     free(m->layers);
     gguf_close(m->file);
     free(m);
@@ -270,6 +360,11 @@ int32_t optiml_model_n_layer(const optiml_model *m) { return m->hp.n_layer; }
 int32_t optiml_model_n_ctx_train(const optiml_model *m) { return m->hp.n_ctx_train; }
 uint64_t optiml_model_size(const optiml_model *m) { return m->n_bytes; }
 uint64_t optiml_model_n_params(const optiml_model *m) { return m->n_params; }
+int32_t optiml_model_n_gpu_layers(const optiml_model *m) {
+    if (!m) return 0;
+    const int32_t first = gpu_first_layer(m);
+    return m->hp.n_layer - first + (m->gpu && first == 0 && gpu_embeds(m) ? 1 : 0);
+}
 
 uint64_t optiml_model_decode_bytes(const optiml_model *m) {
     if (m->output.data == m->tok_embd.data) return m->n_bytes;

@@ -39,6 +39,22 @@ struct layer {
     struct tensor ffn_gate;  /* (n_embd, n_ff)                        */
     struct tensor ffn_up;    /* (n_embd, n_ff)                        */
     struct tensor ffn_down;  /* (n_ff, n_embd)                        */
+    /* sparse FFN (optional, docs/FORMAT.md "Sparse FFN"): ffn_gate is absent
+     * for FFN_ACT_RELU_NOGATE */
+    struct tensor fc1;          /* (n_embd, r) predictor layer 1, or absent */
+    struct tensor fc2;          /* (r, n_ff) predictor layer 2, or absent   */
+    struct tensor ffn_down_t;   /* (n_embd, n_ff) row i = column i of down  */
+    struct tensor ffn_act_freq; /* (n_ff) f32 fraction of tokens active     */
+};
+
+/* optiml.sparse.* keys; version 0 when the model has none. */
+struct sparse_info {
+    uint32_t version;
+    bool has_predictor;     /* every layer has fc1 and fc2              */
+    bool has_down_t;        /* every layer has ffn_down_t               */
+    float act_threshold;    /* FATReLU: activations <= it count as zero */
+    float *layer_threshold; /* (n_layer) predictor logit thresholds     */
+    uint64_t calib_tokens;
 };
 
 struct optiml_model {
@@ -49,7 +65,9 @@ struct optiml_model {
     struct tensor output;      /* (n_embd, n_vocab); = tok_embd if tied */
     struct tensor rope_freqs;  /* (n_rot / 2) f32 divisors, or absent  */
     struct layer *layers;      /* n_layer                            */
+    struct sparse_info sparse;
     struct vocab *vocab;
+    struct gpu_model *gpu;     /* offloaded layers (gpu.c), or NULL  */
     char **meta_strs;          /* NUL-terminated copies for meta_str */
     char **meta_keys;
     int32_t n_meta_strs;

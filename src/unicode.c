@@ -22,6 +22,17 @@
  *     the byte mapping the numeric characters are the digits and the bytes
  *     B2 B3 B9 BC BD BE (they map to the Latin-1 characters ² ³ ¹ ¼ ½ ¾),
  *     so those last two steps cut by bytes.
+ *   deepseek-llm (DeepSeek LLM 7B/67B's tokenizer.json): a Sequence of
+ *     isolating Splits, each on the pieces the step before left, then
+ *     Digits(individual_digits):
+ *       [\r\n]
+ *       \s?[A-Za-z and 85 more ranges of cased letters: deepseek_letters]+
+ *       \s?[!-/:-~ U+FF01-FF0F U+FF1A-FF5E U+2018-201F U+3000-3002]+
+ *       \s+$
+ *       [U+4E00-9FA5 U+0800-4E00 U+AC00-D7FF]+
+ *     The letter class holds ASCII letters, so the third step keeps " word"
+ *     whole but cuts " café" into " caf" and "é". Pieces hold no '\n' but
+ *     as a piece of its own, so the $ of the fourth is the piece's end.
  * A regex lookahead or end ($) sees the end of the piece a previous step
  * cut, as in HF, where each step runs on the pieces of the one before.
  */
@@ -73,6 +84,7 @@ bool unicode_pre_from_name(const char *name, size_t len, enum unicode_pre *out) 
         {"llama-bpe", UNICODE_PRE_LLAMA3},   {"llama3", UNICODE_PRE_LLAMA3},
         {"qwen2", UNICODE_PRE_QWEN2},        {"smollm", UNICODE_PRE_DIGITS_GPT2},
         {"starcoder", UNICODE_PRE_DIGITS_GPT2}, {"falcon", UNICODE_PRE_FALCON},
+        {"deepseek-llm", UNICODE_PRE_DEEPSEEK_LLM},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (strlen(names[i].name) == len && memcmp(names[i].name, name, len) == 0) {
@@ -258,10 +270,136 @@ static size_t split_falcon_digits(const char *s, uint32_t *ends, size_t n, uint3
     return m;
 }
 
+/* ---- DeepSeek LLM: a sequence of isolating splits ------------------------------ */
+
+struct cp_range {
+    uint32_t lo, hi;
+};
+
+/* The letter class of DeepSeek LLM's second Split, sorted. */
+static const struct cp_range deepseek_letters[] = {
+    {0x41, 0x5A},       {0x61, 0x7A},       {0xB5, 0xB5},       {0xC0, 0xD6},
+    {0xD8, 0xF6},       {0xF8, 0x1BA},      {0x1BC, 0x1BF},     {0x1C4, 0x293},
+    {0x295, 0x2AF},     {0x370, 0x373},     {0x376, 0x377},     {0x37B, 0x37D},
+    {0x37F, 0x37F},     {0x386, 0x386},     {0x388, 0x38A},     {0x38C, 0x38C},
+    {0x38E, 0x3A1},     {0x3A3, 0x3F5},     {0x3F7, 0x481},     {0x48A, 0x52F},
+    {0x531, 0x556},     {0x10A0, 0x10C5},   {0x13A0, 0x13F5},   {0x13F8, 0x13FD},
+    {0x1C90, 0x1CBA},   {0x1CBD, 0x1CBF},   {0x1D00, 0x1D2B},   {0x1D6B, 0x1D77},
+    {0x1D79, 0x1D9A},   {0x1E00, 0x1F15},   {0x1F18, 0x1F1D},   {0x1F20, 0x1F45},
+    {0x1F48, 0x1F4D},   {0x1F50, 0x1F57},   {0x1F59, 0x1F59},   {0x1F5B, 0x1F5B},
+    {0x1F5D, 0x1F5D},   {0x1F5F, 0x1F7D},   {0x1F80, 0x1FB4},   {0x1FB6, 0x1FBC},
+    {0x1FBE, 0x1FBE},   {0x1FC2, 0x1FC4},   {0x1FC6, 0x1FCC},   {0x1FD0, 0x1FD3},
+    {0x1FD6, 0x1FDB},   {0x1FE0, 0x1FEC},   {0x1FF2, 0x1FF4},   {0x1FF6, 0x1FFC},
+    {0x2102, 0x2102},   {0x2107, 0x2107},   {0x210A, 0x2113},   {0x2115, 0x2115},
+    {0x2119, 0x211D},   {0x2124, 0x2124},   {0x2126, 0x2126},   {0x2128, 0x2128},
+    {0x212A, 0x212D},   {0x212F, 0x2134},   {0x2139, 0x2139},   {0x213C, 0x213F},
+    {0x2145, 0x2149},   {0x214E, 0x214E},   {0x2183, 0x2184},   {0x2C00, 0x2C7B},
+    {0x2C7E, 0x2CE4},   {0x2CEB, 0x2CEE},   {0x2CF2, 0x2CF3},   {0xA640, 0xA66D},
+    {0xA680, 0xA69B},   {0xA722, 0xA76F},   {0xA771, 0xA787},   {0xA78B, 0xA78E},
+    {0xAB70, 0xABBF},   {0xFB00, 0xFB06},   {0xFB13, 0xFB17},   {0xFF21, 0xFF3A},
+    {0xFF41, 0xFF5A},   {0x10400, 0x1044F}, {0x104B0, 0x104D3}, {0x104D8, 0x104FB},
+    {0x10C80, 0x10CB2}, {0x10CC0, 0x10CF2}, {0x118A0, 0x118DF}, {0x1E900, 0x1E943},
+};
+
+/* The punctuation class of the third Split (it holds the ASCII letters
+ * too: :-~ spans them) and the CJK/Hangul class of the fifth. */
+static const struct cp_range deepseek_punct[] = {
+    {0x21, 0x2F}, {0x3A, 0x7E}, {0x2018, 0x201F}, {0x3000, 0x3002}, {0xFF01, 0xFF0F},
+    {0xFF1A, 0xFF5E},
+};
+static const struct cp_range deepseek_cjk[] = {{0x800, 0x9FA5}, {0xAC00, 0xD7FF}};
+
+#define N_RANGES(r) (sizeof(r) / sizeof((r)[0]))
+
+static bool in_ranges(const struct cp_range *r, size_t n, uint32_t cp) {
+    size_t lo = 0, hi = n; /* binary search for the last range with r.lo <= cp */
+    while (hi - lo > 1) {
+        size_t mid = (lo + hi) / 2;
+        if (r[mid].lo <= cp) lo = mid;
+        else hi = mid;
+    }
+    return n && cp >= r[lo].lo && cp <= r[lo].hi;
+}
+
+enum deepseek_step { DS_NEWLINE, DS_LETTERS, DS_PUNCT, DS_TRAILING_SPACE, DS_CJK, DS_DIGIT };
+
+static bool ds_in(enum deepseek_step step, uint32_t cp) {
+    switch (step) {
+    case DS_LETTERS: return in_ranges(deepseek_letters, N_RANGES(deepseek_letters), cp);
+    case DS_PUNCT: return in_ranges(deepseek_punct, N_RANGES(deepseek_punct), cp);
+    default: return in_ranges(deepseek_cjk, N_RANGES(deepseek_cjk), cp);
+    }
+}
+
+/* The leftmost match of step's regex in the piece's characters [p, b):
+ * its start (b if none) and end (*me). */
+static size_t ds_find(const struct unicode_chars *c, enum deepseek_step step, size_t p, size_t b,
+                      size_t *me) {
+    if (step == DS_TRAILING_SPACE) { /* \s+$ : the piece's trailing whitespace */
+        size_t q = b;
+        while (q > p && (c->flags[q - 1] & UNICODE_SPACE)) q--;
+        *me = b;
+        return q;
+    }
+    for (size_t q = p; q < b; q++) {
+        if (step == DS_NEWLINE || step == DS_DIGIT) {
+            bool hit = step == DS_NEWLINE ? cp_is_newline(c->cp[q]) : (c->flags[q] & UNICODE_NUMBER);
+            if (!hit) continue;
+            *me = q + 1;
+            return q;
+        }
+        /* \s?[class]+ (CJK: [class]+): a space then a class character, or
+         * a class character (U+3000 is both; either way the run from q) */
+        size_t k = q;
+        if (step != DS_CJK && (c->flags[q] & UNICODE_SPACE) && q + 1 < b && ds_in(step, c->cp[q + 1]))
+            k = q + 1;
+        else if (!ds_in(step, c->cp[q]))
+            continue;
+        while (k < b && ds_in(step, c->cp[k])) k++;
+        *me = k;
+        return q;
+    }
+    *me = b;
+    return b;
+}
+
+/* Cut each piece of in[0..n_in) (ends, in characters) at the matches of
+ * step, isolating them; the pieces go to out. */
+static size_t ds_split(const struct unicode_chars *c, enum deepseek_step step, const uint32_t *in,
+                       size_t n_in, uint32_t *out) {
+    size_t m = 0;
+    for (size_t w = 0, a = 0; w < n_in; a = in[w++]) {
+        for (size_t p = a, b = in[w]; p < b;) {
+            size_t me, ms = ds_find(c, step, p, b, &me);
+            if (ms > p) out[m++] = (uint32_t)ms;
+            if (ms == b) break;
+            out[m++] = (uint32_t)me;
+            p = me;
+        }
+    }
+    return m;
+}
+
+/* The six steps, alternating between ends and scratch so that the last
+ * writes ends; then character indices become byte offsets. */
+static size_t split_deepseek_llm(const struct unicode_chars *c, uint32_t *ends, uint32_t *scratch) {
+    static const enum deepseek_step steps[] = {DS_NEWLINE,        DS_LETTERS, DS_PUNCT,
+                                               DS_TRAILING_SPACE, DS_CJK,     DS_DIGIT};
+    uint32_t *buf[2] = {ends, scratch};
+    size_t n = 1;
+    ends[0] = (uint32_t)c->n;
+    for (size_t s = 0; s < N_RANGES(steps); s++)
+        n = ds_split(c, steps[s], buf[s % 2], n, buf[(s + 1) % 2]);
+    /* an even number of steps: the result is in ends */
+    for (size_t i = 0; i < n; i++) ends[i] = c->off[ends[i]];
+    return n;
+}
+
 size_t unicode_pre_split(enum unicode_pre pre, const struct unicode_chars *c, const char *s,
                          uint32_t *ends, uint32_t *scratch) {
     switch (pre) {
     case UNICODE_PRE_DIGITS_GPT2: return split_isolate_gpt2(c, ends, false);
+    case UNICODE_PRE_DEEPSEEK_LLM: return split_deepseek_llm(c, ends, scratch);
     case UNICODE_PRE_FALCON: {
         size_t n = split_isolate_gpt2(c, ends, true);
         return split_falcon_digits(s, ends, n, scratch);

@@ -55,6 +55,7 @@ enum unicode_pre {
     UNICODE_PRE_QWEN2,        /* "qwen2": Llama 3's with single digits          */
     UNICODE_PRE_DIGITS_GPT2,  /* "smollm", "starcoder": each digit apart, GPT-2  */
     UNICODE_PRE_FALCON,       /* "falcon"                                       */
+    UNICODE_PRE_DEEPSEEK_LLM, /* "deepseek-llm": five isolating Splits, Digits  */
 };
 
 /* The family of a tokenizer.ggml.pre name; false if unknown. */

@@ -9,9 +9,13 @@
  *
  * Tokenizing a text:
  *   1. Special tokens: the texts of control/unknown tokens (parse_special
- *      only) and user-defined tokens (always) are located, longest text
- *      first; each claims its first non-overlapping occurrences in the bytes
- *      no longer text has claimed. They split the text into fragments.
+ *      only) and user-defined tokens (always) are located as Hugging Face
+ *      tokenizers locates added tokens: scanning left to right, the longest
+ *      text at the leftmost position, without overlap, honouring the
+ *      lstrip/rstrip/single_word options of tokenizer.ggml.added_token_flags
+ *      and matching "normalized" tokens in a second pass. A first-byte index
+ *      of the special texts keeps the scan one table look-up per byte of
+ *      plain text. They split the text into fragments.
  *   2. Each fragment is normalized: ' ' -> U+2581 (E2 96 81), and a U+2581
  *      is prepended when add_space_prefix is set and the fragment starts the
  *      text or follows a special token.
@@ -51,6 +55,16 @@
 #define KEY_TYPES "tokenizer.ggml.token_type"
 #define KEY_MERGES "tokenizer.ggml.merges"
 #define KEY_PRE "tokenizer.ggml.pre"
+#define KEY_FLAGS "tokenizer.ggml.added_token_flags"
+
+/* tokenizer.ggml.added_token_flags bits: Hugging Face's AddedToken options. */
+enum {
+    ADDED_LSTRIP = 1,      /* also takes the whitespace on its left       */
+    ADDED_RSTRIP = 2,      /* also takes the whitespace on its right      */
+    ADDED_SINGLE_WORD = 4, /* matches only where no word character touches */
+    ADDED_NORMALIZED = 8,  /* matched in the second pass                  */
+    ADDED_ALL = 15,
+};
 
 #define VOCAB_MAX_TOKENS (1 << 24)
 /* Longest text tokenize accepts: keeps symbol offsets (3 bytes per input
@@ -106,7 +120,9 @@ struct vocab {
     struct piece_slot *slots; /* hash table of token ids */
     uint32_t slot_mask;
     int32_t byte_tok[256]; /* token of "<0xXX>" (BPE: of the byte's character), -1 if none */
-    int32_t *special;      /* matchable special tokens, longest text first */
+    int32_t *special;      /* matchable special tokens by first byte, longest first */
+    int32_t special_start[257]; /* special[special_start[b]..[b + 1]): first byte b */
+    uint8_t *flags;        /* n_tokens ADDED_* flags; NULL: none          */
     int32_t n_special;
     int32_t n_user_defined;
     optiml_token ids[SPECIAL_COUNT];
@@ -354,8 +370,10 @@ static optiml_status load_index(struct vocab *v) {
             i, hash_bytes(e->piece, e->piece_len), (uint32_t)(e->piece - v->arena), e->piece_len};
         if (e->type == VOCAB_TOKEN_CONTROL || e->type == VOCAB_TOKEN_UNKNOWN ||
             e->type == VOCAB_TOKEN_USER_DEFINED) {
-            /* longest first, then lowest id: ascending order of the key */
-            keys[n_special++] = ((uint64_t)(VOCAB_MAX_PIECE_LEN - e->piece_len) << 32) | (uint32_t)i;
+            /* by first byte, then longest first, then lowest id: ascending
+             * order of the key */
+            keys[n_special++] = (uint64_t)(unsigned char)e->piece[0] << 48 |
+                                (uint64_t)(VOCAB_MAX_PIECE_LEN - e->piece_len) << 32 | (uint32_t)i;
             v->n_user_defined += e->type == VOCAB_TOKEN_USER_DEFINED;
         }
     }
@@ -365,7 +383,11 @@ static optiml_status load_index(struct vocab *v) {
         free(keys);
         return optiml_fail(OPTIML_ERR_NOMEM, "vocab: out of memory for the special tokens");
     }
-    for (int32_t i = 0; i < n_special; i++) v->special[i] = (int32_t)(keys[i] & 0xffffffffu);
+    for (int32_t i = 0, b = 0; i <= n_special; i++) {
+        int first = i < n_special ? (int)(keys[i] >> 48) : 256;
+        while (b <= first) v->special_start[b++] = i;
+        if (i < n_special) v->special[i] = (int32_t)(keys[i] & 0xffffffffu);
+    }
     v->n_special = n_special;
     free(keys);
 
@@ -510,6 +532,22 @@ static optiml_status load_merges(struct vocab *v, const gguf_file *f) {
     return OPTIML_OK;
 }
 
+/* tokenizer.ggml.added_token_flags (optional u8 array, one per token). */
+static optiml_status load_added_flags(struct vocab *v, const gguf_file *f) {
+    const struct gguf_value *arr;
+    TRY(load_array(f, KEY_FLAGS, GGUF_TYPE_UINT8, false, (uint64_t)v->n_tokens, &arr));
+    if (!arr) return OPTIML_OK;
+    const uint8_t *src = arr->arr.data;
+    for (int32_t i = 0; i < v->n_tokens; i++)
+        if (src[i] & ~ADDED_ALL)
+            return optiml_fail(OPTIML_ERR_FORMAT, "%s[%d] = %u has unknown bits", KEY_FLAGS, i,
+                               src[i]);
+    v->flags = malloc((size_t)v->n_tokens);
+    if (!v->flags) return optiml_fail(OPTIML_ERR_NOMEM, "vocab: out of memory");
+    memcpy(v->flags, src, (size_t)v->n_tokens);
+    return OPTIML_OK;
+}
+
 /* Special token ids and the add_* flags. */
 static optiml_status load_settings(struct vocab *v, const gguf_file *f) {
     for (int k = 0; k < SPECIAL_COUNT; k++) {
@@ -544,9 +582,14 @@ static optiml_status load_settings(struct vocab *v, const gguf_file *f) {
         if (!unicode_pre_from_name(pre.data, pre.n, &v->pre))
             return optiml_fail(OPTIML_ERR_UNSUPPORTED,
                                "%s = \"%.*s\": pre-tokenizer not supported (gpt2, default, "
-                               "llama-bpe, qwen2, smollm, starcoder, falcon)",
+                               "llama-bpe, qwen2, smollm, starcoder, falcon, deepseek-llm)",
                                KEY_PRE, pre.n > 64 ? 64 : (int)pre.n, pre.data);
         v->ignore_merges = v->pre == UNICODE_PRE_LLAMA3; /* as HF's Llama 3 tokenizer.json */
+        int n_missing = 0;
+        for (int b = 0; b < 256; b++) n_missing += v->byte_tok[b] < 0;
+        if (n_missing)
+            LOG_INFO("byte-level BPE: %d bytes have no token and are left out of texts "
+                     "(Falcon's vocabulary lacks 28)", n_missing);
     }
     return OPTIML_OK;
 }
@@ -588,6 +631,7 @@ optiml_status vocab_load(const gguf_file *f, struct vocab **out) {
     if (st == OPTIML_OK) st = load_index(v);
     if (st == OPTIML_OK && bpe) st = load_merges(v, f);
     if (st == OPTIML_OK) st = load_settings(v, f);
+    if (st == OPTIML_OK) st = load_added_flags(v, f);
     if (st == OPTIML_OK) st = load_eog(v);
     if (st != OPTIML_OK) {
         vocab_free(v);
@@ -605,6 +649,7 @@ void vocab_free(struct vocab *v) {
     free(v->special);
     free(v->merges);
     free(v->eog);
+    free(v->flags);
     free(v);
 }
 
@@ -824,7 +869,8 @@ static void bpe_try_pair(const struct vocab *v, struct work *w, int32_t left, in
 }
 
 /* BPE of one word s[0..n) (n > 0): its bytes as byte tokens, merged by
- * rank. With ignore_merges a word that is a normal token is that token. */
+ * rank. With ignore_merges a word that is a normal token is that token.
+ * Never fails (a bool like tokenize_fragment's). */
 static bool bpe_word(const struct vocab *v, struct work *w, const char *s, size_t n,
                      struct sink *out) {
     if (v->ignore_merges) {
@@ -836,18 +882,19 @@ static bool bpe_word(const struct vocab *v, struct work *w, const char *s, size_
             return true;
         }
     }
+    /* a byte without a token is left out, its neighbours meeting (HF's BPE
+     * model without unk_token drops such characters, as llama.cpp does) */
+    size_t n_sym = 0;
     for (size_t i = 0; i < n; i++) {
         int32_t id = v->byte_tok[(unsigned char)s[i]];
-        if (id < 0) {
-            optiml_set_error("vocab_tokenize: the vocabulary has no token for byte 0x%02X",
-                             (unsigned char)s[i]);
-            return false;
-        }
-        w->sym[i] = (struct symbol){(int32_t)i - 1, (int32_t)i + 1, (uint32_t)i, 1, id};
+        if (id < 0) continue;
+        int32_t k = (int32_t)n_sym++;
+        w->sym[k] = (struct symbol){k - 1, k + 1, (uint32_t)k, 1, id};
     }
-    w->sym[n - 1].next = -1;
+    if (n_sym == 0) return true;
+    w->sym[n_sym - 1].next = -1;
     w->n_heap = 0;
-    for (size_t i = 1; i < n; i++) bpe_try_pair(v, w, (int32_t)i - 1, (int32_t)i);
+    for (size_t i = 1; i < n_sym; i++) bpe_try_pair(v, w, (int32_t)i - 1, (int32_t)i);
     while (w->n_heap) {
         struct bigram b = heap_pop(w);
         int32_t left = (int32_t)~(uint32_t)b.key;
@@ -878,37 +925,112 @@ static bool tokenize_fragment_bpe(const struct vocab *v, struct work *w, const c
 
 /* ---- tokenizing: special tokens and the whole text ------------------------ */
 
-/* mark[i] = token id where a matched special token starts, -2 inside one,
- * -1 for plain text. Longer texts are matched first, each in the runs of
- * plain text left over, left to right, without overlap. */
+/* Hugging Face's regex \w (Unicode word characters: letters, marks,
+ * decimal digits, connector punctuation, joiners), as single_word sees it.
+ * Our flags do not tell decimal digits from other numbers, so ², ½ and
+ * ① count as word characters here and not in HF; letter-like symbols
+ * such as Ⓐ (Other_Alphabetic) do not. */
+static bool char_is_word(uint32_t cp) {
+    if (unicode_flags(cp) & (UNICODE_LETTER | UNICODE_MARK | UNICODE_NUMBER)) return true;
+    return cp == '_' || cp == 0x200C || cp == 0x200D || cp == 0x203F || cp == 0x2040 ||
+           cp == 0x2054 || cp == 0xFE33 || cp == 0xFE34 || (cp >= 0xFE4D && cp <= 0xFE4F) ||
+           cp == 0xFF3F;
+}
+
+/* The character that ends at text[pos] (pos > a) within [a, pos): its code
+ * point (U+FFFD for a stray byte) and start. */
+static size_t char_before(const char *text, size_t a, size_t pos, uint32_t *cp) {
+    size_t q = pos - 1;
+    while (q > a && pos - q < 4 && ((unsigned char)text[q] & 0xC0) == 0x80) q--;
+    if (unicode_decode((const unsigned char *)text + q, pos - q, cp) == pos - q) return q;
+    *cp = UNICODE_REPLACEMENT;
+    return pos - 1;
+}
+
+static bool space_before(const char *text, size_t a, size_t pos, size_t *start) {
+    uint32_t cp;
+    *start = char_before(text, a, pos, &cp);
+    return (unicode_flags(cp) & UNICODE_SPACE) != 0;
+}
+
+static bool space_at(const char *text, size_t pos, size_t b, size_t *len) {
+    uint32_t cp;
+    *len = unicode_decode((const unsigned char *)text + pos, b - pos, &cp);
+    return (unicode_flags(cp) & UNICODE_SPACE) != 0;
+}
+
+/* The longest special token of this pass at text[q..b), or -1. */
+static int32_t special_at(const struct vocab *v, const char *text, size_t q, size_t b, int pass) {
+    unsigned char first = (unsigned char)text[q];
+    for (int32_t k = v->special_start[first]; k < v->special_start[first + 1]; k++) {
+        int32_t id = v->special[k];
+        const struct vocab_entry *e = &v->tok[id];
+        bool normalized = v->flags && (v->flags[id] & ADDED_NORMALIZED);
+        if ((int)normalized != pass || e->piece_len > b - q) continue;
+        if (memcmp(text + q, e->piece, e->piece_len) == 0) return id;
+    }
+    return -1;
+}
+
+/* One pass of Hugging Face's added-token matching over the plain text
+ * text[a..b) (HF's find_matches): the leftmost-longest occurrences of the
+ * pass's tokens, left to right without overlap. An occurrence is dropped,
+ * its text staying plain, if the token is disabled (a control or unknown
+ * token without parse_special) or single_word and a word character
+ * touches it; lstrip and rstrip widen it over the whitespace next to it
+ * (not over an earlier token's). The scan goes on after the widened end
+ * (HF after the token itself: they differ only for a token that starts
+ * with whitespace right after an rstrip token). */
+static void mark_run(const struct vocab *v, const char *text, size_t a, size_t b,
+                     bool parse_special, int pass, int32_t *mark) {
+    size_t taken = a; /* end of the last token placed */
+    for (size_t q = a; q < b;) {
+        int32_t id = special_at(v, text, q, b, pass);
+        if (id < 0) {
+            q++;
+            continue;
+        }
+        const struct vocab_entry *e = &v->tok[id];
+        size_t start = q, stop = q + e->piece_len, len;
+        unsigned fl = v->flags ? v->flags[id] : 0;
+        q = stop;
+        if (!parse_special && e->type != VOCAB_TOKEN_USER_DEFINED) continue;
+        if (fl & ADDED_SINGLE_WORD) {
+            uint32_t before = ' ', after = ' ';
+            if (start > a) char_before(text, a, start, &before);
+            if (stop < b) unicode_decode((const unsigned char *)text + stop, b - stop, &after);
+            if (char_is_word(before) || char_is_word(after)) continue;
+        }
+        if (fl & ADDED_LSTRIP)
+            for (size_t p; start > taken && space_before(text, taken, start, &p);) start = p;
+        if (fl & ADDED_RSTRIP)
+            while (stop < b && space_at(text, stop, b, &len)) stop += len;
+        mark[start] = id;
+        for (size_t j = start + 1; j < stop; j++) mark[j] = -2;
+        taken = q = stop;
+    }
+}
+
+/* mark[i] = token id where a matched special token starts, -2 inside one
+ * (with the whitespace lstrip/rstrip took), -1 for plain text. As HF does:
+ * first the tokens that are not "normalized" over the whole text, then the
+ * normalized ones over each run of text the first pass left. (HF matches
+ * normalized tokens against normalized text; the tokenizers we convert
+ * normalize nothing, so the text is the same.) */
 static void mark_specials(const struct vocab *v, const char *text, size_t n, bool parse_special,
                           int32_t *mark) {
     for (size_t i = 0; i < n; i++) mark[i] = -1;
-    for (int32_t k = 0; k < v->n_special; k++) {
-        const struct vocab_entry *e = &v->tok[v->special[k]];
-        size_t len = e->piece_len;
-        if ((!parse_special && e->type != VOCAB_TOKEN_USER_DEFINED) || len > n) continue;
-        for (size_t i = 0; i < n;) {
-            if (mark[i] != -1) {
-                i++;
-                continue;
-            }
-            size_t end = i;
-            while (end < n && mark[end] == -1) end++;
-            for (size_t p = i; end - p >= len;) {
-                const char *hit = memchr(text + p, e->piece[0], end - p - len + 1);
-                if (!hit) break;
-                p = (size_t)(hit - text);
-                if (memcmp(hit, e->piece, len) != 0) {
-                    p++;
-                    continue;
-                }
-                mark[p] = v->special[k];
-                for (size_t j = 1; j < len; j++) mark[p + j] = -2;
-                p += len;
-            }
-            i = end;
+    mark_run(v, text, 0, n, parse_special, 0, mark);
+    if (!v->flags) return;
+    for (size_t i = 0; i < n;) {
+        if (mark[i] != -1) {
+            i++;
+            continue;
         }
+        size_t end = i;
+        while (end < n && mark[end] == -1) end++;
+        mark_run(v, text, i, end, parse_special, 1, mark);
+        i = end;
     }
 }
 
@@ -933,7 +1055,7 @@ static bool tokenize_text(const struct vocab *v, struct work *w, const char *tex
         if (i == n) break;
         sink_push(out, w->mark[i]);
         after_special = true;
-        i += v->tok[w->mark[i]].piece_len;
+        for (i++; i < n && w->mark[i] == -2;) i++;
         start = i;
     }
     return true;

@@ -13,19 +13,26 @@
  * Special tokens: with parse_special, the text of control and unknown tokens
  * (e.g. "<s>") found in the input becomes those tokens; user-defined tokens
  * are always matched, with or without parse_special (as llama.cpp does).
- * Longer special texts are matched first. The text between special tokens is
- * tokenized fragment by fragment; a fragment at the start of the text or
- * right after a special token gets the U+2581 prefix (current llama.cpp and
- * the Hugging Face "legacy" Llama tokenizer behave the same way).
+ * They are found as Hugging Face tokenizers finds added tokens: leftmost
+ * first, the longest there, without overlap; tokens flagged "normalized"
+ * (tokenizer.ggml.added_token_flags) in a second pass over the text the
+ * others left; lstrip/rstrip tokens also take the whitespace beside them,
+ * single_word tokens match only where no word character touches them. The
+ * text between special tokens is tokenized fragment by fragment; a fragment
+ * at the start of the text or right after a special token gets the U+2581
+ * prefix (current llama.cpp and the Hugging Face "legacy" Llama tokenizer
+ * behave the same way).
  *
  * Byte-level BPE (as Hugging Face tokenizers' BPE model with a ByteLevel
  * pre-tokenizer): the text between special tokens is cut into words by the
  * pre-tokenizer tokenizer.ggml.pre names (src/unicode.h), each word's bytes
  * start as the tokens of GPT-2's byte characters, and adjacent pairs merge
  * lowest merge rank first (ties: leftmost). No space prefix; no unknown
- * token. Pieces render as the bytes their characters stand for. Invalid
- * UTF-8 is kept byte for byte (see unicode.h), so rendering the tokens of
- * any text gives it back.
+ * token: a byte the vocabulary has no token for is left out (as HF
+ * tokenizers and llama.cpp do; Falcon's vocabulary lacks 28 bytes). Pieces
+ * render as the bytes their characters stand for. Invalid UTF-8 is kept
+ * byte for byte (see unicode.h), so rendering the tokens of any text gives
+ * it back (unless it holds bytes without a token).
  */
 #ifndef OPTIML_VOCAB_H
 #define OPTIML_VOCAB_H
@@ -61,6 +68,9 @@ struct vocab; /* opaque */
  *     warning) and pre (string, optional: "default"; a name
  *     unicode_pre_from_name does not know fails with
  *     OPTIML_ERR_UNSUPPORTED).
+ *   added_token_flags (u8 array, optional: all 0): per token, Hugging Face's
+ *     AddedToken options, bit 0 lstrip, 1 rstrip, 2 single_word, 3
+ *     normalized (see above); other bits fail.
  *   tokens (string array, required), scores (f32 array, optional: 0),
  *   token_type (i32 array, optional: normal),
  *   bos_token_id / eos_token_id / unknown_token_id / padding_token_id /

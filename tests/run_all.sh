@@ -6,6 +6,9 @@
 #   3. the Python tests (pytest) against the release build
 #   4. short libFuzzer runs of every fuzz target when clang is installed
 #      (OPTIML_FUZZ_SECONDS per target, default 20; 0 skips them)
+#   5. when nvcc is installed: the CUDA build (-DOPTIML_CUBLAS=ON) compiles,
+#      and its C tests pass on this machine without a GPU (the CPU fallback);
+#      the GPU tests themselves need a GPU: tests/cuda/run_gpu_tests.sh
 # Missing build tools and Python packages are installed first (Debian
 # packages when run as root; Python packages into build/pyenv).
 set -euo pipefail
@@ -23,6 +26,7 @@ command -v cc >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 pkg-config --exists jansson 2>/dev/null || missing+=(libjansson-dev)
 pkg-config --exists libmicrohttpd 2>/dev/null || missing+=(libmicrohttpd-dev) # optiml-server
+[ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev) # optiml-synth, -profile, -train-predictor
 command -v chromium >/dev/null || missing+=(chromium) # the web UI browser test
 command -v curl >/dev/null || missing+=(curl)
 command -v clang >/dev/null || missing+=(clang)
@@ -70,6 +74,14 @@ if [ "$FUZZ_SECONDS" != 0 ] && command -v clang >/dev/null; then
       >"build-fuzz/$name.log" 2>&1 || { tail -40 "build-fuzz/$name.log"; exit 1; }
     rm -rf "$work"
   done
+fi
+
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  step "CUDA build (compiles here; GPU tests: tests/cuda/run_gpu_tests.sh on a GPU machine)"
+  export PATH="$PATH:/usr/local/cuda/bin"
+  cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DOPTIML_CUBLAS=ON -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null
+  cmake --build build-cuda -j "$JOBS"
+  ctest --test-dir build-cuda --output-on-failure -j "$JOBS"
 fi
 
 step "Python tests"

@@ -8,6 +8,8 @@
  * a double-precision dot of the dequantized rows (1e-5; 2e-3 for q4_1/q5_1,
  * whose activation block sum s is stored in f16, a relative error of 2^-11
  * on the min term). Activation quantizers must match the reference bytes.
+ * axpy kernels (sparse down rows), scalar and SIMD: against the row
+ * dequantized by the reference converters, in double.
  */
 #include "cpu/ops.h"
 #include "quant.h"
@@ -193,11 +195,56 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
     free(xq2);
 }
 
+/* axpy (y += a * row): the kernel against y + a * (the row dequantized by
+ * quant.c / to_f32) in double; 1e-6 of |y| + |a w| (one float rounding of
+ * the product and of the sum). */
+static void compare_axpy(const char *name, const struct cpu_kernels *k) {
+    static const uint32_t types[] = {DTYPE_F32, DTYPE_F16, DTYPE_Q8_0, DTYPE_Q4_0};
+    static const int64_t sizes[] = {32, 64, 96, 256, 4096, 11008};
+    const struct cpu_kernels *ref = cpu_kernels_ref();
+    float *src = malloc(11008 * sizeof(float)), *wf = malloc(11008 * sizeof(float));
+    float *y = malloc(11008 * sizeof(float)), *y0 = malloc(11008 * sizeof(float));
+    void *w = malloc(11008 * sizeof(float));
+    for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+        const uint32_t t = types[ti];
+        if (!k->axpy[t]) {
+            CHECK(false, "%s axpy %s missing", name, dtype_name(t));
+            continue;
+        }
+        double worst = 0;
+        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+            const int64_t n = sizes[si] + (t == DTYPE_F32 || t == DTYPE_F16 ? (int64_t)si % 3 : 0); /* ragged */
+            for (int64_t i = 0; i < n; i++) src[i] = frand();
+            if (t == DTYPE_F32) memcpy(w, src, (size_t)n * sizeof(float));
+            else if (t == DTYPE_F16) for (int64_t i = 0; i < n; i++) ((f16_t *)w)[i] = f32_to_f16(src[i]);
+            else quant_quantizer(t)(n, src, w);
+            ref->to_f32[t](n, w, wf);
+            const float a = frand() * 3.0f;
+            for (int64_t i = 0; i < n; i++) y[i] = y0[i] = 0.1f * (float)i + frand(); /* poisoned by the values */
+            k->axpy[t](n, a, w, y);
+            for (int64_t i = 0; i < n; i++) {
+                const double want = (double)y0[i] + (double)a * wf[i];
+                const double e = fabs(y[i] - want) / (fabs((double)y0[i]) + fabs((double)a * wf[i]) + 1e-30);
+                if (!(e <= worst)) worst = e;
+            }
+        }
+        printf("%s axpy %s: max rel diff %.3g\n", name, dtype_name(t), worst);
+        CHECK(worst < 1e-6, "%s axpy %s: %g", name, dtype_name(t), worst);
+    }
+    free(src);
+    free(wf);
+    free(y);
+    free(y0);
+    free(w);
+}
+
 int main(void) {
     rng_state = (uint64_t)time(NULL);
     printf("seed %llu\n", (unsigned long long)rng_state);
     compare("best", cpu_kernels_best());
     compare_quant("best", cpu_kernels_best());
+    compare_axpy("ref", cpu_kernels_ref());
+    compare_axpy("best", cpu_kernels_best());
 #if defined(OPTIML_X86)
     if (cpu_kernels_avx2()) {
         /* the avx2 table leaves some entries to the reference: fill them */
@@ -209,9 +256,11 @@ int main(void) {
             if (v->dot_q[t]) k.dot_q[t] = v->dot_q[t];
             if (v->dot_q[t]) k.dot_q_x4[t] = v->dot_q_x4[t];
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];
+            if (v->axpy[t]) k.axpy[t] = v->axpy[t];
         }
         compare("avx2", &k);
         compare_quant("avx2", &k);
+        compare_axpy("avx2", &k);
     } else {
         printf("avx2: not supported by this CPU, skipped\n");
     }

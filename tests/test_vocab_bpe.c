@@ -4,7 +4,8 @@
  * the GGUF writer: GPT-2's byte mapping, merge order by rank (ties to the
  * leftmost pair), ignore_merges, the word cuts of every pre-tokenizer on
  * hand-worked examples of their regexes, invalid UTF-8, special and
- * end-of-generation tokens, rendering, load errors, and the time to
+ * end-of-generation tokens, the added-token options (lstrip, rstrip,
+ * single_word, normalized), rendering, load errors, and the time to
  * tokenize 10 KB. Agreement with Hugging Face tokenizers on real
  * vocabularies is tests/python/test_tokenizer_hf.py's job.
  */
@@ -44,12 +45,14 @@ struct tiny {
     const int32_t *extra_type; /* their types                                 */
     const char *const *merges; /* NULL-ended; NULL: no merges key             */
     int64_t eos, eot;          /* -1: none                                    */
+    const uint8_t *flags;      /* added_token_flags of the extra tokens, or NULL */
 };
 
 static optiml_status tiny_load(const struct tiny *t, struct vocab **out) {
     static char bytes[256][3];
     const char *toks[320];
     int32_t types[320];
+    uint8_t flags[320] = {0};
     size_t n = 0, n_merges = 0;
     for (unsigned b = 0; b < 256; b++, n++) {
         toks[n] = byte_char(b, bytes[b]);
@@ -58,6 +61,7 @@ static optiml_status tiny_load(const struct tiny *t, struct vocab **out) {
     for (size_t i = 0; t->extra && t->extra[i]; i++, n++) {
         toks[n] = t->extra[i];
         types[n] = t->extra_type ? t->extra_type[i] : VOCAB_TOKEN_NORMAL;
+        flags[n] = t->flags ? t->flags[i] : 0;
     }
     while (t->merges && t->merges[n_merges]) n_merges++;
     char path[] = "/tmp/test_vocab_bpe_XXXXXX";
@@ -70,6 +74,8 @@ static optiml_status tiny_load(const struct tiny *t, struct vocab **out) {
     if (st == OPTIML_OK) st = gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", toks, NULL, n);
     if (st == OPTIML_OK)
         st = gguf_writer_set_arr(w, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, types, n);
+    if (st == OPTIML_OK && t->flags)
+        st = gguf_writer_set_arr(w, "tokenizer.ggml.added_token_flags", GGUF_TYPE_UINT8, flags, n);
     if (st == OPTIML_OK && t->merges)
         st = gguf_writer_set_arr_str(w, "tokenizer.ggml.merges", t->merges, NULL, n_merges);
     if (st == OPTIML_OK && t->eos >= 0)
@@ -96,7 +102,7 @@ static const char *const no_merges[] = {NULL};
 /* ---- BPE ---------------------------------------------------------------------- */
 
 static void test_byte_mapping(void) {
-    struct tiny t = {"gpt2", NULL, NULL, no_merges, -1, -1};
+    struct tiny t = {"gpt2", NULL, NULL, no_merges, -1, -1, NULL};
     struct vocab *v = NULL;
     optiml_token ids[256];
     CHECK(tiny_load(&t, &v) == OPTIML_OK, "%s", optiml_last_error());
@@ -124,7 +130,7 @@ static void test_merge_order(void) {
     static const char *const extra[] = {"ab", "bc", "aa", "abc", "aaaa", NULL};
     static const char *const m1[] = {"b c", "a b", NULL}, *const m2[] = {"a b", "b c", NULL};
     static const char *const m3[] = {"a a", "aa aa", NULL};
-    struct tiny t = {"gpt2", extra, NULL, m1, -1, -1};
+    struct tiny t = {"gpt2", extra, NULL, m1, -1, -1, NULL};
     struct vocab *v = NULL;
     optiml_token ids[256];
     CHECK(tiny_load(&t, &v) == OPTIML_OK, "%s", optiml_last_error());
@@ -208,6 +214,18 @@ static void test_pre_tokenizers(void) {
     /* falcon: "hi" "!!" then 1234567 as "123" "456" "7" */
     SPLIT("falcon", "hi!!1234567", 2, 4, 7, 10, 11);
     SPLIT("falcon", "x\xC2\xB2y", 1, 2, 3, 4); /* the byte B2 maps to a numeric char */
+    /* deepseek-llm: "Hello" " world" (\s?[letters]+), kept by the next Split */
+    SPLIT("deepseek-llm", "Hello world", 5, 11);
+    /* " caf\u00E9" is one letter run; the punctuation class holds only the
+     * ASCII letters, so its Split cuts " caf" from "\u00E9" */
+    SPLIT("deepseek-llm", " caf\xC3\xA9", 4, 6);
+    /* "[\r\n]" isolates the newline, "  " is no letter run */
+    SPLIT("deepseek-llm", "a  \n", 1, 3, 4);
+    /* "x", then " 12\u4E2D\u6587": the CJK Split cuts "\u4E2D\u6587",
+     * Digits cuts " " "1" "2" */
+    SPLIT("deepseek-llm", "x 12\xE4\xB8\xAD\xE6\x96\x87", 1, 2, 3, 4, 10);
+    /* \s+$ : a piece's trailing whitespace ("!  " from the third Split) */
+    SPLIT("deepseek-llm", "!  ", 1, 3);
     enum unicode_pre p;
     EXPECT(!unicode_pre_from_name("tekken", 6, &p));
 }
@@ -218,7 +236,7 @@ static void test_special(void) {
     static const char *const extra[] = {"<|im_end|>", "<|im_start|>", "<x>", "<|im", NULL};
     static const int32_t types[] = {VOCAB_TOKEN_CONTROL, VOCAB_TOKEN_CONTROL,
                                     VOCAB_TOKEN_USER_DEFINED, VOCAB_TOKEN_CONTROL};
-    struct tiny t = {"qwen2", extra, types, no_merges, 'z', -1};
+    struct tiny t = {"qwen2", extra, types, no_merges, 'z', -1, NULL};
     struct vocab *v = NULL;
     optiml_token ids[256];
     CHECK(tiny_load(&t, &v) == OPTIML_OK, "%s", optiml_last_error());
@@ -239,9 +257,53 @@ static void test_special(void) {
     vocab_free(v);
 }
 
+/* Hugging Face's AddedToken options, on hand-worked cases of its rules. */
+static void test_added_flags(void) {
+    static const char *const extra[] = {"<L>", "<R>", "<W>", "<N>", "N>x", "qz", "zwv", NULL};
+    static const int32_t types[] = {VOCAB_TOKEN_CONTROL, VOCAB_TOKEN_CONTROL,
+                                    VOCAB_TOKEN_USER_DEFINED, VOCAB_TOKEN_CONTROL,
+                                    VOCAB_TOKEN_CONTROL, VOCAB_TOKEN_USER_DEFINED,
+                                    VOCAB_TOKEN_USER_DEFINED};
+    static const uint8_t flags[] = {1, 2, 4, 8, 0, 0, 0}; /* lstrip rstrip single_word normalized */
+    struct tiny t = {"gpt2", extra, types, no_merges, -1, -1, flags};
+    struct vocab *v = NULL;
+    optiml_token ids[256];
+    CHECK(tiny_load(&t, &v) == OPTIML_OK, "%s", optiml_last_error());
+    if (!v) return;
+    int32_t n = tok(v, "a \t <L>b", ids, true); /* lstrip takes " \t " */
+    CHECK(n == 3 && ids[0] == 'a' && ids[1] == 256 && ids[2] == 'b', "lstrip: n = %d", n);
+    n = tok(v, "a<R>\xE3\x80\x80 b ", ids, true); /* rstrip takes U+3000 and ' ' */
+    CHECK(n == 4 && ids[0] == 'a' && ids[1] == 257 && ids[2] == 'b' && ids[3] == ' ',
+          "rstrip: n = %d", n);
+    n = tok(v, "<L><L>", ids, true); /* nothing between to strip */
+    CHECK(n == 2 && ids[0] == 256 && ids[1] == 256, "n = %d", n);
+    n = tok(v, "x<W> <W>.", ids, false); /* "x" touches the first */
+    CHECK(n == 7 && ids[0] == 'x' && ids[1] == '<' && ids[4] == ' ' && ids[5] == 258 &&
+              ids[6] == '.',
+          "single_word: n = %d", n);
+    n = tok(v, "_<W>", ids, false); /* '_' is a word character */
+    CHECK(n == 4 && ids[1] == '<', "single_word after _: n = %d", n);
+    /* "<N>" is normalized: "N>x" (first pass) wins though it starts later */
+    n = tok(v, "<N>x", ids, true);
+    CHECK(n == 2 && ids[0] == '<' && ids[1] == 260, "normalized: n = %d", n);
+    n = tok(v, "<N>y", ids, true);
+    CHECK(n == 2 && ids[0] == 259 && ids[1] == 'y', "normalized alone: n = %d", n);
+    /* leftmost-longest: "qz" at 0 beats the longer "zwv" at 1 */
+    n = tok(v, "qzwv", ids, false);
+    CHECK(n == 3 && ids[0] == 261 && ids[1] == 'w' && ids[2] == 'v', "leftmost: n = %d", n);
+    vocab_free(v);
+
+    static const uint8_t bad[] = {16, 0, 0, 0, 0, 0, 0};
+    t.flags = bad;
+    optiml_log_set(NULL, NULL, (optiml_log_level)(OPTIML_LOG_LEVEL_ERROR + 1));
+    EXPECT(tiny_load(&t, &v) == OPTIML_ERR_FORMAT && v == NULL);
+    CHECK(strstr(optiml_last_error(), "added_token_flags") != NULL, "%s", optiml_last_error());
+    optiml_log_set(NULL, NULL, OPTIML_LOG_LEVEL_INFO);
+}
+
 static void test_errors(void) {
     static const char *const bad_merges[] = {"a b", "nospace", "q z", NULL};
-    struct tiny t = {"tekken", NULL, NULL, no_merges, -1, -1};
+    struct tiny t = {"tekken", NULL, NULL, no_merges, -1, -1, NULL};
     struct vocab *v = NULL;
     optiml_log_set(NULL, NULL, (optiml_log_level)(OPTIML_LOG_LEVEL_ERROR + 1));
     EXPECT(tiny_load(&t, &v) == OPTIML_ERR_UNSUPPORTED && v == NULL);
@@ -260,7 +322,7 @@ static void test_errors(void) {
 static void test_speed(void) {
     static const char *const extra[] = {"th", "the", "Ġthe", "in", "Ġa", NULL};
     static const char *const merges[] = {"t h", "th e", "Ġ the", "i n", "Ġ a", NULL};
-    struct tiny t = {"llama-bpe", extra, NULL, merges, -1, -1};
+    struct tiny t = {"llama-bpe", extra, NULL, merges, -1, -1, NULL};
     struct vocab *v = NULL;
     CHECK(tiny_load(&t, &v) == OPTIML_OK, "%s", optiml_last_error());
     if (!v) return;
@@ -292,6 +354,7 @@ int main(void) {
     test_merge_order();
     test_pre_tokenizers();
     test_special();
+    test_added_flags();
     test_errors();
     test_speed();
     return test_summary("test_vocab_bpe");

@@ -2,7 +2,8 @@
  * optiml-bench - prompt and decode speed of a model, like llama-bench.
  *
  *   optiml-bench -m MODEL [-p 512] [-n 128] [-t THREADS[,THREADS...]] [-r 5]
- *                [-o md|json] [--no-floor]
+ *                [-o md|json] [--no-floor] [-ngl N] [--vram-budget GIB]
+ *                [--sparse-mode M[,M...]]
  *
  * pp<P>: one batch of P random tokens into an empty cache.
  * tg<N>: N single-token decode steps after a one-token prompt.
@@ -13,7 +14,17 @@
  * table only one row, unless it is also the output head):
  * optiml_model_decode_bytes() / read bandwidth measured here with the same
  * number of threads = the most tokens/s memory allows; the table says how
- * close decode comes.
+ * close decode comes. With layers on the GPU (-ngl, CUDA builds) the CPU
+ * floor does not apply; the table's ngl column says how many layers (plus
+ * the head) ran there, and bench/gpu.sh computes the GPU floor from the
+ * device's measured copy bandwidth.
+ *
+ * --sparse-mode runs each test once per listed optiml_context_params
+ * sparse_mode (0 auto, 1 dense, 2 oracle, 3 predictor), so sparse and dense
+ * decode of a ReLU-sparse model compare in one run; the test name then
+ * carries the mode and the share of FFN neurons the last step computed
+ * (optiml_context_ffn_stats), e.g. "tg128 sparse3 9.8%"; the decode floor
+ * line compares with the first mode listed (list the dense mode, 1, first).
  */
 #define _POSIX_C_SOURCE 200809L
 #include "optiml.h"
@@ -28,6 +39,7 @@
 
 #define MAX_THREAD_COUNTS 16
 #define MAX_REPS 100
+#define MAX_SPARSE_MODES 4
 
 /* ---- memory bandwidth ----------------------------------------------------- */
 
@@ -119,7 +131,9 @@ static optiml_status run_once(optiml_context *ctx, optiml_batch *b, int n_vocab,
 
 struct result {
     int n_threads;
-    char test[32];
+    int sparse_mode;
+    double ffn_active; /* share of FFN neurons computed, -1: dense FFN */
+    char test[48];
     double mean, sd;
 };
 
@@ -130,6 +144,10 @@ struct bench_args {
     int n_prompt, n_gen, reps;
     int threads[MAX_THREAD_COUNTS];
     int n_thread_counts;
+    int n_gpu_layers;
+    double vram_budget;
+    int sparse_modes[MAX_SPARSE_MODES];
+    int n_sparse_modes; /* 0: the default mode only, names unchanged */
     bool json, floor;
 };
 
@@ -148,7 +166,8 @@ static int parse_args(int argc, char **argv, struct bench_args *a) {
         const char *f = argv[i];
         if (!strcmp(f, "--no-floor")) { a->floor = false; continue; }
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) {
-            printf("usage: optiml-bench -m MODEL [-p 512] [-n 128] [-t N[,N...]] [-r 5] [-o md|json] [--no-floor]\n");
+            printf("usage: optiml-bench -m MODEL [-p 512] [-n 128] [-t N[,N...]] [-r 5] [-o md|json] [--no-floor]\n"
+                   "                    [-ngl N] [--vram-budget GIB] [--sparse-mode M[,M...]]\n");
             exit(0);
         }
         if (i + 1 >= argc) {
@@ -161,8 +180,20 @@ static int parse_args(int argc, char **argv, struct bench_args *a) {
         else if (!strcmp(f, "-p")) ok = parse_int(v, 0, 1 << 16, &a->n_prompt);
         else if (!strcmp(f, "-n")) ok = parse_int(v, 0, 1 << 16, &a->n_gen);
         else if (!strcmp(f, "-r")) ok = parse_int(v, 1, MAX_REPS, &a->reps);
-        else if (!strcmp(f, "-o")) { a->json = !strcmp(v, "json"); ok = a->json || !strcmp(v, "md"); }
-        else if (!strcmp(f, "-t")) {
+        else if (!strcmp(f, "-ngl") || !strcmp(f, "--n-gpu-layers")) ok = parse_int(v, -1, 1 << 20, &a->n_gpu_layers);
+        else if (!strcmp(f, "--vram-budget")) {
+            char *end;
+            errno = 0;
+            a->vram_budget = strtod(v, &end);
+            ok = !errno && end != v && !*end && a->vram_budget > 0.0;
+        } else if (!strcmp(f, "-o")) { a->json = !strcmp(v, "json"); ok = a->json || !strcmp(v, "md"); }
+        else if (!strcmp(f, "--sparse-mode")) {
+            char buf[64];
+            snprintf(buf, sizeof(buf), "%s", v);
+            for (char *tok = strtok(buf, ","); tok && ok; tok = strtok(NULL, ","))
+                ok = a->n_sparse_modes < MAX_SPARSE_MODES &&
+                     parse_int(tok, 0, 3, &a->sparse_modes[a->n_sparse_modes++]);
+        } else if (!strcmp(f, "-t")) {
             char buf[256];
             snprintf(buf, sizeof(buf), "%s", v);
             for (char *tok = strtok(buf, ","); tok && ok; tok = strtok(NULL, ",")) {
@@ -196,22 +227,28 @@ int main(int argc, char **argv) {
     if (parse_args(argc, argv, &a)) return 1;
     optiml_log_set(NULL, NULL, OPTIML_LOG_LEVEL_WARN);
     optiml_model *model = NULL;
-    if (optiml_model_load(a.model, NULL, &model) != OPTIML_OK) {
+    optiml_model_params mp = optiml_model_default_params();
+    mp.n_gpu_layers = a.n_gpu_layers;
+    mp.vram_budget_gib = a.vram_budget;
+    if (optiml_model_load(a.model, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-bench: %s\n", optiml_last_error());
         return 1;
     }
     const int n_vocab = optiml_model_n_vocab(model);
     const int n_batch = a.n_prompt > 1 ? a.n_prompt : 1;
     optiml_batch batch = optiml_batch_init(n_batch);
-    struct result res[2 * MAX_THREAD_COUNTS];
+    struct result res[2 * MAX_THREAD_COUNTS * MAX_SPARSE_MODES];
+    const int n_modes = a.n_sparse_modes ? a.n_sparse_modes : 1;
     double bw[MAX_THREAD_COUNTS] = {0};
     int n_res = 0;
     uint64_t rng = 12345;
-    for (int ti = 0; ti < a.n_thread_counts; ti++) {
+    for (int ti = 0; ti < a.n_thread_counts; ti++)
+    for (int mi = 0; mi < n_modes; mi++) {
         optiml_context_params cp = optiml_context_default_params();
         cp.n_ctx = (uint32_t)(n_batch + a.n_gen + 1);
         cp.n_batch = (uint32_t)n_batch;
         cp.n_threads = a.threads[ti];
+        if (a.n_sparse_modes) cp.sparse_mode = a.sparse_modes[mi];
         optiml_context *ctx = NULL;
         if (optiml_context_init(model, &cp, &ctx) != OPTIML_OK) goto fail;
         for (int kind = 0; kind < 2; kind++) {
@@ -228,40 +265,51 @@ int main(int argc, char **argv) {
             }
             struct result *rr = &res[n_res++];
             rr->n_threads = a.threads[ti];
-            snprintf(rr->test, sizeof(rr->test), kind == 0 ? "pp%d" : "tg%d", kind == 0 ? a.n_prompt : a.n_gen);
+            rr->sparse_mode = cp.sparse_mode;
+            uint64_t n_act = 0, n_tot = 0;
+            optiml_context_ffn_stats(ctx, &n_act, &n_tot);
+            rr->ffn_active = n_tot ? (double)n_act / (double)n_tot : -1.0;
+            int len = snprintf(rr->test, sizeof(rr->test), kind == 0 ? "pp%d" : "tg%d",
+                               kind == 0 ? a.n_prompt : a.n_gen);
+            if (a.n_sparse_modes)
+                snprintf(rr->test + len, sizeof(rr->test) - (size_t)len, rr->ffn_active < 0 ? " sparse%d dense" :
+                         " sparse%d %.1f%%", rr->sparse_mode, 100.0 * rr->ffn_active);
             stats(tps, a.reps, &rr->mean, &rr->sd);
         }
         optiml_context_free(ctx);
-        if (a.floor) bw[ti] = measure_bandwidth(a.threads[ti]);
+        if (a.floor && mi == 0) bw[ti] = measure_bandwidth(a.threads[ti]);
     }
 
     char desc[128];
     optiml_model_desc(model, desc, sizeof(desc));
     const double size_mib = optiml_model_size(model) / 1048576.0, params_m = optiml_model_n_params(model) / 1e6;
     const double step_bytes = (double)optiml_model_decode_bytes(model);
+    const int ngl = optiml_model_n_gpu_layers(model);
     if (a.json) {
         printf("[\n");
         for (int i = 0; i < n_res; i++) {
             int ti = 0;
             while (a.threads[ti] != res[i].n_threads) ti++;
             printf("  {\"model\": \"%s\", \"size_bytes\": %llu, \"n_params\": %llu, \"cpu\": \"%s\", \"n_threads\": %d, "
-                   "\"test\": \"%s\", \"t_s\": %.4f, \"t_s_sd\": %.4f, \"decode_bytes\": %.0f, \"read_bw_gbs\": %.3f}%s\n",
+                   "\"n_gpu_layers\": %d, \"sparse_mode\": %d, \"ffn_active\": %.4f, \"test\": \"%s\", \"t_s\": %.4f, "
+                   "\"t_s_sd\": %.4f, \"decode_bytes\": %.0f, \"read_bw_gbs\": %.3f}%s\n",
                    desc, (unsigned long long)optiml_model_size(model), (unsigned long long)optiml_model_n_params(model),
-                   optiml_cpu_features(), res[i].n_threads, res[i].test, res[i].mean, res[i].sd, step_bytes,
+                   optiml_cpu_features(), res[i].n_threads, ngl, res[i].sparse_mode, res[i].ffn_active, res[i].test,
+                   res[i].mean, res[i].sd, step_bytes,
                    bw[ti] / 1e9, i + 1 < n_res ? "," : "");
         }
         printf("]\n");
     } else {
-        printf("| model | size | params | kernels | threads | test | t/s |\n");
-        printf("| --- | ---: | ---: | --- | ---: | --- | ---: |\n");
+        printf("| model | size | params | kernels | threads | ngl | test | t/s |\n");
+        printf("| --- | ---: | ---: | --- | ---: | ---: | --- | ---: |\n");
         for (int i = 0; i < n_res; i++)
-            printf("| %s | %.2f MiB | %.2f M | %s | %d | %s | %.2f ± %.2f |\n", desc, size_mib, params_m,
-                   optiml_cpu_features(), res[i].n_threads, res[i].test, res[i].mean, res[i].sd);
-        for (int ti = 0; a.floor && ti < a.n_thread_counts; ti++) {
+            printf("| %s | %.2f MiB | %.2f M | %s | %d | %d | %s | %.2f ± %.2f |\n", desc, size_mib, params_m,
+                   optiml_cpu_features(), res[i].n_threads, ngl, res[i].test, res[i].mean, res[i].sd);
+        for (int ti = 0; a.floor && ngl == 0 && ti < a.n_thread_counts; ti++) {
             double floor_tps = bw[ti] > 0 ? bw[ti] / step_bytes : 0.0;
             double tg = 0.0;
-            for (int i = 0; i < n_res; i++)
-                if (res[i].n_threads == a.threads[ti] && res[i].test[0] == 't') tg = res[i].mean;
+            for (int i = 0; i < n_res; i++) /* the first --sparse-mode's decode */
+                if (res[i].n_threads == a.threads[ti] && res[i].test[0] == 't' && tg == 0.0) tg = res[i].mean;
             printf("\ndecode floor, %d threads: %.2f MiB read per token / %.2f GB/s measured = %.2f tokens/s",
                    a.threads[ti], step_bytes / 1048576.0, bw[ti] / 1e9, floor_tps);
             if (tg > 0 && floor_tps > 0) printf("; decode reaches %.0f%% of it", 100.0 * tg / floor_tps);

@@ -44,6 +44,8 @@ struct cli_args {
     int32_t n_predict;
     int32_t n_threads;
     int32_t n_ctx;
+    int32_t n_gpu_layers;      /* -ngl */
+    double vram_budget;        /* --vram-budget GiB */
     bool seed_set;
     bool show_ids;
     bool no_bos;
@@ -64,6 +66,9 @@ static void usage(FILE *out) {
             "                           context (default 128)\n"
             "  -t, --threads N          CPU threads (default: all cores)\n"
             "  -c, --ctx-size N         context size, 0 = the model's (default 2048)\n"
+            "  -ngl, --n-gpu-layers N   CUDA builds: run the last N layers on the GPU; more than the\n"
+            "                           model has (or -1) also puts the output head there (default 0)\n"
+            "      --vram-budget GIB    CUDA builds: offload the most layers that fit GIB of VRAM\n"
             "      --temp T             temperature, 0 = greedy (default 0.8)\n"
             "      --top-k K            top-k, 0 = off (default 40)\n"
             "      --top-p P            top-p, 1 = off (default 0.95)\n"
@@ -119,7 +124,8 @@ static int parse_args(int argc, char **argv, struct cli_args *a) {
                                                  "--n-predict", "-t", "--threads", "-c", "--ctx-size",
                                                  "--temp", "--top-k", "--top-p", "--min-p", "--repeat-penalty",
                                                  "--repeat-last-n", "-s", "--seed", "--system",
-                                                 "--chat-template"};
+                                                 "--chat-template", "-ngl", "--n-gpu-layers", "--gpu-layers",
+                                                 "--vram-budget"};
         bool known = false;
         for (size_t k = 0; k < sizeof(with_value) / sizeof(with_value[0]); k++) known |= !strcmp(arg, with_value[k]);
         if (!known) {
@@ -141,6 +147,14 @@ static int parse_args(int argc, char **argv, struct cli_args *a) {
         else if (!strcmp(arg, "-n") || !strcmp(arg, "--n-predict")) { ok = parse_long(val, -1, INT32_MAX, &l); a->n_predict = (int32_t)l; }
         else if (!strcmp(arg, "-t") || !strcmp(arg, "--threads")) { ok = parse_long(val, 1, 1024, &l); a->n_threads = (int32_t)l; }
         else if (!strcmp(arg, "-c") || !strcmp(arg, "--ctx-size")) { ok = parse_long(val, 0, 1 << 24, &l); a->n_ctx = (int32_t)l; }
+        else if (!strcmp(arg, "-ngl") || !strcmp(arg, "--n-gpu-layers") || !strcmp(arg, "--gpu-layers")) {
+            ok = parse_long(val, -1, 1 << 20, &l);
+            a->n_gpu_layers = (int32_t)l;
+        } else if (!strcmp(arg, "--vram-budget")) {
+            float f;
+            ok = parse_float(val, &f) && f > 0.0f;
+            a->vram_budget = f;
+        }
         else if (!strcmp(arg, "--temp")) ok = parse_float(val, &a->sp.temp);
         else if (!strcmp(arg, "--top-k")) { ok = parse_long(val, 0, INT32_MAX, &l); a->sp.top_k = (int32_t)l; }
         else if (!strcmp(arg, "--top-p")) ok = parse_float(val, &a->sp.top_p) && a->sp.top_p >= 0.0f && a->sp.top_p <= 1.0f;
@@ -561,6 +575,8 @@ int main(int argc, char **argv) {
 
     int64_t t0 = optiml_time_us();
     optiml_model_params mp = optiml_model_default_params();
+    mp.n_gpu_layers = a.n_gpu_layers;
+    mp.vram_budget_gib = a.vram_budget;
     if (optiml_model_load(a.model, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-cli: %s\n", optiml_last_error());
         goto done;

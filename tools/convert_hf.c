@@ -625,6 +625,26 @@ static const char hf_regex_qwen2[] =
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
     "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 static const char hf_regex_falcon_digits[] = "[0-9][0-9][0-9]";
+/* DeepSeek LLM's five Splits (non-ASCII as universal character names). */
+static const char *const hf_regex_deepseek_llm[5] = {
+    "[\r\n]",
+    "\\s?[A-Za-z\u00B5\u00C0-\u00D6\u00D8-\u00F6\u00F8-\u01BA\u01BC-\u01BF\u01C4-\u0293"
+    "\u0295-\u02AF\u0370-\u0373\u0376\u0377\u037B-\u037D\u037F\u0386\u0388-\u038A\u038C"
+    "\u038E-\u03A1\u03A3-\u03F5\u03F7-\u0481\u048A-\u052F\u0531-\u0556\u10A0-\u10C5"
+    "\u13A0-\u13F5\u13F8-\u13FD\u1C90-\u1CBA\u1CBD-\u1CBF\u1D00-\u1D2B\u1D6B-\u1D77"
+    "\u1D79-\u1D9A\u1E00-\u1F15\u1F18-\u1F1D\u1F20-\u1F45\u1F48-\u1F4D\u1F50-\u1F57\u1F59"
+    "\u1F5B\u1F5D\u1F5F-\u1F7D\u1F80-\u1FB4\u1FB6-\u1FBC\u1FBE\u1FC2-\u1FC4\u1FC6-\u1FCC"
+    "\u1FD0-\u1FD3\u1FD6-\u1FDB\u1FE0-\u1FEC\u1FF2-\u1FF4\u1FF6-\u1FFC\u2102\u2107"
+    "\u210A-\u2113\u2115\u2119-\u211D\u2124\u2126\u2128\u212A-\u212D\u212F-\u2134\u2139"
+    "\u213C-\u213F\u2145-\u2149\u214E\u2183\u2184\u2C00-\u2C7B\u2C7E-\u2CE4\u2CEB-\u2CEE"
+    "\u2CF2\u2CF3\uA640-\uA66D\uA680-\uA69B\uA722-\uA76F\uA771-\uA787\uA78B-\uA78E"
+    "\uAB70-\uABBF\uFB00-\uFB06\uFB13-\uFB17\uFF21-\uFF3A\uFF41-\uFF5A\U00010400-\U0001044F"
+    "\U000104B0-\U000104D3\U000104D8-\U000104FB\U00010C80-\U00010CB2\U00010CC0-\U00010CF2"
+    "\U000118A0-\U000118DF\U0001E900-\U0001E943]+",
+    "\\s?[!-/:-~\uFF01-\uFF0F\uFF1A-\uFF5E\u2018-\u201F\u3000-\u3002]+",
+    "\\s+$",
+    "[\u4E00-\u9FA5\u0800-\u4E00\uAC00-\uD7FF]+",
+};
 
 /* Whether pre-tokenizer node p has this type; for ByteLevel also that it
  * adds no prefix space and uses (or not) its GPT-2 regex. */
@@ -660,15 +680,17 @@ static bool hf_pre_digits(const json_t *p, bool individual) {
  *   default    ByteLevel(use_regex true)  (GPT-2's; = gpt2)
  *   smollm     Digits(individual), ByteLevel(use_regex true)  (= starcoder)
  *   falcon     Punctuation(contiguous), ByteLevel(use_regex true),
- *              Digits(not individual), Split([0-9][0-9][0-9]) */
+ *              Digits(not individual), Split([0-9][0-9][0-9])
+ *   deepseek-llm  Split x 5 (DeepSeek LLM's regexes), Digits(individual),
+ *              ByteLevel(use_regex false) */
 static const char *hf_pre_name(const json_t *pre) {
     const json_t *one[1] = {pre}, *const *p = one;
-    const json_t *items[4] = {NULL, NULL, NULL, NULL};
+    const json_t *items[7] = {NULL};
     size_t n = 1;
     if (hf_pre_is(pre, "Sequence")) {
         const json_t *list = json_object_get(pre, "pretokenizers");
         n = json_array_size(list);
-        if (n > 4) return NULL;
+        if (n > 7) return NULL;
         for (size_t i = 0; i < n; i++) items[i] = json_array_get(list, i);
         p = items;
     }
@@ -683,6 +705,11 @@ static const char *hf_pre_name(const json_t *pre) {
         strcmp(behavior, "Contiguous") == 0 && hf_pre_byte_level(p[1], true) &&
         hf_pre_digits(p[2], false) && hf_pre_split(p[3], hf_regex_falcon_digits))
         return "falcon";
+    if (n == 7 && hf_pre_digits(p[5], true) && hf_pre_byte_level(p[6], false)) {
+        bool splits = true;
+        for (size_t i = 0; i < 5; i++) splits &= hf_pre_split(p[i], hf_regex_deepseek_llm[i]);
+        if (splits) return "deepseek-llm";
+    }
     return NULL;
 }
 
@@ -777,6 +804,38 @@ static optiml_status hf_set_added_tokens(struct convert_vocab *v, const char *pa
     return OPTIML_OK;
 }
 
+/* tokenizer.ggml.added_token_flags: per token, the matching options of
+ * tokenizer.json's added_tokens (bit 0 lstrip, 1 rstrip, 2 single_word,
+ * 3 normalized; a missing "normalized" is HF's default, !special). Written
+ * only when some added token has one. */
+static optiml_status hf_write_added_flags(struct convert_out *out, const json_t *added,
+                                          uint32_t n_vocab) {
+    uint8_t *flags = calloc(n_vocab ? n_vocab : 1, 1);
+    if (!flags) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    bool any = false;
+    size_t i;
+    const json_t *a;
+    json_array_foreach(added, i, a) {
+        const json_t *aid = json_object_get(a, "id"), *norm = json_object_get(a, "normalized");
+        if (!json_is_integer(aid) || json_integer_value(aid) < 0 ||
+            json_integer_value(aid) >= n_vocab)
+            continue;
+        bool normalized = norm ? json_is_true(norm) : !json_is_true(json_object_get(a, "special"));
+        uint8_t f = (uint8_t)(json_is_true(json_object_get(a, "lstrip")) << 0 |
+                              json_is_true(json_object_get(a, "rstrip")) << 1 |
+                              json_is_true(json_object_get(a, "single_word")) << 2 |
+                              normalized << 3);
+        flags[json_integer_value(aid)] = f;
+        any |= f != 0;
+    }
+    optiml_status st = OPTIML_OK;
+    if (any)
+        st = gguf_writer_set_arr(out->w, "tokenizer.ggml.added_token_flags", GGUF_TYPE_UINT8,
+                                 flags, n_vocab);
+    free(flags);
+    return st;
+}
+
 /* tokenizer.json (byte-level BPE) -> a "gpt2" vocabulary, merges and pre. */
 static optiml_status hf_tokenizer_bpe(struct convert_out *out, const char *path, const json_t *tok,
                                       const struct hf_config *c, struct convert_vocab *v) {
@@ -821,10 +880,14 @@ static optiml_status hf_tokenizer_bpe(struct convert_out *out, const char *path,
     if (!pre)
         return optiml_fail(OPTIML_ERR_UNSUPPORTED,
                            "%s: pre_tokenizer is none of the pipelines of llama-bpe, qwen2, gpt2, "
-                           "smollm/starcoder or falcon (see tools/convert_hf.c, hf_pre_name)",
+                           "smollm/starcoder, falcon or deepseek-llm (see tools/convert_hf.c, "
+                           "hf_pre_name)",
                            path);
-    const char *norm = hf_json_str(json_object_get(tok, "normalizer"), "type");
-    if (norm)
+    const json_t *normalizer = json_object_get(tok, "normalizer");
+    const char *norm = hf_json_str(normalizer, "type");
+    bool identity = norm && strcmp(norm, "Sequence") == 0 &&
+                    json_array_size(json_object_get(normalizer, "normalizers")) == 0;
+    if (norm && !identity) /* DeepSeek LLM has an empty Sequence: nothing to apply */
         LOG_WARN("%s: normalizer %s is not applied by the engine: texts must come normalized",
                  path, norm);
     TRY(gguf_writer_set_str(out->w, "tokenizer.ggml.pre", pre));
@@ -883,6 +946,8 @@ static optiml_status hf_tokenizer(struct convert_out *out, const char *dir,
         if (st == OPTIML_OK) st = hf_tokenizer_bpe(out, json_path, tok, c, &v);
         if (st == OPTIML_OK) st = convert_vocab_write(out, &v, "gpt2", false);
     }
+    if (st == OPTIML_OK && tok)
+        st = hf_write_added_flags(out, json_object_get(tok, "added_tokens"), v.n);
     /* Only strings and booleans are read from it; its model_max_length is
      * often 1e30 written as an integer, too big for jansson's integers. */
     if (st == OPTIML_OK)

@@ -66,11 +66,11 @@ static bool parse_int(const char *s, long lo, long hi, long *out) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *text_path = NULL;
-    long n_ctx = 512, n_batch = 512, n_threads = 0, max_chunks = -1;
+    long n_ctx = 512, n_batch = 512, n_threads = 0, max_chunks = -1, n_gpu_layers = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            printf("usage: optiml-perplexity -m MODEL -f TEXT [-c 512] [-b 512] [-t N] [--chunks N]\n");
+            printf("usage: optiml-perplexity -m MODEL -f TEXT [-c 512] [-b 512] [-t N] [--chunks N] [-ngl N]\n");
             return 0;
         }
         if (i + 1 >= argc) {
@@ -85,6 +85,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-b") || !strcmp(a, "--batch-size")) ok = parse_int(v, 1, 1 << 20, &n_batch);
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) ok = parse_int(v, 1, 1024, &n_threads);
         else if (!strcmp(a, "--chunks")) ok = parse_int(v, 1, 1L << 30, &max_chunks);
+        else if (!strcmp(a, "-ngl") || !strcmp(a, "--n-gpu-layers")) ok = parse_int(v, -1, 1 << 20, &n_gpu_layers);
         else {
             fprintf(stderr, "optiml-perplexity: unknown option '%s'\n", a);
             return 1;
@@ -114,7 +115,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "optiml-perplexity: text too long\n");
         goto done;
     }
-    if (optiml_model_load(model_path, NULL, &model) != OPTIML_OK) {
+    optiml_model_params mp = optiml_model_default_params();
+    mp.n_gpu_layers = (int32_t)n_gpu_layers;
+    if (optiml_model_load(model_path, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-perplexity: %s\n", optiml_last_error());
         goto done;
     }

@@ -4,21 +4,28 @@
  *
  *   optiml-random-model --outfile M.gguf [--n-embd 4096] [--n-layer 32]
  *       [--n-ff 11008] [--n-head 32] [--n-head-kv 32] [--n-vocab 32000]
- *       [--ctx 4096] [--type f32|f16|bf16] [--act silu|relu|relu2] [--seed N]
+ *       [--ctx 4096] [--type f32|f16|bf16|q4_0|q8_0|...] [--act silu|relu|relu2]
+ *       [--seed N]
  *       [--chat-template FILE]
  *
  * Weights are uniform in +-sqrt(3 / n_in) (unit-variance outputs), norms 1.
+ * Quantized types are quantized row by row as they are written (the
+ * reference quantizers of src/quant.c), so a 13B-shaped q4_0 model needs
+ * neither an f16 copy nor much memory.
  * The vocabulary is synthetic: <unk>, <s>, </s>, 256 byte tokens, then
  * pieces "▁t<i>".
  */
 #define _POSIX_C_SOURCE 200809L
 #include "dtype.h"
 #include "gguf.h"
+#include "quant.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 struct fill_args {
     uint32_t type;
@@ -27,10 +34,69 @@ struct fill_args {
     bool ones;
 };
 
+/* Quantized tensors: rows split over threads, each row from its own
+ * generator (seeded by tensor and row), quantized by the reference
+ * quantizer. */
+struct qfill {
+    const struct fill_args *a;
+    char *dst;
+    uint64_t row, n_rows, r0, r1;
+    int err;
+};
+
+static void *qfill_run(void *arg) {
+    struct qfill *q = arg;
+    const quant_quantize_fn quantize = quant_quantizer(q->a->type);
+    const float scale = sqrtf(3.0f / (float)q->a->n_in);
+    float *tmp = malloc(q->a->n_in * sizeof(float));
+    if (!tmp) {
+        q->err = 1;
+        return NULL;
+    }
+    for (uint64_t r = q->r0; r < q->r1; r++) {
+        uint64_t s = (q->a->seed * 0x9e3779b97f4a7c15ull) ^ ((r + 1) * 0xbf58476d1ce4e5b9ull);
+        for (uint64_t i = 0; i < q->a->n_in; i++) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            tmp[i] = ((float)(s >> 40) / 8388608.0f - 1.0f) * scale;
+        }
+        quantize((int64_t)q->a->n_in, tmp, q->dst + r * q->row);
+    }
+    free(tmp);
+    return NULL;
+}
+
+static optiml_status fill_quantized(const struct fill_args *a, void *dst, uint64_t size) {
+    enum { MAX_T = 64 };
+    long nt = sysconf(_SC_NPROCESSORS_ONLN);
+    nt = nt < 1 ? 1 : nt > MAX_T ? MAX_T : nt;
+    uint64_t row = 0;
+    dtype_row_size(a->type, a->n_in, &row);
+    const uint64_t n_rows = size / row;
+    struct qfill q[MAX_T];
+    pthread_t th[MAX_T];
+    bool created[MAX_T] = {false};
+    for (long t = 0; t < nt; t++) {
+        q[t] = (struct qfill){.a = a, .dst = dst, .row = row, .n_rows = n_rows,
+                              .r0 = n_rows * (uint64_t)t / (uint64_t)nt, .r1 = n_rows * (uint64_t)(t + 1) / (uint64_t)nt};
+        if (t > 0) created[t] = pthread_create(&th[t], NULL, qfill_run, &q[t]) == 0;
+    }
+    qfill_run(&q[0]);
+    int err = q[0].err;
+    for (long t = 1; t < nt; t++) {
+        if (created[t]) pthread_join(th[t], NULL);
+        else qfill_run(&q[t]); /* could not start a thread: do its rows here */
+        err |= q[t].err;
+    }
+    return err ? optiml_fail(OPTIML_ERR_NOMEM, "out of memory") : OPTIML_OK;
+}
+
 static optiml_status fill_random(void *user, void *dst, uint64_t size) {
     const struct fill_args *a = user;
     uint64_t s = a->seed * 0x9e3779b97f4a7c15ull + 1;
     const float scale = sqrtf(3.0f / (float)a->n_in);
+    if (quant_quantizer(a->type)) return fill_quantized(a, dst, size);
     const uint64_t n = size / (a->type == DTYPE_F32 ? 4 : 2);
     for (uint64_t i = 0; i < n; i++) {
         s ^= s << 13;
@@ -79,8 +145,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(f, "--chat-template")) chat_template = v;
         else if (!strcmp(f, "--type")) {
             type = dtype_from_name(v);
-            if (type != DTYPE_F32 && type != DTYPE_F16 && type != DTYPE_BF16) {
-                fprintf(stderr, "optiml-random-model: --type must be f32, f16 or bf16\n");
+            if (type != DTYPE_F32 && type != DTYPE_F16 && type != DTYPE_BF16 &&
+                (type < 0 || !quant_quantizer((uint32_t)type) || type == DTYPE_Q8_1 || type == DTYPE_Q8_K)) {
+                fprintf(stderr, "optiml-random-model: --type must be f32, f16, bf16 or a weight quant type "
+                                "(q4_0, q8_0, q4_k, ...)\n");
                 return 1;
             }
         } else {
@@ -89,6 +157,12 @@ int main(int argc, char **argv) {
         }
     }
     if (n_head_kv < 0) n_head_kv = n_head;
+    const long bs = (long)dtype_block_size((uint32_t)type);
+    if (n_embd % bs || n_ff % bs) {
+        fprintf(stderr, "optiml-random-model: --n-embd %ld and --n-ff %ld must be multiples of %s's block of %ld\n",
+                n_embd, n_ff, dtype_name((uint32_t)type), bs);
+        return 1;
+    }
     if (!out || n_embd % n_head || n_head % n_head_kv || n_vocab < 260) {
         fprintf(stderr, "usage: optiml-random-model --outfile M.gguf [--n-embd N --n-layer N --n-ff N --n-head N "
                         "--n-head-kv N --n-vocab N(>=260) --ctx N --type f32|f16|bf16 --act silu|relu|relu2 --seed N]\n");
@@ -99,7 +173,8 @@ int main(int argc, char **argv) {
     if (!w) return 1;
     gguf_writer_set_str(w, "general.architecture", "llama");
     gguf_writer_set_str(w, "general.name", "random");
-    gguf_writer_set_u32(w, "general.file_type", type == DTYPE_F32 ? 0 : type == DTYPE_F16 ? 1 : 32);
+    if (type == DTYPE_F32 || type == DTYPE_F16 || type == DTYPE_BF16)
+        gguf_writer_set_u32(w, "general.file_type", type == DTYPE_F32 ? 0 : type == DTYPE_F16 ? 1 : 32);
     gguf_writer_set_u32(w, "llama.context_length", (uint32_t)ctx);
     gguf_writer_set_u32(w, "llama.embedding_length", (uint32_t)n_embd);
     gguf_writer_set_u32(w, "llama.block_count", (uint32_t)n_layer);

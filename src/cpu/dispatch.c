@@ -37,6 +37,7 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
         /* a 4-row kernel belongs with its own table's dot_q (equal bits) */
         if (src->dot_q[t]) dst->dot_q_x4[t] = src->dot_q_x4[t];
         if (src->quantize[t]) dst->quantize[t] = src->quantize[t];
+        if (src->axpy[t]) dst->axpy[t] = src->axpy[t];
     }
 }
 

@@ -208,6 +208,36 @@ static float dot_q6_K_ref(int64_t n, const void *w, const void *xq) {
     return s;
 }
 
+/* ---- reference axpy (sparse down rows) ----------------------------------- */
+
+static void axpy_f32_ref(int64_t n, float a, const void *w, float *y) {
+    const float *v = w;
+    for (int64_t i = 0; i < n; i++) y[i] += a * v[i];
+}
+
+static void axpy_f16_ref(int64_t n, float a, const void *w, float *y) {
+    const f16_t *v = w;
+    for (int64_t i = 0; i < n; i++) y[i] += a * f16_to_f32(v[i]);
+}
+
+static void axpy_q8_0_ref(int64_t n, float a, const void *w, float *y) {
+    const block_q8_0 *b = w;
+    for (int64_t k = 0; k < n / QK8_0; k++) {
+        const float d = a * f16_to_f32(b[k].d);
+        for (int j = 0; j < QK8_0; j++) y[k * QK8_0 + j] += d * (float)b[k].qs[j];
+    }
+}
+
+static void axpy_q4_0_ref(int64_t n, float a, const void *w, float *y) {
+    const block_q4_0 *b = w;
+    int8_t q[QK4_0];
+    for (int64_t k = 0; k < n / QK4_0; k++) {
+        const float d = a * f16_to_f32(b[k].d);
+        quant_unpack_q4_0(&b[k], q);
+        for (int j = 0; j < QK4_0; j++) y[k * QK4_0 + j] += d * (float)q[j];
+    }
+}
+
 /* ---- the reference table ------------------------------------------------ */
 
 static struct cpu_kernels kernels_ref = {
@@ -222,6 +252,8 @@ static struct cpu_kernels kernels_ref = {
               [DTYPE_Q5_1] = dot_q5_1_ref, [DTYPE_Q8_0] = dot_q8_0_ref, [DTYPE_Q2_K] = dot_q2_K_ref,
               [DTYPE_Q3_K] = dot_q3_K_ref, [DTYPE_Q4_K] = dot_q4_K_ref, [DTYPE_Q5_K] = dot_q5_K_ref,
               [DTYPE_Q6_K] = dot_q6_K_ref},
+    .axpy = {[DTYPE_F32] = axpy_f32_ref, [DTYPE_F16] = axpy_f16_ref, [DTYPE_Q8_0] = axpy_q8_0_ref,
+             [DTYPE_Q4_0] = axpy_q4_0_ref},
 };
 static pthread_once_t kernels_ref_once = PTHREAD_ONCE_INIT;
 
@@ -289,5 +321,16 @@ void ops_act_mul(float *gate, const float *up, int64_t n, enum ffn_act act) {
             gate[i] = 0.5f * g * (1.0f + t) * up[i];
         }
         break;
+    case FFN_ACT_DRELU:
+        for (int64_t i = 0; i < n; i++)
+            gate[i] = (gate[i] > 0.0f ? gate[i] : 0.0f) * (up[i] > 0.0f ? up[i] : 0.0f);
+        break;
+    case FFN_ACT_RELU_NOGATE:
+        for (int64_t i = 0; i < n; i++) gate[i] = up[i] > 0.0f ? up[i] : 0.0f;
+        break;
     }
+}
+
+void ops_threshold(float *x, int64_t n, float t) {
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] > t ? x[i] : 0.0f;
 }

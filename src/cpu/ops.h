@@ -28,6 +28,9 @@ typedef float (*cpu_dot_q_fn)(int64_t n, const void *w, const void *xq);
 typedef void (*cpu_dot_q_x4_fn)(int64_t n, const void *w, const void *xq, uint64_t xq_stride, float out[4]);
 /* Quantize n activations (a multiple of the block size) into blocks. */
 typedef void (*cpu_quantize_fn)(int64_t n, const float *x, void *dst);
+/* y[i] += a * w[i] for a weight row (or whole blocks of one) of type T:
+ * the sparse FFN's down step, one neuron-major row per active neuron. */
+typedef void (*cpu_axpy_fn)(int64_t n, float a, const void *w, float *y);
 
 /* Matrix-vector products take one of two paths per weight type T:
  *   vec_dot_type[T] == DTYPE_F32: dot[T](n, w_row, x) on f32 activations
@@ -43,6 +46,8 @@ struct cpu_kernels {
     cpu_dot_q_fn dot_q[DTYPE_COUNT];        /* NULL where the type has none */
     cpu_dot_q_x4_fn dot_q_x4[DTYPE_COUNT];  /* optional: NULL = 4 dot_q      */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
+    cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:
+                                               to_f32, then a loop         */
 };
 
 /* True if weights of type t can be multiplied (either path above). */
@@ -79,8 +84,18 @@ enum ffn_act {
     FFN_ACT_RELU = 1,
     FFN_ACT_RELU2 = 2, /* squared ReLU */
     FFN_ACT_GELU = 3,  /* tanh approximation */
+    FFN_ACT_DRELU = 4, /* relu(gate) * relu(up) (Bamboo, TurboSparse) */
+    FFN_ACT_RELU_NOGATE = 5, /* relu(up); the model has no gate matrix */
 };
-/* gate[i] = act(gate[i]) * up[i] */
+/* gate[i] = act(gate[i]) * up[i] (RELU_NOGATE: gate[i] = relu(up[i]), the
+ * gate input is not read) */
 void ops_act_mul(float *gate, const float *up, int64_t n, enum ffn_act act);
+/* FATReLU's cut: x[i] = x[i] > t ? x[i] : 0 (applied to the gate, or to up
+ * without a gate, before ops_act_mul when optiml.sparse.act_threshold > 0) */
+void ops_threshold(float *x, int64_t n, float t);
+/* True for the activations that are exactly zero for gate (up) <= 0. */
+static inline bool ffn_act_is_relu(enum ffn_act a) {
+    return a == FFN_ACT_RELU || a == FFN_ACT_RELU2 || a == FFN_ACT_DRELU || a == FFN_ACT_RELU_NOGATE;
+}
 
 #endif /* OPTIML_CPU_OPS_H */

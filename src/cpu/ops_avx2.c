@@ -464,6 +464,61 @@ static void quantize_q8_K_avx2(int64_t n, const float *x, void *dst) {
     }
 }
 
+/* ---- axpy: y += a * row (sparse down) ------------------------------------ */
+
+static void axpy_f32_avx2(int64_t n, float a, const void *w, float *y) {
+    const float *v = w;
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(v + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * v[i];
+}
+
+static void axpy_f16_avx2(int64_t n, float a, const void *w, float *y) {
+    const f16_t *v = w;
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, LOAD_F16(v + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * f16_to_f32(v[i]);
+}
+
+/* y[0..8) += d * (8 signed or unsigned bytes at q, minus off) */
+#define AXPY8(y, d, q8, off)                                                                       \
+    _mm256_storeu_ps((y), _mm256_fmadd_ps((d), _mm256_sub_ps(_mm256_cvtepi32_ps(q8), (off)),       \
+                                          _mm256_loadu_ps(y)))
+
+static void axpy_q8_0_avx2(int64_t n, float a, const void *w, float *y) {
+    const block_q8_0 *b = w;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n / QK8_0; k++, y += QK8_0) {
+        const __m256 d = _mm256_set1_ps(a * f16_to_f32(b[k].d));
+        const __m128i q0 = _mm_loadu_si128((const __m128i *)b[k].qs);
+        const __m128i q1 = _mm_loadu_si128((const __m128i *)(b[k].qs + 16));
+        AXPY8(y, d, _mm256_cvtepi8_epi32(q0), zero);
+        AXPY8(y + 8, d, _mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8)), zero);
+        AXPY8(y + 16, d, _mm256_cvtepi8_epi32(q1), zero);
+        AXPY8(y + 24, d, _mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)), zero);
+    }
+}
+
+/* q4_0: byte j holds element j (low nibble) and j + 16 (high), both +8 */
+static void axpy_q4_0_avx2(int64_t n, float a, const void *w, float *y) {
+    const block_q4_0 *b = w;
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (int64_t k = 0; k < n / QK4_0; k++, y += QK4_0) {
+        const __m256 d = _mm256_set1_ps(a * f16_to_f32(b[k].d));
+        const __m128i q = _mm_loadu_si128((const __m128i *)b[k].qs);
+        const __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+        AXPY8(y, d, _mm256_cvtepu8_epi32(lo), eight);
+        AXPY8(y + 8, d, _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), eight);
+        AXPY8(y + 16, d, _mm256_cvtepu8_epi32(hi), eight);
+        AXPY8(y + 24, d, _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), eight);
+    }
+}
+
 static const struct cpu_kernels kernels_avx2 = {
     .name = "avx2",
     .dot = {[DTYPE_F32] = dot_f32_avx2, [DTYPE_F16] = dot_f16_avx2, [DTYPE_BF16] = dot_bf16_avx2},
@@ -474,6 +529,8 @@ static const struct cpu_kernels kernels_avx2 = {
               [DTYPE_Q6_K] = dot_q6_K_avx2},
     .dot_q_x4 = {[DTYPE_Q4_0] = dot_q4_0_x4_avx2, [DTYPE_Q8_0] = dot_q8_0_x4_avx2},
     .quantize = {[DTYPE_Q8_0] = quantize_q8_0_avx2, [DTYPE_Q8_K] = quantize_q8_K_avx2},
+    .axpy = {[DTYPE_F32] = axpy_f32_avx2, [DTYPE_F16] = axpy_f16_avx2, [DTYPE_Q8_0] = axpy_q8_0_avx2,
+             [DTYPE_Q4_0] = axpy_q4_0_avx2},
 };
 
 const struct cpu_kernels *cpu_kernels_avx2(void) { return cpu_has_avx2_fma_f16c() ? &kernels_avx2 : NULL; }

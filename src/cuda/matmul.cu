@@ -1,0 +1,970 @@
+/*
+ * matmul.cu - weights in VRAM and the matrix products behind cuda.h.
+ *
+ * Device layout of a weight
+ *   f32, f16, bf16: the GGUF rows as they are.
+ *   quantized types: every block split into a "body" (the packed quants,
+ *   and for q2_k/q4_k/q5_k/q6_k the sub-block scales too) whose size is a
+ *   multiple of 16 bytes, and an "aux" part (the f16 scales, q5's high
+ *   bits); all bodies of the tensor first (block g of the tensor at
+ *   body + g * BODY), then all aux parts (at aux + g * AUX). Threads then
+ *   read the quants with aligned, coalesced 16-byte loads. q4_k and q5_k
+ *   blocks (144, 176 bytes) are already aligned and stay whole; q5_0 and
+ *   q3_k get 2 bytes of padding per block (3% more VRAM for rare types).
+ *
+ * Every quantized type is read in "chunks" of 32 consecutive values of a
+ * row (one q4_0/q8_0 block, a sub-block of a k-quant); unpack<T>() turns a
+ * chunk into 32 int8 quants (offsets applied) and one or two (scale, min)
+ * pairs, value = a * q + b. Both products and the dequantizers share it:
+ *   - matrix-vector (few tokens): x is quantized to 8 bits in blocks of 32
+ *     (scale d, integer sum), and a chunk dot a block of x is
+ *     d * (a * sum(q * xq) + b * sum(xq)) with __dp4a. One block of 128
+ *     threads computes R rows for all (<= 8) tokens, so each weight byte is
+ *     read once per call; the 128 threads split the row and are reduced
+ *     through shared memory at the end.
+ *   - GEMM (many tokens): the weight is dequantized to f16 in chunks of rows
+ *     (~16 MiB, so the chunk is still in L2 when cuBLAS reads it), x is
+ *     converted to f16 once, and cublasGemmEx (f32 accumulation) runs per
+ *     chunk. f16 weights go to cuBLAS directly, f32 weights use an f32 GEMM.
+ * The dequantizers compute a * q + b with the float operations (and their
+ * order) of src/quant.c, so they give the CPU's values bit for bit.
+ */
+#include "common.cuh"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+static constexpr int MMV_THREADS = 128;                 /* threads of a matrix-vector block   */
+static constexpr int64_t MMV_MAX_TOKENS = 8;             /* tokens of one matrix-vector pass   */
+static constexpr uint64_t WH_CHUNK_ELEMS = 8 << 20;      /* f16 values of a weight chunk: 16 MiB */
+
+/* ---- layouts -------------------------------------------------------------- */
+
+struct qlayout {
+    int qk;   /* values per GGUF block (1 for f32/f16/bf16)  */
+    int bs;   /* bytes per GGUF block                        */
+    int body; /* device bytes per block: quants (16-aligned) */
+    int aux;  /* device bytes per block: scales etc.         */
+};
+
+__host__ __device__ constexpr qlayout layout_of(int t) {
+    switch (t) {
+    case DTYPE_F32: return {1, 4, 4, 0};
+    case DTYPE_F16: return {1, 2, 2, 0};
+    case DTYPE_BF16: return {1, 2, 2, 0};
+    case DTYPE_Q4_0: return {32, 18, 16, 2};   /* body qs; aux d               */
+    case DTYPE_Q4_1: return {32, 20, 16, 4};   /* body qs; aux d, m            */
+    case DTYPE_Q5_0: return {32, 22, 16, 8};   /* body qs; aux qh, d, pad      */
+    case DTYPE_Q5_1: return {32, 24, 16, 8};   /* body qs; aux qh, d, m        */
+    case DTYPE_Q8_0: return {32, 34, 32, 2};   /* body qs; aux d               */
+    case DTYPE_Q2_K: return {256, 84, 80, 4};  /* body scales, qs; aux d, dmin */
+    case DTYPE_Q3_K: return {256, 110, 96, 16};/* body hmask, qs; aux scales, d, pad */
+    case DTYPE_Q4_K: return {256, 144, 144, 0};/* whole block                  */
+    case DTYPE_Q5_K: return {256, 176, 176, 0};/* whole block                  */
+    case DTYPE_Q6_K: return {256, 210, 208, 2};/* body ql, qh, scales; aux d   */
+    default: return {0, 0, 0, 0};
+    }
+}
+
+static bool type_is_plain(uint32_t t) { return t == DTYPE_F32 || t == DTYPE_F16 || t == DTYPE_BF16; }
+
+/* Split GGUF block `src` of type t into its device body and aux parts. */
+static void repack_block(uint32_t t, const uint8_t *src, uint8_t *body, uint8_t *aux) {
+    const qlayout l = layout_of((int)t);
+    switch (t) {
+    case DTYPE_Q4_0: /* d, qs */
+    case DTYPE_Q8_0:
+        memcpy(aux, src, 2);
+        memcpy(body, src + 2, (size_t)l.body);
+        break;
+    case DTYPE_Q6_K: /* ql[128], qh[64], scales[16], d */
+        memcpy(body, src, 208);
+        memcpy(aux, src + 208, 2);
+        break;
+    case DTYPE_Q4_1: /* d, m, qs[16] */
+        memcpy(aux, src, 4);
+        memcpy(body, src + 4, 16);
+        break;
+    case DTYPE_Q5_0: /* d, qh[4], qs[16] -> aux qh, d, 0 */
+        memcpy(aux, src + 2, 4);
+        memcpy(aux + 4, src, 2);
+        aux[6] = aux[7] = 0;
+        memcpy(body, src + 6, 16);
+        break;
+    case DTYPE_Q5_1: /* d, m, qh[4], qs[16] -> aux qh, d, m */
+        memcpy(aux, src + 4, 4);
+        memcpy(aux + 4, src, 4);
+        memcpy(body, src + 8, 16);
+        break;
+    case DTYPE_Q2_K: /* scales[16], qs[64], d, dmin */
+        memcpy(body, src, 80);
+        memcpy(aux, src + 80, 4);
+        break;
+    case DTYPE_Q3_K: /* hmask[32], qs[64], scales[12], d -> aux scales, d, 0 */
+        memcpy(body, src, 96);
+        memcpy(aux, src + 96, 14);
+        aux[14] = aux[15] = 0;
+        break;
+    default: /* q4_k, q5_k, plain types: unchanged */
+        memcpy(body, src, (size_t)l.bs);
+        break;
+    }
+}
+
+/* ---- unpacking a chunk of 32 values ----------------------------------------- */
+
+/* A quantized weight as the kernels see it. */
+struct wq {
+    const uint8_t *body;
+    const uint8_t *aux;
+    int64_t nbr; /* GGUF blocks per row */
+};
+
+/* 32 values of a row: q[i] holds values 4i..4i+3 as int8 bytes (little
+ * endian); value j = a[s] * q_j + b[s] with s = j / 16 if NS == 2, else 0. */
+struct chunk {
+    int q[8];
+    float a[2], b[2];
+};
+
+template <int T> struct qtraits;
+/* NS: scale pairs per chunk; MIN: b != 0 (the _1 types and q2/q4/q5_k). */
+template <> struct qtraits<DTYPE_Q4_0> { static constexpr int NS = 1; static constexpr bool MIN = false; };
+template <> struct qtraits<DTYPE_Q4_1> { static constexpr int NS = 1; static constexpr bool MIN = true; };
+template <> struct qtraits<DTYPE_Q5_0> { static constexpr int NS = 1; static constexpr bool MIN = false; };
+template <> struct qtraits<DTYPE_Q5_1> { static constexpr int NS = 1; static constexpr bool MIN = true; };
+template <> struct qtraits<DTYPE_Q8_0> { static constexpr int NS = 1; static constexpr bool MIN = false; };
+template <> struct qtraits<DTYPE_Q2_K> { static constexpr int NS = 2; static constexpr bool MIN = true; };
+template <> struct qtraits<DTYPE_Q3_K> { static constexpr int NS = 2; static constexpr bool MIN = false; };
+template <> struct qtraits<DTYPE_Q4_K> { static constexpr int NS = 1; static constexpr bool MIN = true; };
+template <> struct qtraits<DTYPE_Q5_K> { static constexpr int NS = 1; static constexpr bool MIN = true; };
+template <> struct qtraits<DTYPE_Q6_K> { static constexpr int NS = 2; static constexpr bool MIN = false; };
+
+__device__ __forceinline__ float h2f(uint32_t bits) { return __half2float(__ushort_as_half((unsigned short)bits)); }
+
+/* 32 bytes (two aligned 16-byte loads) as 8 words. */
+__device__ __forceinline__ void ld32(const uint8_t *p, uint32_t *u) {
+    const uint4 a = __ldg((const uint4 *)p), b = __ldg((const uint4 *)p + 1);
+    u[0] = a.x, u[1] = a.y, u[2] = a.z, u[3] = a.w;
+    u[4] = b.x, u[5] = b.y, u[6] = b.z, u[7] = b.w;
+}
+__device__ __forceinline__ uint32_t ld_u32(const uint8_t *p) { return __ldg((const unsigned int *)p); }
+__device__ __forceinline__ uint32_t ld_u16(const uint8_t *p) { return __ldg((const unsigned short *)p); }
+
+/* Bits 0..3 of x moved to bit 0 of bytes 0..3. */
+__device__ __forceinline__ uint32_t spread4(uint32_t x) { return (x * 0x00204081u) & 0x01010101u; }
+/* Byte i of 12 bytes held in 3 words (selects, not an indexed array:
+ * i is a run-time value and indexing would put w in local memory). */
+__device__ __forceinline__ int byte_of(const uint32_t *w, int i) {
+    const uint32_t v = i < 4 ? w[0] : i < 8 ? w[1] : w[2];
+    return (int)(v >> 8 * (i & 3)) & 0xFF;
+}
+
+/* 16 nibbles of one 16-byte q4 block: low nibbles are values 0..15. */
+__device__ __forceinline__ void nibbles16(uint4 v, int *q) {
+    const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        q[i] = (int)(u[i] & 0x0F0F0F0Fu);
+        q[4 + i] = (int)((u[i] >> 4) & 0x0F0F0F0Fu);
+    }
+}
+
+template <int T> __device__ __forceinline__ void unpack(const wq &w, int64_t row, int c, chunk &k);
+
+template <> __device__ __forceinline__ void unpack<DTYPE_Q4_0>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + c;
+    nibbles16(__ldg((const uint4 *)(w.body + g * 16)), k.q);
+#pragma unroll
+    for (int i = 0; i < 8; i++) k.q[i] = (int)__vsub4((uint32_t)k.q[i], 0x08080808u);
+    k.a[0] = h2f(ld_u16(w.aux + g * 2));
+}
+
+template <> __device__ __forceinline__ void unpack<DTYPE_Q4_1>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + c;
+    nibbles16(__ldg((const uint4 *)(w.body + g * 16)), k.q);
+    const uint32_t dm = ld_u32(w.aux + g * 4);
+    k.a[0] = h2f(dm & 0xFFFF);
+    k.b[0] = h2f(dm >> 16);
+}
+
+/* q5_0/q5_1: nibbles plus bit j of qh as bit 4 of value j. */
+__device__ __forceinline__ void q5_high(uint32_t h, int *q) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        q[i] |= (int)(spread4((h >> 4 * i) & 0xF) << 4);
+        q[4 + i] |= (int)(spread4((h >> (16 + 4 * i)) & 0xF) << 4);
+    }
+}
+
+template <> __device__ __forceinline__ void unpack<DTYPE_Q5_0>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + c;
+    nibbles16(__ldg((const uint4 *)(w.body + g * 16)), k.q);
+    const uint2 a = __ldg((const uint2 *)(w.aux + g * 8)); /* qh, d */
+    q5_high(a.x, k.q);
+#pragma unroll
+    for (int i = 0; i < 8; i++) k.q[i] = (int)__vsub4((uint32_t)k.q[i], 0x10101010u);
+    k.a[0] = h2f(a.y & 0xFFFF);
+}
+
+template <> __device__ __forceinline__ void unpack<DTYPE_Q5_1>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + c;
+    nibbles16(__ldg((const uint4 *)(w.body + g * 16)), k.q);
+    const uint2 a = __ldg((const uint2 *)(w.aux + g * 8)); /* qh, d | m << 16 */
+    q5_high(a.x, k.q);
+    k.a[0] = h2f(a.y & 0xFFFF);
+    k.b[0] = h2f(a.y >> 16);
+}
+
+template <> __device__ __forceinline__ void unpack<DTYPE_Q8_0>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + c;
+    ld32(w.body + g * 32, (uint32_t *)k.q);
+    k.a[0] = h2f(ld_u16(w.aux + g * 2));
+}
+
+/* k-quants: chunk c is sub-chunk s = c % 8 (values 32s..32s+31) of block c / 8. */
+template <> __device__ __forceinline__ void unpack<DTYPE_Q2_K>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + (c >> 3);
+    const int s = c & 7;
+    const uint8_t *b = w.body + g * 80;
+    uint32_t u[8];
+    ld32(b + 16 + 32 * (s >> 2), u); /* value 128h + 32s' + l: qs[32h + l] >> 2s' */
+#pragma unroll
+    for (int i = 0; i < 8; i++) k.q[i] = (int)((u[i] >> 2 * (s & 3)) & 0x03030303u);
+    const uint32_t sc = ld_u16(b + 2 * s); /* scales of sub-blocks 2s, 2s+1 */
+    const uint32_t dd = ld_u32(w.aux + g * 4);
+    const float d = h2f(dd & 0xFFFF), dmin = h2f(dd >> 16);
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const uint32_t v = sc >> 8 * j & 0xFF;
+        k.a[j] = __fmul_rn(d, (float)(v & 0xF));
+        k.b[j] = -__fmul_rn(dmin, (float)(v >> 4));
+    }
+}
+
+template <> __device__ __forceinline__ void unpack<DTYPE_Q3_K>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + (c >> 3);
+    const int s = c & 7;
+    const uint8_t *b = w.body + g * 96;
+    uint32_t hm[8], u[8];
+    ld32(b, hm);                     /* value 32s + l: bit s of hmask[l]            */
+    ld32(b + 32 + 32 * (s >> 2), u); /* low 2 bits as q2_k                          */
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const uint32_t v = ((u[i] >> 2 * (s & 3)) & 0x03030303u) | (((hm[i] >> s) & 0x01010101u) << 2);
+        k.q[i] = (int)__vsub4(v, 0x04040404u);
+    }
+    const uint4 a = __ldg((const uint4 *)(w.aux + g * 16)); /* scales[12], d */
+    const uint32_t sw[3] = {a.x, a.y, a.z};
+    const float d = h2f(a.w & 0xFFFF);
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int js = 2 * s + j; /* as quant_scale_q3_k */
+        const int lo = js < 8 ? byte_of(sw, js) & 0xF : byte_of(sw, js - 8) >> 4;
+        const int hi = (byte_of(sw, 8 + js % 4) >> (2 * (js / 4))) & 3;
+        k.a[j] = __fmul_rn(d, (float)((lo | hi << 4) - 32));
+    }
+}
+
+/* Scale and min of sub-block j of a q4_k/q5_k block (quant_scale_min_k4). */
+__device__ __forceinline__ void scale_min_k4(const uint8_t *b, int j, float *a, float *m) {
+    const uint32_t dd = ld_u32(b);
+    const uint32_t sw[3] = {ld_u32(b + 4), ld_u32(b + 8), ld_u32(b + 12)};
+    int sc, mn;
+    if (j < 4) {
+        sc = byte_of(sw, j) & 63;
+        mn = byte_of(sw, j + 4) & 63;
+    } else {
+        sc = (byte_of(sw, j + 4) & 0xF) | ((byte_of(sw, j - 4) >> 6) << 4);
+        mn = (byte_of(sw, j + 4) >> 4) | ((byte_of(sw, j) >> 6) << 4);
+    }
+    *a = __fmul_rn(h2f(dd & 0xFFFF), (float)sc);
+    *m = -__fmul_rn(h2f(dd >> 16), (float)mn);
+}
+
+template <> __device__ __forceinline__ void unpack<DTYPE_Q4_K>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + (c >> 3);
+    const int s = c & 7;
+    const uint8_t *b = w.body + g * 144;
+    uint32_t u[8];
+    ld32(b + 16 + 32 * (s >> 1), u); /* value 64c' + l: qs[32c' + l] & 15; 64c' + 32 + l: >> 4 */
+#pragma unroll
+    for (int i = 0; i < 8; i++) k.q[i] = (int)((u[i] >> 4 * (s & 1)) & 0x0F0F0F0Fu);
+    scale_min_k4(b, s, &k.a[0], &k.b[0]);
+}
+
+template <> __device__ __forceinline__ void unpack<DTYPE_Q5_K>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + (c >> 3);
+    const int s = c & 7;
+    const uint8_t *b = w.body + g * 176;
+    uint32_t u[8], h[8];
+    ld32(b + 48 + 32 * (s >> 1), u);
+    ld32(b + 16, h); /* value 32s + l: bit s of qh[l] */
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        k.q[i] = (int)(((u[i] >> 4 * (s & 1)) & 0x0F0F0F0Fu) | (((h[i] >> s) & 0x01010101u) << 4));
+    scale_min_k4(b, s, &k.a[0], &k.b[0]);
+}
+
+template <> __device__ __forceinline__ void unpack<DTYPE_Q6_K>(const wq &w, int64_t row, int c, chunk &k) {
+    const int64_t g = row * w.nbr + (c >> 3);
+    const int s = c & 7, h = s >> 2, s4 = s & 3; /* values 128h + 32s4 + l */
+    const uint8_t *b = w.body + g * 208;
+    uint32_t lo[8], hi[8];
+    ld32(b + 64 * h + 32 * (s4 & 1), lo); /* nibble s4/2 of ql[64h + (32s4 + l) % 64] */
+    ld32(b + 128 + 32 * h, hi);           /* bits 2s4.. of qh[32h + l]                */
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const uint32_t v = ((lo[i] >> 4 * (s4 >> 1)) & 0x0F0F0F0Fu) | (((hi[i] >> 2 * s4) & 0x03030303u) << 4);
+        k.q[i] = (int)__vsub4(v, 0x20202020u);
+    }
+    const uint32_t sc = ld_u16(b + 192 + 2 * s);
+    const float d = h2f(ld_u16(w.aux + g * 2));
+    k.a[0] = __fmul_rn(d, (float)(int8_t)(sc & 0xFF));
+    k.a[1] = __fmul_rn(d, (float)(int8_t)(sc >> 8));
+}
+
+/* The 32 float values of a chunk, computed as src/quant.c does. */
+template <int T> __device__ __forceinline__ void chunk_values(const chunk &k, float *v) {
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        const float q = (float)(int8_t)(k.q[j >> 2] >> 8 * (j & 3));
+        const int s = qtraits<T>::NS == 2 ? j >> 4 : 0;
+        v[j] = qtraits<T>::MIN ? __fadd_rn(__fmul_rn(k.a[s], q), k.b[s]) : __fmul_rn(k.a[s], q);
+    }
+}
+
+/* ---- plain types ---------------------------------------------------------- */
+
+template <int T> __device__ __forceinline__ float plain_value(const void *w, int64_t i);
+template <> __device__ __forceinline__ float plain_value<DTYPE_F32>(const void *w, int64_t i) {
+    return __ldg((const float *)w + i);
+}
+template <> __device__ __forceinline__ float plain_value<DTYPE_F16>(const void *w, int64_t i) {
+    return __half2float(__ldg((const __half *)w + i));
+}
+template <> __device__ __forceinline__ float plain_value<DTYPE_BF16>(const void *w, int64_t i) {
+    return __uint_as_float((uint32_t)__ldg((const unsigned short *)w + i) << 16);
+}
+
+/* 8 values from element i (a multiple of 8, 16-byte aligned). */
+template <int T> __device__ __forceinline__ void plain_load8(const void *w, int64_t i, float *v) {
+    if constexpr (T == DTYPE_F32) {
+        const float4 a = __ldg((const float4 *)((const float *)w + i)), b = __ldg((const float4 *)((const float *)w + i) + 1);
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+        const uint4 a = __ldg((const uint4 *)((const uint16_t *)w + i));
+        const uint32_t u[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if constexpr (T == DTYPE_F16) {
+                v[2 * j] = h2f(u[j] & 0xFFFF);
+                v[2 * j + 1] = h2f(u[j] >> 16);
+            } else {
+                v[2 * j] = __uint_as_float(u[j] << 16);
+                v[2 * j + 1] = __uint_as_float(u[j] & 0xFFFF0000u);
+            }
+        }
+    }
+}
+
+/* ---- matrix-vector kernels ------------------------------------------------- */
+
+/* Sums acc over the block's threads and writes y[t * n_out + row0 + r]. */
+template <int R, int NT>
+__device__ __forceinline__ void mmv_store(float (&acc)[R][NT], float *y, int64_t row0, int64_t n_out, bool accumulate) {
+    __shared__ float red[MMV_THREADS / 32][R * NT];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const float v = warp_sum(acc[r][t]);
+            if (lane == 0) red[warp][r * NT + t] = v;
+        }
+    __syncthreads();
+    if (threadIdx.x < R * NT) {
+        const int r = threadIdx.x / NT, t = threadIdx.x % NT;
+        float v = 0.0f;
+#pragma unroll
+        for (int i = 0; i < MMV_THREADS / 32; i++) v += red[i][threadIdx.x];
+        const int64_t row = row0 + r;
+        if (row < n_out) {
+            float *p = y + t * n_out + row;
+            *p = accumulate ? *p + v : v;
+        }
+    }
+}
+
+/* x (n_tok, n_in) f32 -> int8 quants xq (n_tok, n_in) and per block of 32
+ * (d, sum of the quants) in xs (n_tok, n_in / 32). One warp per block. */
+__global__ void quantize_x_kernel(const float *__restrict__ x, int8_t *__restrict__ xq, float2 *__restrict__ xs,
+                                  int64_t n_blocks) {
+    const int64_t blk = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (blk >= n_blocks) return; /* whole warps leave together */
+    const int lane = threadIdx.x & 31;
+    const float v = x[blk * 32 + lane];
+    const float amax = warp_max(fabsf(v));
+    const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+    const int q = __float2int_rn(v * id);
+    xq[blk * 32 + lane] = (int8_t)q;
+    const int sum = __reduce_add_sync(0xffffffffu, q);
+    if (lane == 0) xs[blk] = make_float2(d, (float)sum);
+}
+
+/* y[t, row] (+)= sum over chunks of dot(chunk, x block); R rows per block,
+ * NT tokens: each weight chunk is loaded once and used for every token. */
+template <int T, int NT, int R>
+__global__ void __launch_bounds__(MMV_THREADS, 2)
+    mmv_q_kernel(wq w, const int8_t *__restrict__ xq, const float2 *__restrict__ xs, float *__restrict__ y,
+                 int64_t n_in, int64_t n_out, int nc, bool accumulate) {
+    const int64_t row0 = (int64_t)blockIdx.x * R;
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+
+    for (int c = threadIdx.x; c < nc; c += MMV_THREADS) {
+        chunk k[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c, k[r]); /* extra rows: discarded */
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const uint4 *xp = (const uint4 *)(xq + t * n_in + (int64_t)c * 32);
+            const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
+            const float2 s = __ldg(&xs[(int64_t)t * nc + c]);
+            const int xw[8] = {(int)xa.x, (int)xa.y, (int)xa.z, (int)xa.w, (int)xb.x, (int)xb.y, (int)xb.z, (int)xb.w};
+            float sx0 = 0.0f, sx1 = 0.0f; /* sums of x quants per half (q2_k's mins) */
+            if (qtraits<T>::MIN && qtraits<T>::NS == 2) {
+                int a = 0, b = 0;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    a = __dp4a(xw[i], 0x01010101, a);
+                    b = __dp4a(xw[4 + i], 0x01010101, b);
+                }
+                sx0 = (float)a, sx1 = (float)b;
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                int s0 = 0, s1 = 0;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    s0 = __dp4a(k[r].q[i], xw[i], s0);
+                    s1 = __dp4a(k[r].q[4 + i], xw[4 + i], s1);
+                }
+                float f;
+                if (qtraits<T>::NS == 1) {
+                    f = k[r].a[0] * (float)(s0 + s1);
+                    if (qtraits<T>::MIN) f += k[r].b[0] * s.y;
+                } else {
+                    f = k[r].a[0] * (float)s0 + k[r].a[1] * (float)s1;
+                    if (qtraits<T>::MIN) f += k[r].b[0] * sx0 + k[r].b[1] * sx1;
+                }
+                acc[r][t] += s.x * f;
+            }
+        }
+    }
+    mmv_store<R, NT>(acc, y, row0, n_out, accumulate);
+}
+
+/* f32/f16/bf16 weights with f32 x: V = 8 (vector loads; n_in % 8 == 0 and
+ * x 16-byte aligned) or 1. */
+template <int T, int NT, int R, int V>
+__global__ void __launch_bounds__(MMV_THREADS, 2)
+    mmv_plain_kernel(const void *__restrict__ w, const float *__restrict__ x, float *__restrict__ y, int64_t n_in,
+                     int64_t n_out, bool accumulate) {
+    const int64_t row0 = (int64_t)blockIdx.x * R;
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+
+    for (int64_t i = (int64_t)threadIdx.x * V; i < n_in; i += MMV_THREADS * V) {
+        float wv[R][V];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int64_t off = min(row0 + r, n_out - 1) * n_in + i;
+            if constexpr (V == 8) plain_load8<T>(w, off, wv[r]);
+            else wv[r][0] = plain_value<T>(w, off);
+        }
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float xv[V];
+            if constexpr (V == 8) {
+                plain_load8<DTYPE_F32>(x, t * n_in + i, xv);
+            } else {
+                xv[0] = __ldg(x + t * n_in + i);
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int j = 0; j < V; j++) acc[r][t] = fmaf(wv[r][j], xv[j], acc[r][t]);
+        }
+    }
+    mmv_store<R, NT>(acc, y, row0, n_out, accumulate);
+}
+
+/* ---- dequantizers ----------------------------------------------------------- */
+
+/* Rows [row0, row0 + n_rows) of a quantized weight as f16, packed
+ * (n_rows, n_in). One thread per chunk. */
+template <int T>
+__global__ void dequant_f16_kernel(wq w, __half *__restrict__ out, int64_t row0, int64_t n_rows, int nc) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_rows * nc) return;
+    const int64_t r = i / nc;
+    const int c = (int)(i % nc);
+    chunk k;
+    unpack<T>(w, row0 + r, c, k);
+    float v[32];
+    chunk_values<T>(k, v);
+    uint4 *o = (uint4 *)(out + r * ((int64_t)nc * 32) + (int64_t)c * 32);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        __half2 h[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) h[e] = __floats2half2_rn(v[8 * j + 2 * e], v[8 * j + 2 * e + 1]);
+        o[j] = *(const uint4 *)h;
+    }
+}
+
+/* bf16 rows as f16 (the gemm's input type). */
+__global__ void bf16_to_f16_kernel(const uint16_t *__restrict__ w, __half *__restrict__ out, int64_t n) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2half_rn(__uint_as_float((uint32_t)w[i] << 16));
+}
+
+__global__ void f32_to_f16_kernel(const float *__restrict__ x, __half *__restrict__ out, int64_t n) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __float2half_rn(x[i]);
+}
+
+/* out (n, n_in) = rows tokens[] of a quantized table; one thread per chunk.
+ * A token outside [0, n_rows) gives NaN rows (the caller checks tokens). */
+template <int T>
+__global__ void get_rows_q_kernel(wq w, const int32_t *__restrict__ tokens, float *__restrict__ out, int64_t n,
+                                  int64_t n_rows, int nc) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * nc) return;
+    const int64_t e = i / nc;
+    const int c = (int)(i % nc);
+    const int32_t tok = tokens[e];
+    float v[32];
+    if (tok >= 0 && tok < n_rows) {
+        chunk k;
+        unpack<T>(w, tok, c, k);
+        chunk_values<T>(k, v);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 32; j++) v[j] = __int_as_float(0x7fc00000);
+    }
+    float4 *o = (float4 *)(out + e * ((int64_t)nc * 32) + (int64_t)c * 32);
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+}
+
+template <int T>
+__global__ void get_rows_plain_kernel(const void *__restrict__ w, const int32_t *__restrict__ tokens,
+                                      float *__restrict__ out, int64_t n, int64_t n_rows, int64_t n_in) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * n_in) return;
+    const int64_t e = i / n_in, j = i % n_in;
+    const int32_t tok = tokens[e];
+    out[i] = tok >= 0 && tok < n_rows ? plain_value<T>(w, tok * n_in + j) : __int_as_float(0x7fc00000);
+}
+
+/* ---- weights ------------------------------------------------------------------ */
+
+extern "C" bool cu_type_supported(uint32_t type) { return type < DTYPE_COUNT && layout_of((int)type).qk != 0; }
+
+static uint64_t weight_bytes(uint32_t type, int64_t n_in, int64_t n_out) {
+    const qlayout l = layout_of((int)type);
+    if (l.qk == 0 || n_in <= 0 || n_out <= 0 || n_in % l.qk) return 0;
+    uint64_t blocks, bytes;
+    if (!mul_u64_ok((uint64_t)(n_in / l.qk), (uint64_t)n_out, &blocks)) return 0;
+    if (!mul_u64_ok(blocks, (uint64_t)(l.body + l.aux), &bytes)) return 0;
+    return bytes;
+}
+
+extern "C" uint64_t cu_weight_bytes(uint32_t type, int64_t n_in, int64_t n_out) {
+    return weight_bytes(type, n_in, n_out);
+}
+
+/* Repacks and uploads blocks through buf (buf_bytes of host memory),
+ * waiting for each piece before the buffer is refilled. */
+static optiml_status upload_blocks(cu_ctx *cu, uint32_t type, const uint8_t *src, uint64_t n_blocks, uint8_t *dev,
+                                   uint8_t *buf, uint64_t buf_bytes) {
+    const qlayout l = layout_of((int)type);
+    const uint64_t per = (uint64_t)(l.body + l.aux), step = buf_bytes / per;
+    uint8_t *aux_dev = dev + n_blocks * (uint64_t)l.body;
+    for (uint64_t g0 = 0; g0 < n_blocks; g0 += step) {
+        const uint64_t cnt = n_blocks - g0 < step ? n_blocks - g0 : step;
+        if (l.aux == 0) {
+            memcpy(buf, src + g0 * l.bs, cnt * l.bs);
+        } else {
+            for (uint64_t i = 0; i < cnt; i++)
+                repack_block(type, src + (g0 + i) * l.bs, buf + i * l.body, buf + cnt * l.body + i * l.aux);
+        }
+        TRY(cu_upload(cu, dev + g0 * l.body, buf, cnt * l.body));
+        if (l.aux) TRY(cu_upload(cu, aux_dev + g0 * l.aux, buf + cnt * l.body, cnt * l.aux));
+        TRY(cu_sync(cu));
+    }
+    return OPTIML_OK;
+}
+
+extern "C" optiml_status cu_weight_upload(cu_ctx *cu, uint32_t type, int64_t n_in, int64_t n_out, const void *host,
+                                          void *staging, uint64_t staging_bytes, cu_weight *out) {
+    if (!cu || !host || !out) return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_weight_upload: NULL argument");
+    memset(out, 0, sizeof(*out));
+    if (!cu_type_supported(type))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "CUDA: weights of type %s are not supported", dtype_name(type));
+    const uint64_t bytes = weight_bytes(type, n_in, n_out);
+    if (bytes == 0)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "CUDA: bad %s weight shape %lld x %lld", dtype_name(type),
+                           (long long)n_in, (long long)n_out);
+    const qlayout l = layout_of((int)type);
+    uint8_t *buf = (uint8_t *)staging, *own = NULL;
+    if (!buf || staging_bytes < (uint64_t)(l.body + l.aux) * 64) { /* pageable fallback buffer */
+        staging_bytes = bytes < (16u << 20) ? bytes : (16u << 20);
+        own = buf = (uint8_t *)malloc(staging_bytes);
+        if (!own) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    }
+    void *dev = NULL;
+    optiml_status st = cu_malloc(cu, bytes, &dev);
+    if (st == OPTIML_OK)
+        st = upload_blocks(cu, type, (const uint8_t *)host, bytes / (uint64_t)(l.body + l.aux), (uint8_t *)dev, buf,
+                           staging_bytes);
+    free(own);
+    if (st != OPTIML_OK) {
+        cu_dfree(dev);
+        return st;
+    }
+    out->type = type;
+    out->n_in = n_in;
+    out->n_out = n_out;
+    out->dev = dev;
+    out->bytes = bytes;
+    return OPTIML_OK;
+}
+
+extern "C" void cu_weight_free(cu_weight *w) {
+    if (!w) return;
+    cu_dfree(w->dev);
+    memset(w, 0, sizeof(*w));
+}
+
+static wq wq_of(const cu_weight *w) {
+    const qlayout l = layout_of((int)w->type);
+    const int64_t nbr = w->n_in / l.qk;
+    const uint8_t *body = (const uint8_t *)w->dev;
+    return wq{body, body + (uint64_t)nbr * (uint64_t)w->n_out * (uint64_t)l.body, nbr};
+}
+
+/* ---- scratch ------------------------------------------------------------------ */
+
+struct mm_sizes {
+    uint64_t xq;       /* bytes: int8 quants + (d, sum) per 32 */
+    uint64_t xh;       /* bytes: f16 activations               */
+    uint64_t wh_elems; /* f16 values of a dequantized chunk    */
+};
+
+static mm_sizes mm_sizes_of(int64_t n_batch, int64_t n_in_max, int64_t n_out_max) {
+    const uint64_t nb = (uint64_t)n_batch, ni = align_up_u64((uint64_t)n_in_max, 32), no = (uint64_t)n_out_max;
+    mm_sizes s;
+    s.xq = align_up_u64(nb * ni, 16) + nb * (ni / 32) * sizeof(float2);
+    s.xh = nb * ni * 2;
+    const uint64_t chunk = WH_CHUNK_ELEMS > ni * 64 ? WH_CHUNK_ELEMS : ni * 64; /* >= 64 rows */
+    s.wh_elems = no * ni < chunk ? no * ni : chunk;
+    return s;
+}
+
+extern "C" uint64_t cu_matmul_scratch_bytes(int64_t n_batch, int64_t n_in_max, int64_t n_out_max) {
+    if (n_batch <= 0 || n_in_max <= 0 || n_out_max <= 0) return 0;
+    const mm_sizes s = mm_sizes_of(n_batch, n_in_max, n_out_max);
+    return s.xq + s.xh + s.wh_elems * 2;
+}
+
+extern "C" optiml_status cu_matmul_reserve(cu_ctx *cu, int64_t n_batch, int64_t n_in_max, int64_t n_out_max,
+                                           uint64_t *bytes) {
+    if (n_batch <= 0 || n_in_max <= 0 || n_out_max <= 0 || n_in_max > INT_MAX || n_out_max > INT_MAX ||
+        n_batch > INT_MAX)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_matmul_reserve: bad sizes %lld, %lld, %lld",
+                           (long long)n_batch, (long long)n_in_max, (long long)n_out_max);
+    if (n_batch <= cu->mm_batch && n_in_max <= cu->mm_in_max && n_out_max <= cu->mm_out_max) {
+        if (bytes) *bytes = cu->mm_bytes;
+        return OPTIML_OK;
+    }
+    /* grow every dimension to the larger of old and new */
+    if (cu->mm_batch > n_batch) n_batch = cu->mm_batch;
+    if (cu->mm_in_max > n_in_max) n_in_max = cu->mm_in_max;
+    if (cu->mm_out_max > n_out_max) n_out_max = cu->mm_out_max;
+    TRY(cu_sync(cu)); /* earlier products may still read the old scratch */
+    cu_dfree(cu->mm_xq);
+    cu_dfree(cu->mm_xh);
+    cu_dfree(cu->mm_wh);
+    cu->mm_xq = cu->mm_xh = cu->mm_wh = NULL;
+    cu->mm_batch = cu->mm_in_max = cu->mm_out_max = 0;
+    cu->mm_wh_elems = cu->mm_bytes = 0;
+    const mm_sizes s = mm_sizes_of(n_batch, n_in_max, n_out_max);
+    optiml_status st = cu_malloc(cu, s.xq, &cu->mm_xq);
+    if (st == OPTIML_OK) st = cu_malloc(cu, s.xh, &cu->mm_xh);
+    if (st == OPTIML_OK) st = cu_malloc(cu, s.wh_elems * 2, &cu->mm_wh);
+    if (st != OPTIML_OK) {
+        cu_dfree(cu->mm_xq);
+        cu_dfree(cu->mm_xh);
+        cu->mm_xq = cu->mm_xh = NULL;
+        return st;
+    }
+    cu->mm_batch = n_batch;
+    cu->mm_in_max = n_in_max;
+    cu->mm_out_max = n_out_max;
+    cu->mm_wh_elems = s.wh_elems;
+    cu->mm_bytes = s.xq + s.xh + s.wh_elems * 2;
+    if (bytes) *bytes = cu->mm_bytes;
+    return OPTIML_OK;
+}
+
+/* ---- matrix products ------------------------------------------------------------ */
+
+extern "C" int64_t cu_matmul_mmv_max_tokens(void) { return MMV_MAX_TOKENS; }
+
+/* Arguments every product checks: a supported weight, scratch that fits. */
+static optiml_status matmul_check(const cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, const float *y) {
+    if (!cu || !w || !w->dev || !x || !y) return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_matmul: NULL argument");
+    if (!cu_type_supported(w->type))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "CUDA: weights of type %s are not supported", dtype_name(w->type));
+    if (n_tok < 1 || n_tok > cu->mm_batch || w->n_in > cu->mm_in_max || w->n_out > cu->mm_out_max)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG,
+                           "cu_matmul: %lld tokens of %lld x %lld exceed the reserved scratch (%lld tokens, %lld x %lld)",
+                           (long long)n_tok, (long long)w->n_in, (long long)w->n_out, (long long)cu->mm_batch,
+                           (long long)cu->mm_in_max, (long long)cu->mm_out_max);
+    return OPTIML_OK;
+}
+
+/* R: rows per block. More rows share each x load (the L1 traffic of many
+ * tokens); few rows keep enough blocks in flight for one token. */
+template <int NT> constexpr int mmv_rows() { return NT <= 2 ? 2 : 4; }
+
+template <int T, int NT>
+static void launch_mmv_q(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y, int64_t n_in,
+                         int64_t n_out, bool acc) {
+    constexpr int R = mmv_rows<NT>();
+    mmv_q_kernel<T, NT, R><<<cu_blocks(n_out, R), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, n_in, n_out,
+                                                                                 (int)(n_in / 32), acc);
+}
+
+template <int T, int NT, int V>
+static void launch_mmv_plain(cu_ctx *cu, const void *w, const float *x, float *y, int64_t n_in, int64_t n_out,
+                             bool acc) {
+    constexpr int R = mmv_rows<NT>();
+    mmv_plain_kernel<T, NT, R, V><<<cu_blocks(n_out, R), MMV_THREADS, 0, cu->stream>>>(w, x, y, n_in, n_out, acc);
+}
+
+/* Up to 8 tokens of a quantized weight (x already quantized). */
+template <int T>
+static optiml_status mmv_q(cu_ctx *cu, const cu_weight *w, const int8_t *xq, const float2 *xs, int64_t nt, float *y,
+                           bool acc) {
+    const wq v = wq_of(w);
+    const int64_t n_in = w->n_in, n_out = w->n_out;
+    switch (nt) {
+    case 1: launch_mmv_q<T, 1>(cu, v, xq, xs, y, n_in, n_out, acc); break;
+    case 2: launch_mmv_q<T, 2>(cu, v, xq, xs, y, n_in, n_out, acc); break;
+    case 3: launch_mmv_q<T, 3>(cu, v, xq, xs, y, n_in, n_out, acc); break;
+    case 4: launch_mmv_q<T, 4>(cu, v, xq, xs, y, n_in, n_out, acc); break;
+    case 5: launch_mmv_q<T, 5>(cu, v, xq, xs, y, n_in, n_out, acc); break;
+    case 6: launch_mmv_q<T, 6>(cu, v, xq, xs, y, n_in, n_out, acc); break;
+    case 7: launch_mmv_q<T, 7>(cu, v, xq, xs, y, n_in, n_out, acc); break;
+    default: launch_mmv_q<T, 8>(cu, v, xq, xs, y, n_in, n_out, acc); break;
+    }
+    CU_LAUNCHED("mmv_q_kernel");
+    return OPTIML_OK;
+}
+
+template <int T, int V>
+static optiml_status mmv_plain(cu_ctx *cu, const cu_weight *w, const float *x, int64_t nt, float *y, bool acc) {
+    const int64_t n_in = w->n_in, n_out = w->n_out;
+    switch (nt) {
+    case 1: launch_mmv_plain<T, 1, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
+    case 2: launch_mmv_plain<T, 2, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
+    case 3: launch_mmv_plain<T, 3, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
+    case 4: launch_mmv_plain<T, 4, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
+    case 5: launch_mmv_plain<T, 5, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
+    case 6: launch_mmv_plain<T, 6, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
+    case 7: launch_mmv_plain<T, 7, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
+    default: launch_mmv_plain<T, 8, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
+    }
+    CU_LAUNCHED("mmv_plain_kernel");
+    return OPTIML_OK;
+}
+
+template <int V>
+static optiml_status mmv_plain_type(cu_ctx *cu, const cu_weight *w, const float *x, int64_t nt, float *y, bool acc) {
+    switch (w->type) {
+    case DTYPE_F32: return mmv_plain<DTYPE_F32, V>(cu, w, x, nt, y, acc);
+    case DTYPE_F16: return mmv_plain<DTYPE_F16, V>(cu, w, x, nt, y, acc);
+    default: return mmv_plain<DTYPE_BF16, V>(cu, w, x, nt, y, acc);
+    }
+}
+
+static optiml_status mmv_q_type(cu_ctx *cu, const cu_weight *w, const int8_t *xq, const float2 *xs, int64_t nt,
+                                float *y, bool acc) {
+    switch (w->type) {
+    case DTYPE_Q4_0: return mmv_q<DTYPE_Q4_0>(cu, w, xq, xs, nt, y, acc);
+    case DTYPE_Q4_1: return mmv_q<DTYPE_Q4_1>(cu, w, xq, xs, nt, y, acc);
+    case DTYPE_Q5_0: return mmv_q<DTYPE_Q5_0>(cu, w, xq, xs, nt, y, acc);
+    case DTYPE_Q5_1: return mmv_q<DTYPE_Q5_1>(cu, w, xq, xs, nt, y, acc);
+    case DTYPE_Q8_0: return mmv_q<DTYPE_Q8_0>(cu, w, xq, xs, nt, y, acc);
+    case DTYPE_Q2_K: return mmv_q<DTYPE_Q2_K>(cu, w, xq, xs, nt, y, acc);
+    case DTYPE_Q3_K: return mmv_q<DTYPE_Q3_K>(cu, w, xq, xs, nt, y, acc);
+    case DTYPE_Q4_K: return mmv_q<DTYPE_Q4_K>(cu, w, xq, xs, nt, y, acc);
+    case DTYPE_Q5_K: return mmv_q<DTYPE_Q5_K>(cu, w, xq, xs, nt, y, acc);
+    case DTYPE_Q6_K: return mmv_q<DTYPE_Q6_K>(cu, w, xq, xs, nt, y, acc);
+    default: return optiml_fail(OPTIML_ERR_UNSUPPORTED, "CUDA: no mmv kernel for %s", dtype_name(w->type));
+    }
+}
+
+extern "C" optiml_status cu_matmul_mmv(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y,
+                                       bool accumulate) {
+    TRY(matmul_check(cu, w, x, n_tok, y));
+    const int64_t n_in = w->n_in, n_out = w->n_out;
+    if (type_is_plain(w->type)) {
+        const bool vec = n_in % 8 == 0 && ((uintptr_t)x & 15) == 0;
+        for (int64_t t0 = 0; t0 < n_tok; t0 += MMV_MAX_TOKENS) {
+            const int64_t nt = n_tok - t0 < MMV_MAX_TOKENS ? n_tok - t0 : MMV_MAX_TOKENS;
+            if (vec) TRY(mmv_plain_type<8>(cu, w, x + t0 * n_in, nt, y + t0 * n_out, accumulate));
+            else TRY(mmv_plain_type<1>(cu, w, x + t0 * n_in, nt, y + t0 * n_out, accumulate));
+        }
+        return OPTIML_OK;
+    }
+    /* quantize all tokens' activations once, then 8 tokens per pass */
+    int8_t *xq = (int8_t *)cu->mm_xq;
+    float2 *xs = (float2 *)((uint8_t *)cu->mm_xq + align_up_u64((uint64_t)(n_tok * n_in), 16));
+    const int64_t n_blocks = n_tok * n_in / 32;
+    quantize_x_kernel<<<cu_blocks(n_blocks * 32, 256), 256, 0, cu->stream>>>(x, xq, xs, n_blocks);
+    CU_LAUNCHED("quantize_x_kernel");
+    for (int64_t t0 = 0; t0 < n_tok; t0 += MMV_MAX_TOKENS) {
+        const int64_t nt = n_tok - t0 < MMV_MAX_TOKENS ? n_tok - t0 : MMV_MAX_TOKENS;
+        TRY(mmv_q_type(cu, w, xq + t0 * n_in, xs + t0 * (n_in / 32), nt, y + t0 * n_out, accumulate));
+    }
+    return OPTIML_OK;
+}
+
+/* Rows [row0, row0 + n_rows) of w as f16 into the chunk buffer. */
+static optiml_status dequant_rows_f16(cu_ctx *cu, const cu_weight *w, int64_t row0, int64_t n_rows, __half *out) {
+    if (w->type == DTYPE_BF16) {
+        const int64_t n = n_rows * w->n_in;
+        bf16_to_f16_kernel<<<cu_blocks(n, 256), 256, 0, cu->stream>>>((const uint16_t *)w->dev + row0 * w->n_in,
+                                                                         out, n);
+        CU_LAUNCHED("bf16_to_f16_kernel");
+        return OPTIML_OK;
+    }
+    const wq v = wq_of(w);
+    const int nc = (int)(w->n_in / 32);
+    const unsigned grid = cu_blocks(n_rows * nc, 256);
+    cudaStream_t s = cu->stream;
+    switch (w->type) {
+    case DTYPE_Q4_0: dequant_f16_kernel<DTYPE_Q4_0><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    case DTYPE_Q4_1: dequant_f16_kernel<DTYPE_Q4_1><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    case DTYPE_Q5_0: dequant_f16_kernel<DTYPE_Q5_0><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    case DTYPE_Q5_1: dequant_f16_kernel<DTYPE_Q5_1><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    case DTYPE_Q8_0: dequant_f16_kernel<DTYPE_Q8_0><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    case DTYPE_Q2_K: dequant_f16_kernel<DTYPE_Q2_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    case DTYPE_Q3_K: dequant_f16_kernel<DTYPE_Q3_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    case DTYPE_Q4_K: dequant_f16_kernel<DTYPE_Q4_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    case DTYPE_Q5_K: dequant_f16_kernel<DTYPE_Q5_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    case DTYPE_Q6_K: dequant_f16_kernel<DTYPE_Q6_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+    default: return optiml_fail(OPTIML_ERR_UNSUPPORTED, "CUDA: no f16 dequantizer for %s", dtype_name(w->type));
+    }
+    CU_LAUNCHED("dequant_f16_kernel");
+    return OPTIML_OK;
+}
+
+/* C (m, n) col-major = op(A) (m x k) * B (k x n), as the row-major
+ * y (n, m) = x (n, k) W^T (m rows of k values). */
+static optiml_status gemm_ex(cu_ctx *cu, const void *wdata, cudaDataType wt, const void *x, cudaDataType xt, float *y,
+                             int64_t m, int64_t n, int64_t k, int64_t ldc, float beta) {
+    const float one = 1.0f;
+    return cublas_check(cublasGemmEx(cu->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)k, &one, wdata, wt,
+                                     (int)k, x, xt, (int)k, &beta, y, CUDA_R_32F, (int)ldc, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT),
+                        "cublasGemmEx");
+}
+
+extern "C" optiml_status cu_matmul_gemm(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y,
+                                        bool accumulate) {
+    TRY(matmul_check(cu, w, x, n_tok, y));
+    const int64_t n_in = w->n_in, n_out = w->n_out;
+    const float beta = accumulate ? 1.0f : 0.0f;
+    if (w->type == DTYPE_F32) /* exact f32 GEMM: no f16 rounding of either side */
+        return gemm_ex(cu, w->dev, CUDA_R_32F, x, CUDA_R_32F, y, n_out, n_tok, n_in, n_out, beta);
+    __half *xh = (__half *)cu->mm_xh;
+    f32_to_f16_kernel<<<cu_blocks(n_tok * n_in, 256), 256, 0, cu->stream>>>(x, xh, n_tok * n_in);
+    CU_LAUNCHED("f32_to_f16_kernel");
+    if (w->type == DTYPE_F16) return gemm_ex(cu, w->dev, CUDA_R_16F, xh, CUDA_R_16F, y, n_out, n_tok, n_in, n_out, beta);
+    /* chunks of rows: dequantized into L2-sized f16 pieces, each multiplied at once */
+    int64_t rows = (int64_t)(cu->mm_wh_elems / (uint64_t)n_in);
+    if (rows > 64) rows -= rows % 64;
+    __half *wh = (__half *)cu->mm_wh;
+    for (int64_t r0 = 0; r0 < n_out; r0 += rows) {
+        const int64_t nr = n_out - r0 < rows ? n_out - r0 : rows;
+        TRY(dequant_rows_f16(cu, w, r0, nr, wh));
+        TRY(gemm_ex(cu, wh, CUDA_R_16F, xh, CUDA_R_16F, y + r0, nr, n_tok, n_in, n_out, beta));
+    }
+    return OPTIML_OK;
+}
+
+extern "C" optiml_status cu_matmul(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y,
+                                   bool accumulate) {
+    if (n_tok <= MMV_MAX_TOKENS) return cu_matmul_mmv(cu, w, x, n_tok, y, accumulate);
+    return cu_matmul_gemm(cu, w, x, n_tok, y, accumulate);
+}
+
+extern "C" optiml_status cu_get_rows(cu_ctx *cu, const cu_weight *emb, const int32_t *tokens, int32_t n, float *out) {
+    if (!cu || !emb || !emb->dev || !tokens || !out || n < 0)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_get_rows: bad argument");
+    if (!cu_type_supported(emb->type))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "CUDA: embeddings of type %s are not supported",
+                           dtype_name(emb->type));
+    if (n == 0) return OPTIML_OK;
+    const int64_t n_in = emb->n_in, n_rows = emb->n_out;
+    cudaStream_t s = cu->stream;
+    if (type_is_plain(emb->type)) {
+        const unsigned grid = cu_blocks(n * n_in, 256);
+        switch (emb->type) {
+        case DTYPE_F32: get_rows_plain_kernel<DTYPE_F32><<<grid, 256, 0, s>>>(emb->dev, tokens, out, n, n_rows, n_in); break;
+        case DTYPE_F16: get_rows_plain_kernel<DTYPE_F16><<<grid, 256, 0, s>>>(emb->dev, tokens, out, n, n_rows, n_in); break;
+        default: get_rows_plain_kernel<DTYPE_BF16><<<grid, 256, 0, s>>>(emb->dev, tokens, out, n, n_rows, n_in); break;
+        }
+        CU_LAUNCHED("get_rows_plain_kernel");
+        return OPTIML_OK;
+    }
+    const wq v = wq_of(emb);
+    const int nc = (int)(n_in / 32);
+    const unsigned grid = cu_blocks(n * nc, 256);
+    switch (emb->type) {
+    case DTYPE_Q4_0: get_rows_q_kernel<DTYPE_Q4_0><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    case DTYPE_Q4_1: get_rows_q_kernel<DTYPE_Q4_1><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    case DTYPE_Q5_0: get_rows_q_kernel<DTYPE_Q5_0><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    case DTYPE_Q5_1: get_rows_q_kernel<DTYPE_Q5_1><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    case DTYPE_Q8_0: get_rows_q_kernel<DTYPE_Q8_0><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    case DTYPE_Q2_K: get_rows_q_kernel<DTYPE_Q2_K><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    case DTYPE_Q3_K: get_rows_q_kernel<DTYPE_Q3_K><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    case DTYPE_Q4_K: get_rows_q_kernel<DTYPE_Q4_K><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    case DTYPE_Q5_K: get_rows_q_kernel<DTYPE_Q5_K><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    case DTYPE_Q6_K: get_rows_q_kernel<DTYPE_Q6_K><<<grid, 256, 0, s>>>(v, tokens, out, n, n_rows, nc); break;
+    default: return optiml_fail(OPTIML_ERR_UNSUPPORTED, "CUDA: no row kernel for %s", dtype_name(emb->type));
+    }
+    CU_LAUNCHED("get_rows_q_kernel");
+    return OPTIML_OK;
+}
+
+extern "C" optiml_status cu_gemm_f16_bench(cu_ctx *cu, const void *a, const void *b, float *c, int64_t m, int64_t n,
+                                           int64_t k) {
+    if (m <= 0 || n <= 0 || k <= 0 || m > INT_MAX || n > INT_MAX || k > INT_MAX)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_gemm_f16_bench: bad sizes");
+    /* B plays the weight (n rows of k), A the activations (m rows of k) */
+    return gemm_ex(cu, b, CUDA_R_16F, a, CUDA_R_16F, c, n, m, k, n, 0.0f);
+}

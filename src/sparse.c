@@ -1,0 +1,418 @@
+/*
+ * sparse.c - the sparse CPU FFN (see sparse.h for what it computes).
+ *
+ * One call of sparse_layer_ffn, n tokens in ctx->xb:
+ *   1. active sets: predictor hidden = relu(xb fc1^T), logits = hidden fc2^T
+ *      (mask: logit > threshold), or in oracle mode the dense gate (mask:
+ *      gate > act_threshold); union of the tokens' masks -> index list;
+ *      a union above SPARSE_DENSE_FRAC of n_ff hands the layer back to the
+ *      dense FFN;
+ *   2. gate/up rows of the union only (threads split the index list):
+ *      h[t][i] = act(gate) * up where token t's mask has i, else 0, written
+ *      into ctx->gate (zero elsewhere: the FFN observer sees a dense h);
+ *   3. down: x[t] += sum over i with h[t][i] != 0 of h[t][i] * down_t row i
+ *      (threads split n_embd in whole blocks; each dequantizes its slice of a
+ *      row once for all tokens), or without ffn_down_t, the dense down
+ *      matmul on the sparse h (same kernels: its result is the dense one).
+ * The dots are the dense matmul's kernels on the same (quantized) inputs,
+ * so in oracle mode gate and up are bit for bit the dense ones; only down
+ * differs (f32 h against down_t rows instead of q8 h against down rows).
+ * Every buffer is allocated in sparse_init.
+ */
+#include "sparse.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The dense FFN takes over a batch whose union of active neurons exceeds
+ * this share of n_ff (it reads rows at a better rate: 4-token kernels) */
+#define SPARSE_DENSE_FRAC 0.6
+/* ... and batches above this many tokens, without predicting (their union
+ * is nearly every neuron) */
+#define SPARSE_MAX_TOKENS 64
+
+struct sparse_state {
+    enum sparse_mode mode; /* ORACLE or PREDICTOR */
+    int64_t n_tok_max;     /* n_batch                                        */
+    int64_t r_max;         /* widest predictor                               */
+    float *hidden;         /* (n_batch, r_max) predictor hidden layer       */
+    float *logits;         /* (n_batch, n_ff) predictor logits / oracle gate */
+    int32_t *idx;          /* (n_ff) union of active neurons                 */
+    int32_t *idx_nz;       /* (n_ff) those with some h != 0                  */
+    float *tmp;            /* (n_threads, n_embd) dequantized down_t rows    */
+    int64_t tmp_n;
+    /* inputs quantized for the weights' dot_q: xb per activation type, and
+     * the predictor's hidden layer */
+    void *xq[DTYPE_COUNT]; /* (n_batch, row bytes of n_embd) */
+    void *hq[DTYPE_COUNT]; /* (n_batch, row bytes of r_max)  */
+    void *dq[DTYPE_COUNT]; /* (n_batch, row bytes of n_ff): h, no down_t */
+    uint64_t n_active, n_total;
+};
+
+/* ---- setup ------------------------------------------------------------- */
+
+static optiml_status sparse_alloc_q(void **buf, const struct cpu_kernels *kern, uint32_t wtype, int64_t n_rows,
+                                    int64_t n_in) {
+    const uint32_t t = kern->vec_dot_type[wtype];
+    if (t == DTYPE_F32 || buf[t]) return OPTIML_OK;
+    uint64_t row;
+    if (!dtype_row_size(t, (uint64_t)n_in, &row))
+        return optiml_fail(OPTIML_ERR_FORMAT, "sparse FFN: rows of %lld values do not fill %s blocks",
+                           (long long)n_in, dtype_name(t));
+    buf[t] = optiml_alloc_aligned((size_t)(row * (uint64_t)n_rows));
+    if (!buf[t]) return optiml_fail(OPTIML_ERR_NOMEM, "sparse FFN: cannot allocate %s inputs", dtype_name(t));
+    return OPTIML_OK;
+}
+
+static optiml_status sparse_alloc(optiml_context *ctx, struct sparse_state *s) {
+    const optiml_model *m = ctx->model;
+    const struct hparams *hp = &m->hp;
+    const int64_t nb = ctx->params.n_batch, nth = threadpool_n_threads(ctx->pool);
+    s->n_tok_max = nb;
+    for (int32_t il = 0; il < hp->n_layer; il++)
+        if (m->layers[il].fc1.data && m->layers[il].fc1.ne[1] > s->r_max) s->r_max = m->layers[il].fc1.ne[1];
+    s->tmp_n = hp->n_embd;
+    struct { void **p; uint64_t n; } bufs[] = {
+        {(void **)&s->hidden, (uint64_t)(nb * (s->r_max > 0 ? s->r_max : 1)) * sizeof(float)},
+        {(void **)&s->logits, (uint64_t)(nb * hp->n_ff) * sizeof(float)},
+        {(void **)&s->idx, (uint64_t)hp->n_ff * sizeof(int32_t)},
+        {(void **)&s->idx_nz, (uint64_t)hp->n_ff * sizeof(int32_t)},
+        {(void **)&s->tmp, (uint64_t)(nth * s->tmp_n) * sizeof(float)},
+    };
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
+        *bufs[i].p = optiml_alloc_aligned(bufs[i].n);
+        if (!*bufs[i].p) return optiml_fail(OPTIML_ERR_NOMEM, "sparse FFN: cannot allocate %llu bytes",
+                                            (unsigned long long)bufs[i].n);
+    }
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        const struct layer *l = &m->layers[il];
+        if (l->ffn_gate.data) TRY(sparse_alloc_q(s->xq, ctx->kern, l->ffn_gate.type, nb, hp->n_embd));
+        TRY(sparse_alloc_q(s->xq, ctx->kern, l->ffn_up.type, nb, hp->n_embd));
+        if (!l->ffn_down_t.data) TRY(sparse_alloc_q(s->dq, ctx->kern, l->ffn_down.type, nb, hp->n_ff));
+        if (s->mode == SPARSE_MODE_PREDICTOR) {
+            TRY(sparse_alloc_q(s->xq, ctx->kern, l->fc1.type, nb, hp->n_embd));
+            TRY(sparse_alloc_q(s->hq, ctx->kern, l->fc2.type, nb, s->r_max));
+        }
+    }
+    return OPTIML_OK;
+}
+
+optiml_status sparse_init(optiml_context *ctx) {
+    const optiml_model *m = ctx->model;
+    ctx->sparse = NULL;
+    enum sparse_mode mode;
+    switch (ctx->params.sparse_mode) {
+    case SPARSE_MODE_AUTO: mode = m->sparse.has_predictor ? SPARSE_MODE_PREDICTOR : SPARSE_MODE_DENSE; break;
+    case SPARSE_MODE_DENSE: mode = SPARSE_MODE_DENSE; break;
+    case SPARSE_MODE_ORACLE: mode = SPARSE_MODE_ORACLE; break;
+    case SPARSE_MODE_PREDICTOR:
+        if (!m->sparse.has_predictor)
+            return optiml_fail(OPTIML_ERR_INVALID_ARG, "context: sparse_mode 3 (predictor) needs a model with "
+                                                       "predictors (blk.N.fc1/fc2) in every layer");
+        mode = SPARSE_MODE_PREDICTOR;
+        break;
+    default:
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "context: sparse_mode %d is not 0 (auto), 1 (dense), 2 (oracle) "
+                                                   "or 3 (predictor)", (int)ctx->params.sparse_mode);
+    }
+    if (mode == SPARSE_MODE_DENSE) return OPTIML_OK;
+    struct sparse_state *s = calloc(1, sizeof(*s));
+    if (!s) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    s->mode = mode;
+    optiml_status st = sparse_alloc(ctx, s);
+    if (st != OPTIML_OK) {
+        sparse_free(s);
+        return st;
+    }
+    if (!m->sparse.has_down_t)
+        LOG_INFO("sparse FFN without ffn_down_t: the down matrix is read in full");
+    ctx->sparse = s;
+    return OPTIML_OK;
+}
+
+void sparse_free(struct sparse_state *s) {
+    if (!s) return;
+    void *bufs[] = {s->hidden, s->logits, s->idx, s->idx_nz, s->tmp};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) optiml_free_aligned(bufs[i]);
+    for (int t = 0; t < DTYPE_COUNT; t++) {
+        optiml_free_aligned(s->xq[t]);
+        optiml_free_aligned(s->hq[t]);
+        optiml_free_aligned(s->dq[t]);
+    }
+    free(s);
+}
+
+void optiml_context_ffn_stats(const optiml_context *ctx, uint64_t *n_active, uint64_t *n_total) {
+    const struct sparse_state *s = ctx ? ctx->sparse : NULL;
+    if (n_active) *n_active = s ? s->n_active : 0;
+    if (n_total) *n_total = s ? s->n_total : 0;
+}
+
+/* ---- threaded row ops -------------------------------------------------- */
+
+/* An input of a matrix: f32 rows, or quantized rows for dot_q. */
+struct row_input {
+    const float *x; /* (n_tok, n_in) */
+    const char *xq; /* (n_tok, xq_row bytes) or NULL: dot on f32 */
+    uint64_t xq_row;
+};
+
+/* Quantize the n_tok rows of x for weights of type wtype into buf (one
+ * buffer per activation type), unless done already for this x (*done). */
+static struct row_input row_input_make(optiml_context *ctx, void **buf, bool *done, uint32_t wtype, const float *x,
+                                       int64_t n_tok, int64_t n_in) {
+    struct row_input in = {.x = x};
+    const uint32_t t = ctx->kern->vec_dot_type[wtype];
+    if (t == DTYPE_F32) return in;
+    dtype_row_size(t, (uint64_t)n_in, &in.xq_row);
+    in.xq = buf[t];
+    if (!done[t])
+        for (int64_t k = 0; k < n_tok; k++) ctx->kern->quantize[t](n_in, x + k * n_in, (char *)buf[t] + k * in.xq_row);
+    done[t] = true;
+    return in;
+}
+
+static inline float row_dot(const struct cpu_kernels *kern, const struct tensor *w, int64_t r,
+                            const struct row_input *in, int64_t t) {
+    const int64_t n = w->ne[0];
+    if (in->xq) return kern->dot_q[w->type](n, tensor_row(w, r), in->xq + (uint64_t)t * in->xq_row);
+    return kern->dot[w->type](n, tensor_row(w, r), in->x + t * n);
+}
+
+/* y[t * y_stride + r] (+)= row r of w . input t, for every row r. */
+struct rows_job {
+    const struct cpu_kernels *kern;
+    const struct tensor *w;
+    struct row_input in;
+    int64_t n_tok, y_stride;
+    bool accumulate;
+    float *y;
+};
+
+static void rows_run(void *arg, int ith, int nth) {
+    const struct rows_job *job = arg;
+    int64_t r0, r1;
+    threadpool_split(job->w->ne[1], ith, nth, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t t = 0; t < job->n_tok; t++) {
+            float *y = &job->y[t * job->y_stride + r];
+            const float d = row_dot(job->kern, job->w, r, &job->in, t);
+            *y = job->accumulate ? *y + d : d;
+        }
+}
+
+/* Scattered rows defeat the hardware prefetcher (it follows one stream):
+ * ask for the rows PREFETCH_AHEAD neurons ahead, every cache line. */
+#define PREFETCH_AHEAD 4
+
+static inline void prefetch_bytes(const void *p, uint64_t n) {
+    for (uint64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 0);
+}
+
+/* gate/up of the neurons in idx; h into ctx->gate (n_tok, n_ff). */
+struct ffn_job {
+    const struct cpu_kernels *kern;
+    const struct layer *l;
+    const struct sparse_state *s;
+    struct row_input in_gate, in_up;
+    const int32_t *idx;
+    int64_t n_idx, n_tok, n_ff;
+    enum ffn_act act;
+    float act_threshold, logit_threshold;
+    float *h;
+};
+
+static void ffn_run(void *arg, int ith, int nth) {
+    const struct ffn_job *job = arg;
+    const bool oracle = job->s->mode == SPARSE_MODE_ORACLE, nogate = job->act == FFN_ACT_RELU_NOGATE;
+    int64_t k0, k1;
+    threadpool_split(job->n_idx, ith, nth, &k0, &k1);
+    for (int64_t k = k0; k < k1; k++) {
+        const int32_t i = job->idx[k];
+        if (k + PREFETCH_AHEAD < k1) {
+            const int32_t ip = job->idx[k + PREFETCH_AHEAD];
+            if (!nogate && !oracle) prefetch_bytes(tensor_row(&job->l->ffn_gate, ip), job->l->ffn_gate.row_size);
+            prefetch_bytes(tensor_row(&job->l->ffn_up, ip), job->l->ffn_up.row_size);
+        }
+        for (int64_t t = 0; t < job->n_tok; t++) {
+            /* oracle: lg is the dense gate (up without one), and the
+             * threshold act_threshold: h would be exactly 0 */
+            const float lg = job->s->logits[t * job->n_ff + i];
+            if (!(lg > job->logit_threshold)) continue; /* h stays 0 */
+            float g = 0.0f, u;
+            if (!nogate) g = oracle ? lg : row_dot(job->kern, &job->l->ffn_gate, i, &job->in_gate, t);
+            u = nogate && oracle ? lg : row_dot(job->kern, &job->l->ffn_up, i, &job->in_up, t);
+            /* exactly the dense FFN's ops, one element at a time */
+            if (job->act_threshold > 0.0f) ops_threshold(nogate ? &u : &g, 1, job->act_threshold);
+            ops_act_mul(&g, &u, 1, job->act);
+            job->h[t * job->n_ff + i] = g;
+        }
+    }
+}
+
+/* x[t] += sum over idx of h[t][i] * down_t row i; threads split n_embd. */
+struct down_job {
+    const struct cpu_kernels *kern;
+    const struct tensor *w; /* ffn_down_t (n_embd, n_ff) */
+    const int32_t *idx;
+    int64_t n_idx, n_tok, n_ff;
+    const float *h;
+    float *x; /* (n_tok, n_embd) */
+    float *tmp;
+    int64_t tmp_n;
+};
+
+static void down_t_run(void *arg, int ith, int nth) {
+    const struct down_job *job = arg;
+    const int64_t n_embd = job->w->ne[0], bs = (int64_t)dtype_block_size(job->w->type);
+    const uint64_t bbytes = dtype_type_size(job->w->type);
+    int64_t b0, b1;
+    threadpool_split(n_embd / bs, ith, nth, &b0, &b1);
+    if (b0 >= b1) return;
+    const int64_t c0 = b0 * bs, nc = (b1 - b0) * bs;
+    float *tmp = job->tmp + ith * job->tmp_n;
+    const cpu_to_f32_fn to_f32 = job->kern->to_f32[job->w->type];
+    const cpu_axpy_fn axpy = job->kern->axpy[job->w->type];
+    for (int64_t k = 0; k < job->n_idx; k++) {
+        const int32_t i = job->idx[k];
+        const char *row = (const char *)tensor_row(job->w, i) + (uint64_t)b0 * bbytes;
+        if (k + PREFETCH_AHEAD < job->n_idx)
+            prefetch_bytes((const char *)tensor_row(job->w, job->idx[k + PREFETCH_AHEAD]) + (uint64_t)b0 * bbytes,
+                           (uint64_t)(b1 - b0) * bbytes);
+        if (axpy) { /* fused dequantize + multiply-add */
+            for (int64_t t = 0; t < job->n_tok; t++) {
+                const float a = job->h[t * job->n_ff + i];
+                if (a != 0.0f) axpy(nc, a, row, job->x + t * n_embd + c0);
+            }
+            continue;
+        }
+        to_f32(nc, row, tmp); /* other types: dequantize once for all tokens */
+        for (int64_t t = 0; t < job->n_tok; t++) {
+            const float a = job->h[t * job->n_ff + i];
+            if (a == 0.0f) continue;
+            float *y = job->x + t * n_embd + c0;
+            for (int64_t j = 0; j < nc; j++) y[j] += a * tmp[j];
+        }
+    }
+}
+
+/* ---- the layer ---------------------------------------------------------- */
+
+/* s->logits = predictor logits (or the oracle's dense gate / up). */
+static void sparse_scores(optiml_context *ctx, const struct layer *l, int64_t n_tok, bool *done) {
+    struct sparse_state *s = ctx->sparse;
+    const struct hparams *hp = &ctx->model->hp;
+    struct rows_job job = {.kern = ctx->kern, .n_tok = n_tok};
+    if (s->mode == SPARSE_MODE_ORACLE) {
+        job.w = l->ffn_gate.data ? &l->ffn_gate : &l->ffn_up;
+        job.in = row_input_make(ctx, s->xq, done, job.w->type, ctx->xb, n_tok, hp->n_embd);
+        job.y = s->logits;
+        job.y_stride = hp->n_ff;
+        threadpool_run(ctx->pool, rows_run, &job);
+        return;
+    }
+    const int64_t r = l->fc1.ne[1];
+    job.w = &l->fc1;
+    job.in = row_input_make(ctx, s->xq, done, l->fc1.type, ctx->xb, n_tok, hp->n_embd);
+    job.y = s->hidden;
+    job.y_stride = r;
+    threadpool_run(ctx->pool, rows_run, &job);
+    for (int64_t k = 0; k < n_tok * r; k++) s->hidden[k] = s->hidden[k] > 0.0f ? s->hidden[k] : 0.0f;
+    bool hdone[DTYPE_COUNT] = {0};
+    job.w = &l->fc2;
+    job.in = row_input_make(ctx, s->hq, hdone, l->fc2.type, s->hidden, n_tok, r);
+    job.y = s->logits;
+    job.y_stride = hp->n_ff;
+    threadpool_run(ctx->pool, rows_run, &job);
+}
+
+/* The union of the tokens' active sets into s->idx; returns its size. */
+static int64_t sparse_union(const optiml_context *ctx, int64_t n_tok, float thr) {
+    struct sparse_state *s = ctx->sparse;
+    const int64_t n_ff = ctx->model->hp.n_ff;
+    /* the oracle of a non-ReLU activation: every neuron is active */
+    const bool all = s->mode == SPARSE_MODE_ORACLE && !ffn_act_is_relu(ctx->model->hp.ffn_act);
+    int64_t n = 0;
+    for (int64_t i = 0; i < n_ff; i++) {
+        bool on = all;
+        for (int64_t t = 0; t < n_tok && !on; t++) on = s->logits[t * n_ff + i] > thr;
+        if (on) s->idx[n++] = (int32_t)i;
+    }
+    return n;
+}
+
+bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
+    struct sparse_state *s = ctx->sparse;
+    const optiml_model *m = ctx->model;
+    const struct hparams *hp = &m->hp;
+    const struct layer *l = &m->layers[il];
+    const int64_t n_ff = hp->n_ff;
+    if (il == 0) s->n_active = s->n_total = 0;
+    s->n_total += (uint64_t)(n_tok * n_ff);
+    if (n_tok > SPARSE_MAX_TOKENS) {
+        s->n_active += (uint64_t)(n_tok * n_ff);
+        return false;
+    }
+    bool done[DTYPE_COUNT] = {0};
+    sparse_scores(ctx, l, n_tok, done);
+    const float thr = s->mode == SPARSE_MODE_ORACLE ? m->sparse.act_threshold : m->sparse.layer_threshold[il];
+    const int64_t n_idx = sparse_union(ctx, n_tok, thr);
+    if ((double)n_idx > SPARSE_DENSE_FRAC * (double)n_ff) {
+        s->n_active += (uint64_t)(n_tok * n_ff);
+        return false;
+    }
+
+    /* gate/up of the union */
+    memset(ctx->gate, 0, (size_t)(n_tok * n_ff) * sizeof(float));
+    struct ffn_job fj = {.kern = ctx->kern, .l = l, .s = s, .idx = s->idx, .n_idx = n_idx, .n_tok = n_tok,
+                         .n_ff = n_ff, .act = hp->ffn_act, .act_threshold = m->sparse.act_threshold,
+                         .logit_threshold = thr, .h = ctx->gate};
+    if (l->ffn_gate.data) fj.in_gate = row_input_make(ctx, s->xq, done, l->ffn_gate.type, ctx->xb, n_tok, hp->n_embd);
+    fj.in_up = row_input_make(ctx, s->xq, done, l->ffn_up.type, ctx->xb, n_tok, hp->n_embd);
+    threadpool_run(ctx->pool, ffn_run, &fj);
+    if (ctx->ffn_observer) ctx->ffn_observer(ctx->ffn_observer_user, il, n_tok, ctx->xb, ctx->gate);
+
+    /* neurons with some h != 0 */
+    int64_t n_nz = 0;
+    for (int64_t k = 0; k < n_idx; k++) {
+        const int32_t i = s->idx[k];
+        int64_t c = 0;
+        for (int64_t t = 0; t < n_tok; t++) c += ctx->gate[t * n_ff + i] != 0.0f;
+        s->n_active += (uint64_t)c;
+        if (c) s->idx_nz[n_nz++] = i;
+    }
+    struct down_job dj = {.kern = ctx->kern, .idx = s->idx_nz, .n_idx = n_nz, .n_tok = n_tok, .n_ff = n_ff,
+                          .h = ctx->gate, .x = ctx->x, .tmp = s->tmp, .tmp_n = s->tmp_n};
+    if (l->ffn_down_t.data) {
+        dj.w = &l->ffn_down_t;
+        threadpool_run(ctx->pool, down_t_run, &dj);
+    } else { /* the dense down matmul on the sparse h (8-bit h as it does) */
+        bool hdone[DTYPE_COUNT] = {0};
+        struct rows_job rj = {.kern = ctx->kern, .w = &l->ffn_down, .n_tok = n_tok, .y_stride = hp->n_embd,
+                              .accumulate = true, .y = ctx->x};
+        rj.in = row_input_make(ctx, s->dq, hdone, l->ffn_down.type, ctx->gate, n_tok, n_ff);
+        threadpool_run(ctx->pool, rows_run, &rj);
+    }
+    return true;
+}
+
+/* ---- scalar predictor (tests, tools) ------------------------------------ */
+
+static double row_dot_ref(const struct tensor *w, int64_t r, const float *x, float *tmp) {
+    cpu_kernels_ref()->to_f32[w->type](w->ne[0], tensor_row(w, r), tmp);
+    double sum = 0.0;
+    for (int64_t j = 0; j < w->ne[0]; j++) sum += (double)tmp[j] * x[j];
+    return sum;
+}
+
+void sparse_predict_row(const optiml_model *m, int32_t il, const float *x, float *scratch, float *logits) {
+    const struct layer *l = &m->layers[il];
+    const int64_t r = l->fc1.ne[1];
+    float *hidden = scratch, *tmp = scratch + r;
+    for (int64_t j = 0; j < r; j++) {
+        const double v = row_dot_ref(&l->fc1, j, x, tmp);
+        hidden[j] = v > 0.0 ? (float)v : 0.0f;
+    }
+    for (int64_t i = 0; i < m->hp.n_ff; i++) logits[i] = (float)row_dot_ref(&l->fc2, i, hidden, tmp);
+}

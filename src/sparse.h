@@ -1,0 +1,44 @@
+/*
+ * sparse.h - the sparse CPU FFN of ReLU-family models (issue 5): only the
+ * neurons that fire are computed.
+ *
+ * Per layer and token: a predictor (relu(x fc1^T) fc2^T, logit per neuron,
+ * active iff logit > optiml.sparse.layer_threshold[il]) or, in oracle mode,
+ * the dense gate itself picks the active neurons; then only their gate/up
+ * rows are read, h = act(gate) * up, and y += h[i] * ffn_down_t row i for
+ * the neurons with h[i] != 0. Batches of several tokens use the union of
+ * the tokens' active sets (each token keeps its own mask), or the dense
+ * FFN when the union is too large to pay off. Formats: docs/FORMAT.md
+ * "Sparse FFN (OptiML GGUF)".
+ */
+#ifndef OPTIML_SPARSE_H
+#define OPTIML_SPARSE_H
+
+#include "context.h"
+
+/* optiml_context_params.sparse_mode */
+enum sparse_mode {
+    SPARSE_MODE_AUTO = 0,      /* predictor when the model has one, else dense */
+    SPARSE_MODE_DENSE = 1,     /* always the dense FFN                         */
+    SPARSE_MODE_ORACLE = 2,    /* exact active set from the dense gate (tests) */
+    SPARSE_MODE_PREDICTOR = 3, /* predictor; context init fails without one    */
+};
+
+/* Sets ctx->sparse (NULL when the context runs dense) and allocates every
+ * buffer the sparse FFN needs. OPTIML_ERR_INVALID_ARG for an unknown mode
+ * or mode 3 on a model without predictors. */
+optiml_status sparse_init(optiml_context *ctx);
+void sparse_free(struct sparse_state *s); /* NULL is a no-op */
+
+/* The FFN of layer il for the n_tok rows of ctx->xb (already normed):
+ * ctx->x += FFN(xb). Returns false, having changed nothing the caller
+ * reads, when the dense FFN is the better choice for this batch. */
+bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il);
+
+/* The predictor of layer il alone on one normed input row x (n_embd):
+ * logits (n_ff). Scalar and allocation-free but for scratch (r floats,
+ * plus n_embd when fc1 is quantized) given by the caller; for tests and
+ * tools that measure recall. */
+void sparse_predict_row(const optiml_model *m, int32_t il, const float *x, float *scratch, float *logits);
+
+#endif /* OPTIML_SPARSE_H */

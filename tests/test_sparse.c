@@ -1,0 +1,382 @@
+/*
+ * test_sparse.c - the sparse FFN (src/sparse.c) against the dense FFN.
+ *
+ * Small ReLU-family models are written here with the GGUF writer: their
+ * embeddings share a positive offset and each gate row has a negative
+ * component along it, so about 12% of the neurons fire per token (as in
+ * ReLU-sparse LLMs; a batch's union stays sparse). For each weight type
+ * (f32, f16, q8_0, q4_0, q4_k gate/up and attention; f16 down and down_t,
+ * whose transposition is exact):
+ *   - oracle mode (exact active set) gives the dense logits to float
+ *     rounding: |diff| <= 1e-4 * max(1, |logit|) (the down sums run in
+ *     another order), token by token and in one batch, with 1 and 2
+ *     threads; 1e-2 for the quantized types, where such a rounding
+ *     difference can move an 8-bit activation of a later matmul by one
+ *     step (gate and up themselves are bit for bit the dense ones);
+ *   - a negative control: a predictor threshold that drops the neurons
+ *     with small gates must miss the dense logits by more than 10x that;
+ *   - predictor mode with a perfect-recall predictor (fc1 = the gate rows
+ *     dequantized plus a small shift, fc2 = identity, threshold 0: every
+ *     neuron with gate > 0 is predicted) gives the same;
+ *   - the FFN statistics say the sparse path ran (active share < 30%).
+ * Then: no ffn_down_t (the dense down matmul on the sparse h: bit for bit
+ * the dense logits), drelu, relu_nogate, FATReLU
+ * (act_threshold), q8_0 down/down_t built from exactly representable
+ * values (only the dense path's 8-bit h differs: looser tolerance), and
+ * the load and init errors.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "context.h"
+#include "gguf.h"
+#include "model.h"
+#include "optiml.h"
+#include "quant.h"
+#include "test.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define N_EMBD 256
+#define N_FF 512
+#define N_LAYER 2
+#define N_HEAD 4
+#define N_VOCAB 300
+#define N_TOK 6
+
+struct opts {
+    uint32_t type;      /* gate, up, attention, output                     */
+    uint32_t down_type; /* ffn_down and ffn_down_t                         */
+    const char *act;
+    bool down_t, pred, exact_down; /* exact_down: values k * 2^-9, see below */
+    float act_threshold, pred_threshold;
+    /* error injection */
+    bool fc1_only, bad_fc2_shape, bad_thresholds, fc1_q4_0;
+    uint32_t version;
+};
+
+static uint64_t rng_state;
+static float rnd(void) { /* uniform in [-1, 1) */
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)(rng_state >> 40) / 8388608.0f - 1.0f;
+}
+static float gauss(void) {
+    float s = 0;
+    for (int i = 0; i < 4; i++) s += rnd();
+    return s * 0.866f; /* variance 4/3 * 3/4 = 1 */
+}
+
+/* ---- model writer ------------------------------------------------------ */
+
+static void *bufs[256];
+static int n_bufs;
+
+static void *keep(void *p) {
+    bufs[n_bufs++] = p;
+    return p;
+}
+
+static void add(gguf_writer *w, const char *name, uint32_t type, int64_t ne0, int64_t ne1, const float *v) {
+    uint64_t ne[2] = {(uint64_t)ne0, (uint64_t)ne1}, row;
+    dtype_row_size(type, (uint64_t)ne0, &row);
+    void *dst = keep(malloc(row * (uint64_t)ne1));
+    if (type == DTYPE_F32) memcpy(dst, v, (size_t)(ne0 * ne1) * sizeof(float));
+    else if (type == DTYPE_F16)
+        for (int64_t i = 0; i < ne0 * ne1; i++) ((f16_t *)dst)[i] = f32_to_f16(v[i]);
+    else quant_quantizer(type)(ne0 * ne1, v, dst);
+    CHECK(gguf_writer_add_tensor(w, name, type, ne1 > 1 ? 2 : 1, ne, dst) == OPTIML_OK, "%s", optiml_last_error());
+}
+
+/* The values a weight of this type really holds (quantize, dequantize). */
+static void round_trip(uint32_t type, int64_t n, float *v) {
+    if (type == DTYPE_F32) return;
+    uint64_t row;
+    dtype_row_size(type, (uint64_t)n, &row);
+    void *q = malloc(row);
+    if (type == DTYPE_F16) {
+        for (int64_t i = 0; i < n; i++) v[i] = f16_to_f32(f32_to_f16(v[i]));
+    } else {
+        quant_quantizer(type)(n, v, q);
+        quant_dequantizer(type)(n, q, v);
+    }
+    free(q);
+}
+
+static float *randm(int64_t n, float scale) {
+    float *v = keep(malloc((size_t)n * sizeof(float)));
+    for (int64_t i = 0; i < n; i++) v[i] = rnd() * scale;
+    return v;
+}
+
+static void vocab_keys(gguf_writer *w) {
+    static char store[N_VOCAB][16];
+    const char *pieces[N_VOCAB];
+    float scores[N_VOCAB];
+    int32_t types[N_VOCAB];
+    for (int i = 0; i < N_VOCAB; i++) {
+        if (i < 3) snprintf(store[i], 16, "%s", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>");
+        else if (i < 259) snprintf(store[i], 16, "<0x%02X>", (unsigned)(i - 3));
+        else snprintf(store[i], 16, "\xe2\x96\x81t%d", i);
+        pieces[i] = store[i];
+        scores[i] = -(float)i;
+        types[i] = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1;
+    }
+    gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
+    gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", pieces, NULL, N_VOCAB);
+    gguf_writer_set_arr(w, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, scores, N_VOCAB);
+    gguf_writer_set_arr(w, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, types, N_VOCAB);
+    gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1);
+    gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2);
+}
+
+/* Down weights k * 2^-9 with |k| <= 127 and k = 127 on the diagonals
+ * (r - c) % 32 == 0: every 32-block of a row and of a column holds the
+ * maximum, so q8_0 stores them exactly in both layouts. */
+static float *exact_down(void) {
+    float *v = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
+    for (int64_t r = 0; r < N_EMBD; r++)
+        for (int64_t c = 0; c < N_FF; c++)
+            v[r * N_FF + c] = ((r - c) % 32 == 0 ? 127.0f : floorf(rnd() * 126.0f)) / 512.0f;
+    return v;
+}
+
+static void write_model(const char *path, const struct opts *o) {
+    rng_state = 0x1234567ull;
+    n_bufs = 0;
+    gguf_writer *w = gguf_writer_init();
+    gguf_writer_set_str(w, "general.architecture", "llama");
+    gguf_writer_set_u32(w, "llama.context_length", 64);
+    gguf_writer_set_u32(w, "llama.embedding_length", N_EMBD);
+    gguf_writer_set_u32(w, "llama.block_count", N_LAYER);
+    gguf_writer_set_u32(w, "llama.feed_forward_length", N_FF);
+    gguf_writer_set_u32(w, "llama.attention.head_count", N_HEAD);
+    gguf_writer_set_str(w, "optiml.ffn_activation", o->act);
+    if (o->version) gguf_writer_set_u32(w, "optiml.sparse.version", o->version);
+    if (o->act_threshold > 0) gguf_writer_set_f32(w, "optiml.sparse.act_threshold", o->act_threshold);
+    float thr[N_LAYER + 1];
+    for (int i = 0; i <= N_LAYER; i++) thr[i] = o->pred_threshold;
+    gguf_writer_set_arr(w, "optiml.sparse.layer_threshold", GGUF_TYPE_FLOAT32, thr,
+                        o->bad_thresholds ? N_LAYER + 1 : N_LAYER);
+    vocab_keys(w);
+
+    /* embeddings: offset 0.6 in every dimension plus noise */
+    float *emb = keep(malloc((size_t)N_VOCAB * N_EMBD * sizeof(float)));
+    for (int64_t i = 0; i < N_VOCAB * N_EMBD; i++) emb[i] = 0.6f + 0.8f * gauss();
+    add(w, "token_embd.weight", DTYPE_F32, N_EMBD, N_VOCAB, emb);
+    float *ones = keep(malloc(N_EMBD * sizeof(float)));
+    for (int i = 0; i < N_EMBD; i++) ones[i] = 1.0f;
+    add(w, "output_norm.weight", DTYPE_F32, N_EMBD, 1, ones);
+    add(w, "output.weight", o->type, N_EMBD, N_VOCAB, randm(N_VOCAB * N_EMBD, 0.1f));
+    const bool nogate = !strcmp(o->act, "relu_nogate");
+    for (int il = 0; il < N_LAYER; il++) {
+        char name[64];
+#define NAME(s) (snprintf(name, sizeof(name), "blk.%d." s, il), name)
+        add(w, NAME("attn_norm.weight"), DTYPE_F32, N_EMBD, 1, ones);
+        add(w, NAME("ffn_norm.weight"), DTYPE_F32, N_EMBD, 1, ones);
+        add(w, NAME("attn_q.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.1f));
+        add(w, NAME("attn_k.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.1f));
+        add(w, NAME("attn_v.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.1f));
+        add(w, NAME("attn_output.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.01f));
+        /* gate (up without a gate): zero-mean noise minus c_i times the
+         * mean, c_i in [1.2, 2.2]: P(> 0) about 0.12 */
+        float *gate = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
+        for (int64_t i = 0; i < N_FF; i++) {
+            float *g = gate + i * N_EMBD, mean = 0, c = 1.7f + 0.5f * rnd();
+            for (int j = 0; j < N_EMBD; j++) mean += (g[j] = gauss() / 16.0f) / N_EMBD;
+            for (int j = 0; j < N_EMBD; j++) g[j] += -mean - c / N_EMBD; /* x . 1 / n ~ 0.6 */
+        }
+        float *up = randm(N_FF * N_EMBD, 0.1f);
+        if (!nogate) add(w, NAME("ffn_gate.weight"), o->type, N_EMBD, N_FF, gate);
+        add(w, NAME("ffn_up.weight"), o->type, N_EMBD, N_FF, nogate ? gate : up);
+        float *down = o->exact_down ? exact_down() : randm(N_FF * N_EMBD, 0.2f);
+        add(w, NAME("ffn_down.weight"), o->down_type, N_FF, N_EMBD, down);
+        if (o->down_t) {
+            float *dt = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
+            for (int64_t r = 0; r < N_EMBD; r++)
+                for (int64_t c = 0; c < N_FF; c++) dt[c * N_EMBD + r] = down[r * N_FF + c];
+            add(w, NAME("ffn_down_t.weight"), o->down_type, N_EMBD, N_FF, dt);
+        }
+        if (o->pred) {
+            /* fc1 = the gate rows as the model holds them plus 0.03 / n
+             * (logit = relu(gate + ~0.02): covers the dense path's 8-bit
+             * activations), fc2 = identity */
+            float *fc1 = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
+            memcpy(fc1, gate, (size_t)N_FF * N_EMBD * sizeof(float));
+            round_trip(o->type, N_FF * N_EMBD, fc1);
+            for (int64_t i = 0; i < N_FF * N_EMBD; i++) fc1[i] += 0.03f / N_EMBD;
+            float *fc2 = keep(calloc((size_t)N_FF * N_FF, sizeof(float)));
+            for (int64_t i = 0; i < N_FF; i++) fc2[i * N_FF + i] = 1.0f;
+            add(w, NAME("fc1.weight"), o->fc1_q4_0 ? DTYPE_Q4_0 : DTYPE_F32, N_EMBD, N_FF, fc1);
+            if (!o->fc1_only)
+                add(w, NAME("fc2.weight"), DTYPE_F32, N_FF, o->bad_fc2_shape ? N_FF / 2 : N_FF, fc2);
+        }
+#undef NAME
+    }
+    CHECK(gguf_writer_write(w, path) == OPTIML_OK, "%s", optiml_last_error());
+    gguf_writer_free(w);
+    for (int i = 0; i < n_bufs; i++) free(bufs[i]);
+}
+
+/* ---- runs ---------------------------------------------------------------- */
+
+static const optiml_token toks[N_TOK] = {1, 300 - 7, 261, 45, 280, 99};
+
+/* Logits of every prompt token, in one batch or one token per decode. */
+static bool run(const optiml_model *m, int mode, int threads, bool batched, float *out, double *active_share) {
+    optiml_context_params p = optiml_context_default_params();
+    p.n_ctx = 32;
+    p.n_threads = threads;
+    p.sparse_mode = mode;
+    optiml_context *ctx = NULL;
+    if (optiml_context_init(m, &p, &ctx) != OPTIML_OK) {
+        CHECK(false, "context mode %d: %s", mode, optiml_last_error());
+        return false;
+    }
+    optiml_batch b = optiml_batch_init(N_TOK);
+    uint64_t act_sum = 0, tot_sum = 0;
+    for (int i = 0; i < N_TOK; i += batched ? N_TOK : 1) {
+        b.n_tokens = 0;
+        for (int j = i; j < (batched ? N_TOK : i + 1); j++) {
+            b.token[b.n_tokens] = toks[j];
+            b.pos[b.n_tokens] = j;
+            b.seq_id[b.n_tokens] = 0;
+            b.logits[b.n_tokens++] = 1;
+        }
+        CHECK(optiml_decode(ctx, &b) == OPTIML_OK, "%s", optiml_last_error());
+        for (int j = 0; j < b.n_tokens; j++) memcpy(out + (i + j) * N_VOCAB, optiml_get_logits_ith(ctx, j), N_VOCAB * 4);
+        uint64_t a, t;
+        optiml_context_ffn_stats(ctx, &a, &t);
+        act_sum += a;
+        tot_sum += t;
+    }
+    *active_share = tot_sum ? (double)act_sum / (double)tot_sum : -1.0;
+    optiml_batch_free(b);
+    optiml_context_free(ctx);
+    return true;
+}
+
+/* max over logits of |a - b| / max(1, |b|) */
+static double rel_diff(const float *a, const float *b) {
+    double d = 0;
+    for (int i = 0; i < N_TOK * N_VOCAB; i++) {
+        double e = fabs((double)a[i] - b[i]) / fmax(1.0, fabs((double)b[i]));
+        if (isnan(e)) return INFINITY;
+        if (e > d) d = e;
+    }
+    return d;
+}
+
+static float dense[N_TOK * N_VOCAB], sparse[N_TOK * N_VOCAB];
+
+/* Sparse mode `mode` against dense, batched and token by token: the
+ * logits match within tol, or with !match (a negative control) differ by
+ * more than 10 * tol. */
+static void compare(const char *label, const char *path, int mode, double tol, bool match) {
+    optiml_model *m = NULL;
+    if (optiml_model_load(path, NULL, &m) != OPTIML_OK) {
+        CHECK(false, "%s: load: %s", label, optiml_last_error());
+        return;
+    }
+    for (int batched = 0; batched < 2; batched++)
+        for (int threads = 1; threads <= 2; threads++) {
+            double share_d, share_s;
+            for (int i = 0; i < N_TOK * N_VOCAB; i++) dense[i] = sparse[i] = NAN; /* poison */
+            if (!run(m, 1, threads, batched, dense, &share_d) || !run(m, mode, threads, batched, sparse, &share_s))
+                continue;
+            const double d = rel_diff(sparse, dense);
+            const bool ok = (match ? d <= tol : d > 10 * tol) && share_s > 0.0 && share_s < 0.3 && share_d == -1.0;
+            printf("%s %s: %-30s %s, %d thr: max rel diff %.3g (%s %.0e), active %.1f%%\n", ok ? "PASS" : "FAIL",
+                   mode == 2 ? "oracle   " : "predictor", label, batched ? "batch" : "1 by 1", threads, d,
+                   match ? "tol" : "must exceed", match ? tol : 10 * tol, 100.0 * share_s);
+            CHECK(ok, "%s", label);
+        }
+    optiml_model_free(m);
+}
+
+static void expect_load_error(const char *label, const char *path, optiml_status want, const char *needle) {
+    optiml_model *m = NULL;
+    optiml_status st = optiml_model_load(path, NULL, &m);
+    const bool ok = st == want && strstr(optiml_last_error(), needle);
+    printf("%s error: %s: status %d: %s\n", ok ? "PASS" : "FAIL", label, (int)st, optiml_last_error());
+    CHECK(ok, "%s: want status %d with \"%s\"", label, (int)want, needle);
+    optiml_model_free(m);
+}
+
+int main(void) {
+    char path[64];
+    snprintf(path, sizeof(path), "/tmp/test_sparse_%d.gguf", (int)getpid());
+    const uint32_t types[] = {DTYPE_F32, DTYPE_F16, DTYPE_Q8_0, DTYPE_Q4_0, DTYPE_Q4_K};
+    for (size_t k = 0; k < sizeof(types) / sizeof(types[0]); k++) {
+        char label[64];
+        snprintf(label, sizeof(label), "relu %s", dtype_name(types[k]));
+        write_model(path, &(struct opts){.type = types[k], .down_type = DTYPE_F16, .act = "relu", .down_t = true,
+                                         .pred = true, .version = 1});
+        /* quantized: the FFN's float rounding moves some 8-bit activations
+         * of later matmuls by one step */
+        const double tol = types[k] == DTYPE_F32 || types[k] == DTYPE_F16 ? 1e-4 : 1e-2;
+        compare(label, path, 2, tol, true);
+        compare(label, path, 3, tol, true);
+        /* negative control: a threshold that drops neurons with small gates */
+        write_model(path, &(struct opts){.type = types[k], .down_type = DTYPE_F16, .act = "relu", .down_t = true,
+                                         .pred = true, .version = 1, .pred_threshold = 0.3f});
+        compare(label, path, 3, tol, false);
+    }
+    write_model(path, &(struct opts){.type = DTYPE_Q8_0, .down_type = DTYPE_Q4_0, .act = "relu"});
+    compare("relu q8_0, no down_t", path, 2, 0.0, true); /* the dense down on the same h */
+    write_model(path, &(struct opts){.type = DTYPE_F16, .down_type = DTYPE_F16, .act = "drelu", .down_t = true});
+    compare("drelu f16", path, 2, 1e-4, true);
+    write_model(path, &(struct opts){.type = DTYPE_Q4_0, .down_type = DTYPE_F16, .act = "relu_nogate", .down_t = true});
+    compare("relu_nogate q4_0", path, 2, 1e-2, true);
+    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu2", .down_t = true,
+                                     .act_threshold = 0.05f, .version = 1});
+    compare("relu2 f32 FATReLU 0.05", path, 2, 1e-4, true);
+    /* the dense FFN multiplies q8_0 down rows by h quantized to 8 bits;
+     * the sparse one scales f32 down_t rows by the f32 h */
+    write_model(path, &(struct opts){.type = DTYPE_Q8_0, .down_type = DTYPE_Q8_0, .act = "relu", .down_t = true,
+                                     .exact_down = true});
+    compare("relu q8_0, exact q8_0 down_t", path, 2, 5e-2, true);
+
+    /* errors */
+    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true,
+                                     .fc1_only = true});
+    expect_load_error("fc1 without fc2", path, OPTIML_ERR_FORMAT, "without blk.0.fc2.weight");
+    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true,
+                                     .bad_fc2_shape = true});
+    expect_load_error("fc2 shape", path, OPTIML_ERR_FORMAT, "blk.0.fc2.weight has shape");
+    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true,
+                                     .fc1_q4_0 = true});
+    expect_load_error("fc1 type", path, OPTIML_ERR_UNSUPPORTED, "expected f32, f16 or q8_0");
+    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .version = 2});
+    expect_load_error("version 2", path, OPTIML_ERR_UNSUPPORTED, "optiml.sparse.version 2");
+    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .bad_thresholds = true});
+    expect_load_error("threshold count", path, OPTIML_ERR_FORMAT, "layer_threshold has 3 values");
+    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "silu", .act_threshold = 0.1f});
+    expect_load_error("FATReLU on silu", path, OPTIML_ERR_UNSUPPORTED, "act_threshold");
+
+    /* context init: mode 3 without predictors, unknown mode */
+    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .down_t = true});
+    optiml_model *m = NULL;
+    CHECK(optiml_model_load(path, NULL, &m) == OPTIML_OK, "%s", optiml_last_error());
+    for (int mode = 3; m && mode <= 4; mode++) {
+        optiml_context_params p = optiml_context_default_params();
+        p.n_ctx = 16;
+        p.sparse_mode = mode;
+        optiml_context *ctx = NULL;
+        const optiml_status st = optiml_context_init(m, &p, &ctx);
+        const bool ok = st == OPTIML_ERR_INVALID_ARG && !ctx && strstr(optiml_last_error(), "sparse_mode");
+        printf("%s error: sparse_mode %d: %s\n", ok ? "PASS" : "FAIL", mode, optiml_last_error());
+        CHECK(ok);
+        optiml_context_free(ctx);
+    }
+    /* auto on a model without predictors: dense (no statistics) */
+    double share = 0;
+    if (m) run(m, 0, 2, true, dense, &share);
+    CHECK(share == -1.0, "auto mode without predictors ran sparse (%g)", share);
+    optiml_model_free(m);
+    unlink(path);
+    return test_summary("test_sparse");
+}
