@@ -156,7 +156,12 @@ typedef struct optiml_context_params {
     int32_t sparse_mode; /* FFN of ReLU-sparse models: 0 = sparse when the
                             model has predictors, 1 = dense, 2 = oracle (the
                             exact active set from the dense gate; tests),
-                            3 = predictor (init fails without predictors)  */
+                            3 = predictor (init fails without predictors),
+                            4 = cats: dense gate, then only the neurons
+                            whose |act(gate)| passes the calibrated
+                            optiml.sparse.gate_threshold (training-free
+                            sparsity of SiLU models; 0 picks it when the
+                            model has thresholds and no predictors)       */
 } optiml_context_params;
 
 OPTIML_API optiml_context_params optiml_context_default_params(void);

@@ -27,6 +27,7 @@
 #include "sparse.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -165,7 +166,7 @@ void optiml_context_free(optiml_context *ctx) {
     sparse_free(ctx->sparse);
     void *bufs[] = {ctx->kv.pos, ctx->kv.seq, ctx->kv.k, ctx->kv.v, ctx->x, ctx->xb, ctx->q, ctx->k, ctx->v,
                     ctx->att, ctx->gate, ctx->up, ctx->scores, ctx->rope_inv_freq, ctx->rope_cs, ctx->cells,
-                    ctx->logits, ctx->logits_row, ctx->out_ids};
+                    ctx->logits, ctx->logits_row, ctx->out_ids, ctx->observer_gate};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) optiml_free_aligned(bufs[i]);
     for (int t = 0; t < DTYPE_COUNT; t++) optiml_free_aligned(ctx->xq[t]);
     free(ctx);
@@ -173,9 +174,15 @@ void optiml_context_free(optiml_context *ctx) {
 
 uint32_t optiml_context_n_ctx(const optiml_context *ctx) { return ctx->params.n_ctx; }
 
-void context_set_ffn_observer(optiml_context *ctx, ffn_observer_fn fn, void *user) {
+optiml_status context_set_ffn_observer(optiml_context *ctx, ffn_observer_fn fn, void *user) {
+    if (fn && !ctx->observer_gate) {
+        const size_t n = (size_t)ctx->params.n_batch * (size_t)ctx->model->hp.n_ff * sizeof(float);
+        if (!(ctx->observer_gate = optiml_alloc_aligned(n)))
+            return optiml_fail(OPTIML_ERR_NOMEM, "context: cannot allocate the FFN observer's buffer");
+    }
     ctx->ffn_observer = fn;
     ctx->ffn_observer_user = user;
+    return OPTIML_OK;
 }
 
 /* ---- batches ------------------------------------------------------------ */
@@ -278,37 +285,93 @@ struct matmul_job {
     float *y[3];       /* (n_tok, rows of w[j]) */
     const void *xq[3]; /* (n_tok, xq_row bytes) or NULL: f32 path */
     uint64_t xq_row[3];
+    atomic_int_fast64_t next_chunk; /* matmul_run's work counter, from 0 */
 };
 
-static void matmul_run(void *arg, int ith, int nth) {
-    const struct matmul_job *job = arg;
-    for (int j = 0; j < job->n_mat; j++) {
-        const struct tensor *w = job->w[j];
-        const cpu_dot_fn dot = job->kern->dot[w->type];
-        const cpu_dot_q_fn dot_q = job->kern->dot_q[w->type];
-        const cpu_dot_q_x4_fn dot_q_x4 = job->kern->dot_q_x4[w->type];
-        const char *xq = job->xq[j];
-        const int64_t n_in = w->ne[0], n_out = w->ne[1];
-        /* tokens handled 4 at a time (one unpacking of the row for 4) */
-        const int64_t n_x4 = xq && dot_q_x4 ? job->n_tok / 4 * 4 : 0;
-        int64_t r0, r1;
-        threadpool_split(n_out, ith, nth, &r0, &r1);
-        for (int64_t r = r0; r < r1; r++) {
+/* Rows [r0, r1) of matrix j for every token. Batches of 4 or more tokens:
+ * pairs of rows through the 2-row tiles (2x4 for 4 tokens at a time, 2x1
+ * for the rest); otherwise (decode) and for a last odd row, single rows
+ * through dot_q_x4 / dot_q (or dot on f32 inputs). All give the same bits
+ * (cpu/ops.h), so a row's result does not depend on its tile. */
+static void matmul_rows(const struct matmul_job *job, int j, int64_t r0, int64_t r1) {
+    const struct tensor *w = job->w[j];
+    const struct cpu_kernels *kern = job->kern;
+    const cpu_dot_fn dot = kern->dot[w->type];
+    const cpu_dot_q_fn dot_q = kern->dot_q[w->type];
+    const cpu_dot_q_x4_fn dot_q_x4 = kern->dot_q_x4[w->type];
+    const cpu_dot_q_tile_fn dot_2x1 = kern->dot_q_2x1[w->type], dot_2x4 = kern->dot_q_2x4[w->type];
+    const char *xq = job->xq[j];
+    const uint64_t xs = job->xq_row[j];
+    const int64_t n_in = w->ne[0], n_out = w->ne[1], n_tok = job->n_tok;
+    float *yj = job->y[j];
+    const bool acc = job->accumulate;
+    int64_t r = r0;
+    if (xq && dot_2x1 && dot_2x4 && n_tok >= 4) { /* decode: one row at a time (cpu/ops_avx2.c) */
+        const int64_t n_x4 = n_tok / 4 * 4;
+        for (; r + 2 <= r1; r += 2) {
             const void *row = tensor_row(w, r);
+            float s[8];
             for (int64_t t = 0; t < n_x4; t += 4) {
-                float s4[4];
-                dot_q_x4(n_in, row, xq + (uint64_t)t * job->xq_row[j], job->xq_row[j], s4);
-                for (int k = 0; k < 4; k++) {
-                    float *y = &job->y[j][(t + k) * n_out + r];
-                    *y = job->accumulate ? *y + s4[k] : s4[k];
+                dot_2x4(n_in, row, w->row_size, xq + (uint64_t)t * xs, xs, s);
+                for (int k = 0; k < 8; k++) {
+                    float *y = &yj[(t + k % 4) * n_out + r + k / 4];
+                    *y = acc ? *y + s[k] : s[k];
                 }
             }
-            for (int64_t t = n_x4; t < job->n_tok; t++) {
-                float s = xq ? dot_q(n_in, row, xq + (uint64_t)t * job->xq_row[j]) : dot(n_in, row, job->x + t * n_in);
-                float *y = &job->y[j][t * n_out + r];
-                *y = job->accumulate ? *y + s : s;
+            for (int64_t t = n_x4; t < n_tok; t++) {
+                dot_2x1(n_in, row, w->row_size, xq + (uint64_t)t * xs, xs, s);
+                for (int k = 0; k < 2; k++) {
+                    float *y = &yj[t * n_out + r + k];
+                    *y = acc ? *y + s[k] : s[k];
+                }
             }
         }
+    }
+    /* tokens handled 4 at a time (one unpacking of the row for 4) */
+    const int64_t n_x4 = xq && dot_q_x4 ? n_tok / 4 * 4 : 0;
+    for (; r < r1; r++) {
+        const void *row = tensor_row(w, r);
+        for (int64_t t = 0; t < n_x4; t += 4) {
+            float s4[4];
+            dot_q_x4(n_in, row, xq + (uint64_t)t * xs, xs, s4);
+            for (int k = 0; k < 4; k++) {
+                float *y = &yj[(t + k) * n_out + r];
+                *y = acc ? *y + s4[k] : s4[k];
+            }
+        }
+        for (int64_t t = n_x4; t < n_tok; t++) {
+            float s = xq ? dot_q(n_in, row, xq + (uint64_t)t * xs) : dot(n_in, row, job->x + t * n_in);
+            float *y = &yj[t * n_out + r];
+            *y = acc ? *y + s : s;
+        }
+    }
+}
+
+/* Rows per chunk of matrix j: about 8 chunks per thread, a multiple of 16
+ * rows (even, for the 2-row tiles). */
+static int64_t matmul_chunk_rows(const struct matmul_job *job, int j, int nth) {
+    const int64_t per = (job->w[j]->ne[1] + 8 * nth - 1) / (8 * nth);
+    return per < 16 ? 16 : (per + 15) / 16 * 16;
+}
+
+/* Threads take chunks of rows (of all the job's matrices in turn) from a
+ * shared counter until none is left: a thread that lost its core for a
+ * while (a busy machine) holds up no more than one chunk. */
+static void matmul_run(void *arg, int ith, int nth) {
+    struct matmul_job *job = arg;
+    (void)ith;
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&job->next_chunk, 1, memory_order_relaxed);
+        int j = 0;
+        int64_t per = 0, n_chunks = 0;
+        for (; j < job->n_mat; j++, c -= n_chunks) {
+            per = matmul_chunk_rows(job, j, nth);
+            n_chunks = (job->w[j]->ne[1] + per - 1) / per;
+            if (c < n_chunks) break;
+        }
+        if (j == job->n_mat) return;
+        const int64_t r0 = c * per, r1 = r0 + per < job->w[j]->ne[1] ? r0 + per : job->w[j]->ne[1];
+        matmul_rows(job, j, r0, r1);
     }
 }
 
@@ -494,10 +557,14 @@ static void layer_ffn(optiml_context *ctx, const optiml_batch *b, int32_t il) {
     if (ctx->sparse && sparse_layer_ffn(ctx, n, il)) return; /* else dense pays off */
     if (l->ffn_gate.data) matmul(ctx, ctx->xb, n, false, 2, &l->ffn_gate, ctx->gate, &l->ffn_up, ctx->up, NULL, NULL);
     else matmul(ctx, ctx->xb, n, false, 1, &l->ffn_up, ctx->up, NULL, NULL, NULL, NULL); /* relu_nogate */
+    const bool keep_g = ctx->ffn_observer && l->ffn_gate.data;
+    if (keep_g) memcpy(ctx->observer_gate, ctx->gate, (size_t)(n * hp->n_ff) * sizeof(float));
     const float cut = ctx->model->sparse.act_threshold; /* FATReLU */
     if (cut > 0.0f) ops_threshold(l->ffn_gate.data ? ctx->gate : ctx->up, n * hp->n_ff, cut);
+    if (ctx->sparse) sparse_gate_cut(ctx, n, il); /* CATS thresholds */
     ops_act_mul(ctx->gate, ctx->up, n * hp->n_ff, hp->ffn_act);
-    if (ctx->ffn_observer) ctx->ffn_observer(ctx->ffn_observer_user, il, n, ctx->xb, ctx->gate);
+    if (ctx->ffn_observer)
+        ctx->ffn_observer(ctx->ffn_observer_user, il, n, ctx->xb, keep_g ? ctx->observer_gate : NULL, ctx->gate);
     matmul(ctx, ctx->gate, n, true, 1, &l->ffn_down, ctx->x, NULL, NULL, NULL, NULL);
 }
 

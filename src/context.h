@@ -11,8 +11,11 @@
 
 /* Called after the FFN activation of every layer (observers: the profiler
  * and the predictor-sample dump): x is the normed FFN input (n_tok, n_embd),
+ * g = x Wgate before the activation (n_tok, n_ff; NULL without a gate, or
+ * when a predictor picked the neurons and the gate is partly unknown),
  * h = act(x Wgate) * (x Wup) (n_tok, n_ff), the input of Wdown. */
-typedef void (*ffn_observer_fn)(void *user, int32_t il, int64_t n_tok, const float *x, const float *h);
+typedef void (*ffn_observer_fn)(void *user, int32_t il, int64_t n_tok, const float *x, const float *g,
+                                const float *h);
 
 #define KV_SEQ_MAX 64 /* sequence ids are bits of a uint64_t per cell */
 
@@ -58,9 +61,11 @@ struct optiml_context {
 
     ffn_observer_fn ffn_observer; /* NULL, or called after each FFN activation */
     void *ffn_observer_user;
+    float *observer_gate; /* (n_batch, n_ff) the observer's g, with an observer */
 };
 
-/* Install (or with fn NULL remove) the FFN observer of a context. */
-void context_set_ffn_observer(optiml_context *ctx, ffn_observer_fn fn, void *user);
+/* Install (or with fn NULL remove) the FFN observer of a context; allocates
+ * the buffer of its g (OPTIML_ERR_NOMEM). */
+optiml_status context_set_ffn_observer(optiml_context *ctx, ffn_observer_fn fn, void *user);
 
 #endif /* OPTIML_CONTEXT_H */

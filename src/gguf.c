@@ -363,8 +363,9 @@ static optiml_status read_header(struct cursor *c, gguf_file *f) {
     optiml_status unsup = OPTIML_ERR_UNSUPPORTED;
     snprintf(c->what, sizeof c->what, "header");
     TRY(cur_u32(c, "magic", &magic));
-    if (magic != GGUF_MAGIC)
-        return cur_fail(c, OPTIML_ERR_FORMAT, 0, "bad magic 0x%08" PRIx32 " (not GGUF)", magic);
+    if (magic != GGUF_MAGIC && magic != GGUF_MAGIC_POWERINFER)
+        return cur_fail(c, OPTIML_ERR_FORMAT, 0, "bad magic 0x%08" PRIx32 " (not GGUF or PWRI)", magic);
+    f->powerinfer = magic == GGUF_MAGIC_POWERINFER;
     TRY(cur_u32(c, "version", &f->version));
     v = f->version;
     if (v == 1)
@@ -455,6 +456,16 @@ static optiml_status read_alignment(struct cursor *c, gguf_file *f) {
     return OPTIML_OK;
 }
 
+/* A PowerInfer file numbers tensor types as the ggml it was written with:
+ * 0-15 as today, then i8, i16, i32 (now 24-26), nothing above. */
+static optiml_status powerinfer_type(struct cursor *c, uint64_t off, uint32_t *type) {
+    if (*type > 18)
+        return cur_fail(c, OPTIML_ERR_UNSUPPORTED, off, "tensor type %" PRIu32 " is not one of "
+                        "PowerInfer's (0..18)", *type);
+    if (*type >= 16) *type = DTYPE_I8 + (*type - 16);
+    return OPTIML_OK;
+}
+
 static optiml_status read_tensor_info(struct cursor *c, struct gguf_tensor_info *t, uint64_t i) {
     uint64_t off = c->pos;
     char why[WHY_SIZE];
@@ -468,6 +479,7 @@ static optiml_status read_tensor_info(struct cursor *c, struct gguf_tensor_info 
     for (uint32_t d = 0; d < t->n_dims && d < GGUF_MAX_DIMS; d++) TRY(cur_u64(c, "ne", &t->ne[d]));
     TRY(cur_u32(c, "tensor type", &t->type));
     TRY(cur_u64(c, "data offset", &t->offset));
+    if (c->f->powerinfer) TRY(powerinfer_type(c, off, &t->type));
     optiml_status st = tensor_check(t->type, t->n_dims, t->ne, &t->size, why);
     return st == OPTIML_OK ? st : cur_fail(c, st, off, "%s", why);
 }

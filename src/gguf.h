@@ -16,6 +16,13 @@
  *
  * Version 1 (u32 counts and lengths) is rejected as unsupported.
  *
+ * PowerInfer files (docs/FORMAT.md "PowerInfer files") are the same
+ * container with the magic "PWRI" instead of "GGUF"; gguf_file.powerinfer
+ * says which one was read. Their tensor types follow the ggml of late 2023,
+ * where 16, 17, 18 were i8, i16, i32 (today's 24, 25, 26; 16-18 are now
+ * iq2_xxs, iq2_xs, iq3_xxs): the reader renumbers those and refuses types
+ * above 18 in such a file.
+ *
  * Reader guarantees: every count, length, offset and size is checked against
  * the mapping before use; a truncated, corrupt or unsupported file fails with
  * OPTIML_ERR_FORMAT / OPTIML_ERR_UNSUPPORTED and a message naming the key or
@@ -34,7 +41,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define GGUF_MAGIC 0x46554747u /* "GGUF" read as a little-endian u32 */
+#define GGUF_MAGIC 0x46554747u            /* "GGUF" read as a little-endian u32 */
+#define GGUF_MAGIC_POWERINFER 0x49525750u  /* "PWRI" likewise                    */
 #define GGUF_DEFAULT_ALIGNMENT 32
 #define GGUF_MAX_DIMS 4
 
@@ -104,6 +112,7 @@ struct gguf_tensor_info {
 
 typedef struct gguf_file {
     uint32_t version;
+    bool powerinfer;      /* magic "PWRI": a PowerInfer file    */
     uint32_t alignment;
     uint64_t n_kv;
     struct gguf_kv *kv;

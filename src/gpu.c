@@ -9,9 +9,15 @@
  *         positions and sequences, n_used) written to a pinned buffer
  *   GPU:  step arrays uploaded (one copy); x uploaded from the CPU layers'
  *         output (or the embedding looked up on the GPU in a full offload);
- *         per layer: rmsnorm, q/k/v, rope + KV store, attention, wo (+=),
- *         rmsnorm, gate/up, act*up, down (+=); then either the output norm
- *         and head (logits rows downloaded) or x downloaded for the CPU head
+ *         per layer (7 kernels): rmsnorm + q|k|v (one fused product on the
+ *         stacked weight), rope + KV store, attention (2), wo (+=), rmsnorm
+ *         + gate|up, act*up + down (+=); then either the output norm and head
+ *         (logits rows downloaded) or x downloaded for the CPU head
+ * Stacked weights: wq|wk|wv and ffn_gate|ffn_up are uploaded as one weight
+ * each when their types match (else separately, writing the same output
+ * rows), so one product writes q|k|v (gate|up) side by side per token row;
+ * rope reads that row with a stride and the down product's input step
+ * computes act(gate) * up from it (FATReLU threshold included).
  * A single-token step is captured once as a CUDA graph and replayed: every
  * value that changes between steps lives in the uploaded step arrays.
  */
@@ -20,6 +26,7 @@
 
 #include "cuda/cuda.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,7 +38,11 @@
 #define GPU_BUDGET_BATCH 512
 
 struct gpu_layer {
-    cu_weight wq, wk, wv, wo, gate, up, down;
+    cu_weight qkv;          /* wq|wk|wv stacked: n_embd -> n_q + 2 n_kv (types equal) */
+    cu_weight wq, wk, wv;   /* otherwise separate                                    */
+    cu_weight gu;           /* ffn_gate|ffn_up stacked: n_embd -> 2 n_ff             */
+    cu_weight gate, up;     /* otherwise separate (up alone: relu without gate)      */
+    cu_weight wo, down;
     float *attn_norm, *ffn_norm; /* device f32 (n_embd) */
 };
 
@@ -47,17 +58,19 @@ struct gpu_model {
 };
 
 /* the ops of a GPU step, for the profile */
-enum gpu_op { OP_UPLOAD, OP_NORM, OP_Q, OP_K, OP_V, OP_ROPE, OP_ATTN, OP_O, OP_NORM2, OP_GATE, OP_UP, OP_ACT, OP_DOWN,
-              OP_HEAD, OP_DOWNLOAD, GPU_OP_COUNT };
+enum gpu_op { OP_UPLOAD, OP_QKV, OP_ROPE, OP_ATTN, OP_O, OP_GU, OP_DOWN, OP_HEAD, OP_DOWNLOAD, GPU_OP_COUNT };
 static const char *const gpu_op_names[GPU_OP_COUNT] = {
-    "upload", "attn_norm", "q", "k", "v", "rope+store", "attention", "wo", "ffn_norm", "gate", "up", "act*up",
-    "down", "output head", "download"};
+    "upload", "norm+qkv", "rope+store", "attention", "wo", "norm+gate|up", "act+down", "output head", "download"};
 #define PROF_SLOTS 4096
 
 struct gpu_ctx {
     cu_ctx *cu;
     /* activations (n_batch rows) */
-    float *x, *xb, *q, *k, *v, *att, *gate, *up, *logits;
+    float *x, *xb, *logits;
+    float *qkv; /* (n_batch, n_q + 2 n_kv): the q|k|v product    */
+    float *q;   /* (n_batch, n_q): q rotated                      */
+    float *att; /* (n_batch, n_q)                                 */
+    float *gu;  /* (n_batch, 2 n_ff): the gate|up product          */
     float *kv_k, *kv_v; /* (GPU layers, n_ctx, n_kv) */
     float *inv_freq;    /* (n_rot / 2)               */
     void *att_scratch;
@@ -96,9 +109,10 @@ static uint64_t kv_bytes_per_layer(const struct hparams *hp, uint64_t n_ctx) {
 static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 static void matmul_dims(const struct hparams *hp, int64_t *n_in_max, int64_t *n_out_max) {
-    const int64_t n_q = (int64_t)hp->n_head * hp->head_dim;
+    const int64_t n_q = (int64_t)hp->n_head * hp->head_dim, n_kv = (int64_t)hp->n_head_kv * hp->head_dim;
     *n_in_max = max_i64(max_i64(hp->n_embd, n_q), hp->n_ff);
-    *n_out_max = max_i64(max_i64(max_i64(hp->n_embd, n_q), hp->n_ff), hp->n_vocab);
+    /* stacked weights: q|k|v and gate|up rows */
+    *n_out_max = max_i64(max_i64(max_i64(hp->n_embd, n_q + 2 * n_kv), 2 * (int64_t)hp->n_ff), hp->n_vocab);
 }
 
 /* Device bytes of a context's activations and scratch for n_batch rows. */
@@ -106,12 +120,47 @@ static uint64_t ctx_scratch_bytes(const struct hparams *hp, uint64_t n_batch, ui
     const uint64_t n_q = (uint64_t)hp->n_head * hp->head_dim, n_kv = (uint64_t)hp->n_head_kv * hp->head_dim;
     int64_t in_max, out_max;
     matmul_dims(hp, &in_max, &out_max);
-    uint64_t n = n_batch * (2 * (uint64_t)hp->n_embd + 2 * n_q + 2 * n_kv + 2 * (uint64_t)hp->n_ff) * sizeof(float);
+    /* x, xb, q|k|v, q, att, gate|up */
+    uint64_t n = n_batch * (2 * (uint64_t)hp->n_embd + 3 * n_q + 2 * n_kv + 2 * (uint64_t)hp->n_ff) * sizeof(float);
     if (head) n += n_batch * (uint64_t)hp->n_vocab * sizeof(float);
     n += cu_matmul_scratch_bytes((int64_t)n_batch, in_max, out_max);
     n += cu_attention_scratch_bytes((int32_t)n_batch, hp->n_head, hp->head_dim, (uint32_t)n_ctx);
     n += n_ctx * 12 + n_batch * 20 + 64;
     return n;
+}
+
+/* OPTIML_CUDA_TUNE="fused=3,mmvk=1,var=1,bps=2,att=2,attbps=4,attp=2,pdl=1,chunk=N"
+ * (the defaults shown; pdl=0 turns it off): the kernels' tuning knobs
+ * (struct cu_tuning) for benchmarks and tests; unknown keys are reported
+ * and skipped. */
+static void tuning_from_env(cu_ctx *cu) {
+    const char *env = getenv("OPTIML_CUDA_TUNE");
+    if (!env || !*env) return;
+    struct cu_tuning t = {0};
+    const char *p = env;
+    while (*p) {
+        char key[16];
+        long long v = 0;
+        int n = 0;
+        if (sscanf(p, "%15[a-z_]=%lld%n", key, &v, &n) != 2 || n <= 0) {
+            LOG_WARN("OPTIML_CUDA_TUNE: cannot parse \"%s\"", p);
+            return;
+        }
+        if (strcmp(key, "fused") == 0) t.mmv_fused = (int)v;
+        else if (strcmp(key, "mmvk") == 0) t.mmv_kernel = (int)v;
+        else if (strcmp(key, "var") == 0) t.mmv_variant = (int)v;
+        else if (strcmp(key, "bps") == 0) t.mmv_blocks_per_sm = (int)v;
+        else if (strcmp(key, "att") == 0) t.att_kernel = (int)v;
+        else if (strcmp(key, "attbps") == 0) t.att_blocks_per_sm = (int)v;
+        else if (strcmp(key, "attmin") == 0) t.att_chunk_min = (int)v;
+        else if (strcmp(key, "attp") == 0) t.att_prompt = (int)v;
+        else if (strcmp(key, "pdl") == 0) t.pdl = v ? 1 : 2;
+        else if (strcmp(key, "chunk") == 0) t.gemm_chunk_elems = v;
+        else LOG_WARN("OPTIML_CUDA_TUNE: unknown key %s", key);
+        p += n;
+        if (*p == ',') p++;
+    }
+    cu_set_tuning(cu, &t);
 }
 
 static uint64_t head_bytes(const optiml_model *m) {
@@ -152,6 +201,27 @@ static optiml_status upload_matrix(struct gpu_model *g, const struct tensor *t, 
     return OPTIML_OK;
 }
 
+/* Parts ts[0..n) as one stacked weight (they have the same type and row
+ * length: the caller checked). */
+static optiml_status upload_stack(struct gpu_model *g, const struct tensor *const *ts, int n, const char *what,
+                                  int32_t il, void *staging, cu_weight *out) {
+    if (!cu_type_supported(ts[0]->type))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s of layer %d has type %s, which the CUDA backend cannot compute",
+                           what, il, dtype_name(ts[0]->type));
+    const void *host[3];
+    int64_t rows[3];
+    for (int i = 0; i < n; i++) host[i] = ts[i]->data, rows[i] = ts[i]->ne[1];
+    TRY(cu_weight_upload_parts(g->cu, ts[0]->type, ts[0]->ne[0], n, host, rows, staging, GPU_STAGING_BYTES, out));
+    g->bytes += out->bytes;
+    return OPTIML_OK;
+}
+
+static bool stackable(const struct tensor *const *ts, int n) {
+    for (int i = 1; i < n; i++)
+        if (!ts[i]->data || ts[i]->type != ts[0]->type || ts[i]->ne[0] != ts[0]->ne[0]) return false;
+    return ts[0]->data != NULL;
+}
+
 static optiml_status upload_vec(struct gpu_model *g, const struct tensor *t, float **out) {
     const uint64_t n = (uint64_t)t->ne[0] * sizeof(float);
     TRY(cu_malloc(g->cu, n, (void **)out));
@@ -163,17 +233,25 @@ static optiml_status upload_vec(struct gpu_model *g, const struct tensor *t, flo
 static optiml_status upload_layers(optiml_model *m, struct gpu_model *g) {
     void *staging = NULL;
     if (cu_host_alloc(GPU_STAGING_BYTES, &staging) != OPTIML_OK) staging = NULL; /* pageable copies then */
+    /* OPTIML_CUDA_NO_STACK=1: separate q/k/v and gate/up weights (to compare) */
+    const char *env = getenv("OPTIML_CUDA_NO_STACK");
+    const bool no_stack = env && *env && strcmp(env, "0") != 0;
     optiml_status st = OPTIML_OK;
     for (int32_t il = g->first; il < m->hp.n_layer && st == OPTIML_OK; il++) {
         const struct layer *l = &m->layers[il];
         struct gpu_layer *gl = &g->layers[il];
-        const struct { const struct tensor *t; cu_weight *w; const char *name; } mats[7] = {
-            {&l->wq, &gl->wq, "attn_q"},        {&l->wk, &gl->wk, "attn_k"},   {&l->wv, &gl->wv, "attn_v"},
-            {&l->wo, &gl->wo, "attn_output"},   {&l->ffn_gate, &gl->gate, "ffn_gate"},
-            {&l->ffn_up, &gl->up, "ffn_up"},    {&l->ffn_down, &gl->down, "ffn_down"},
+        const struct tensor *qkv[3] = {&l->wq, &l->wk, &l->wv}, *gu[2] = {&l->ffn_gate, &l->ffn_up};
+        const bool s_qkv = !no_stack && stackable(qkv, 3), s_gu = !no_stack && stackable(gu, 2);
+        if (s_qkv) st = upload_stack(g, qkv, 3, "attn_q|k|v", il, staging, &gl->qkv);
+        if (st == OPTIML_OK && s_gu) st = upload_stack(g, gu, 2, "ffn_gate|up", il, staging, &gl->gu);
+        const struct { const struct tensor *t; cu_weight *w; const char *name; bool skip; } mats[7] = {
+            {&l->wq, &gl->wq, "attn_q", s_qkv},          {&l->wk, &gl->wk, "attn_k", s_qkv},
+            {&l->wv, &gl->wv, "attn_v", s_qkv},          {&l->wo, &gl->wo, "attn_output", false},
+            {&l->ffn_gate, &gl->gate, "ffn_gate", s_gu}, {&l->ffn_up, &gl->up, "ffn_up", s_gu},
+            {&l->ffn_down, &gl->down, "ffn_down", false},
         };
         for (int i = 0; i < 7 && st == OPTIML_OK; i++)
-            if (mats[i].t->data) /* ffn_gate is absent in relu_nogate models */
+            if (mats[i].t->data && !mats[i].skip) /* ffn_gate is absent in relu_nogate models */
                 st = upload_matrix(g, mats[i].t, mats[i].name, il, staging, mats[i].w);
         if (st == OPTIML_OK) st = upload_vec(g, &l->attn_norm, &gl->attn_norm);
         if (st == OPTIML_OK) st = upload_vec(g, &l->ffn_norm, &gl->ffn_norm);
@@ -200,9 +278,6 @@ optiml_status gpu_model_load(optiml_model *m, const optiml_model_params *params)
         LOG_WARN("no CUDA device found: running all layers on the CPU");
         return OPTIML_OK;
     }
-    if (m->sparse.act_threshold > 0.0f)
-        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "the CUDA backend does not apply optiml.sparse.act_threshold "
-                                                   "(FATReLU) yet: load this model with -ngl 0");
     struct gpu_model *g = calloc(1, sizeof(*g));
     if (!g) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
     m->gpu = g;
@@ -238,8 +313,8 @@ void gpu_model_free(optiml_model *m) {
     if (g->layers)
         for (int32_t il = 0; il < m->hp.n_layer; il++) {
             struct gpu_layer *gl = &g->layers[il];
-            cu_weight *ws[7] = {&gl->wq, &gl->wk, &gl->wv, &gl->wo, &gl->gate, &gl->up, &gl->down};
-            for (int i = 0; i < 7; i++) cu_weight_free(ws[i]);
+            cu_weight *ws[9] = {&gl->qkv, &gl->wq, &gl->wk, &gl->wv, &gl->gu, &gl->gate, &gl->up, &gl->wo, &gl->down};
+            for (int i = 0; i < 9; i++) cu_weight_free(ws[i]);
             cu_dfree(gl->attn_norm);
             cu_dfree(gl->ffn_norm);
         }
@@ -291,15 +366,21 @@ optiml_status gpu_context_init(optiml_context *ctx) {
         TRY(cu_timer_init(PROF_SLOTS, &gc->prof));
         gc->no_graph = true;
     }
+    /* OPTIML_CUDA_UNFUSED=1: input steps (rmsnorm, act*up) as separate
+     * kernels before each product, as before the fused kernel (to compare) */
+    env = getenv("OPTIML_CUDA_UNFUSED");
+    if (env && *env && strcmp(env, "0") != 0) {
+        const struct cu_tuning t = {.mmv_fused = 2};
+        cu_set_tuning(gc->cu, &t);
+    }
+    tuning_from_env(gc->cu);
     struct { void **p; uint64_t n; } bufs[] = {
         {(void **)&gc->x, nb * hp->n_embd * sizeof(float)},
         {(void **)&gc->xb, nb * hp->n_embd * sizeof(float)},
+        {(void **)&gc->qkv, nb * (n_q + 2 * n_kv) * sizeof(float)},
         {(void **)&gc->q, nb * n_q * sizeof(float)},
-        {(void **)&gc->k, nb * n_kv * sizeof(float)},
-        {(void **)&gc->v, nb * n_kv * sizeof(float)},
         {(void **)&gc->att, nb * n_q * sizeof(float)},
-        {(void **)&gc->gate, nb * hp->n_ff * sizeof(float)},
-        {(void **)&gc->up, nb * hp->n_ff * sizeof(float)},
+        {(void **)&gc->gu, nb * 2 * (uint64_t)hp->n_ff * sizeof(float)},
         {(void **)&gc->kv_k, (uint64_t)(hp->n_layer - g->first) * nc * n_kv * sizeof(float)},
         {(void **)&gc->kv_v, (uint64_t)(hp->n_layer - g->first) * nc * n_kv * sizeof(float)},
         {(void **)&gc->inv_freq, (uint64_t)hp->n_rot / 2 * sizeof(float)},
@@ -309,6 +390,14 @@ optiml_status gpu_context_init(optiml_context *ctx) {
     if (g->head) TRY(dalloc(gc, nb * hp->n_vocab * sizeof(float), (void **)&gc->logits));
     int64_t in_max, out_max;
     matmul_dims(hp, &in_max, &out_max);
+    /* the prompt GEMM's weight chunk: the default (256 MiB of f16) where VRAM
+     * leaves room for it and 1 GiB more, else 64 MiB (a few % slower) */
+    uint64_t mem_free = 0, mem_total = 0;
+    TRY(cu_mem_info(gc->cu, &mem_free, &mem_total));
+    if (mem_free < cu_matmul_scratch_bytes((int64_t)nb, in_max, out_max) + (1ull << 30)) {
+        const struct cu_tuning t = {.gemm_chunk_elems = 32ll << 20};
+        cu_set_tuning(gc->cu, &t);
+    }
     uint64_t mm = 0;
     TRY(cu_matmul_reserve(gc->cu, (int64_t)nb, in_max, out_max, &mm));
     gc->bytes += mm;
@@ -351,8 +440,8 @@ void gpu_context_free(optiml_context *ctx) {
     if (gc->prof) prof_report(gc);
     cu_timer_free(gc->prof);
     for (int i = 0; i < 2; i++) cu_graph_free(gc->graph[i]);
-    void *dev[] = {gc->x, gc->xb, gc->q, gc->k, gc->v, gc->att, gc->gate, gc->up, gc->logits,
-                   gc->kv_k, gc->kv_v, gc->inv_freq, gc->att_scratch, gc->d_step};
+    void *dev[] = {gc->x,    gc->xb,   gc->qkv,      gc->q,          gc->att,    gc->gu,
+                   gc->logits, gc->kv_k, gc->kv_v, gc->inv_freq, gc->att_scratch, gc->d_step};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++) cu_dfree(dev[i]);
     cu_host_free(gc->h_step);
     cu_host_free(gc->h_x);
@@ -398,22 +487,36 @@ static optiml_status gpu_layer(optiml_context *ctx, int32_t il, int32_t n) {
     const struct gpu_layer *l = &m->gpu->layers[il];
     struct gpu_ctx *gc = ctx->gpu;
     cu_ctx *cu = gc->cu;
-    const uint64_t n_kv = (uint64_t)hp->n_head_kv * hp->head_dim;
-    const uint64_t kv_off = (uint64_t)(il - m->gpu->first) * ctx->params.n_ctx * n_kv;
-    OP(OP_NORM, cu_rmsnorm(cu, gc->xb, gc->x, l->attn_norm, hp->n_embd, n, NULL, hp->norm_eps));
-    OP(OP_Q, cu_matmul(cu, &l->wq, gc->xb, n, gc->q, false));
-    OP(OP_K, cu_matmul(cu, &l->wk, gc->xb, n, gc->k, false));
-    OP(OP_V, cu_matmul(cu, &l->wv, gc->xb, n, gc->v, false));
-    OP(OP_ROPE, cu_rope_store(cu, gc->q, gc->k, gc->v, gc->kv_k + kv_off, gc->kv_v + kv_off, n, hp->n_head,
-                              hp->n_head_kv, hp->head_dim, hp->n_rot, gc->inv_freq, &gc->batch));
-    OP(OP_ATTN, cu_attention(cu, gc->q, gc->kv_k + kv_off, gc->kv_v + kv_off, gc->att, n, hp->n_head, hp->n_head_kv,
-                             hp->head_dim, ctx->params.n_ctx, &gc->batch, gc->att_scratch));
-    OP(OP_O, cu_matmul(cu, &l->wo, gc->att, n, gc->x, true));
-    OP(OP_NORM2, cu_rmsnorm(cu, gc->xb, gc->x, l->ffn_norm, hp->n_embd, n, NULL, hp->norm_eps));
-    if (l->gate.dev) OP(OP_GATE, cu_matmul(cu, &l->gate, gc->xb, n, gc->gate, false));
-    OP(OP_UP, cu_matmul(cu, &l->up, gc->xb, n, gc->up, false));
-    OP(OP_ACT, cu_act_mul(cu, gc->gate, gc->up, (int64_t)n * hp->n_ff, (int)hp->ffn_act));
-    OP(OP_DOWN, cu_matmul(cu, &l->down, gc->gate, n, gc->x, true));
+    const int64_t n_q = (int64_t)hp->n_head * hp->head_dim, n_kv = (int64_t)hp->n_head_kv * hp->head_dim;
+    const int64_t ld_qkv = n_q + 2 * n_kv, n_ff = hp->n_ff;
+    const uint64_t kv_off = (uint64_t)(il - m->gpu->first) * ctx->params.n_ctx * (uint64_t)n_kv;
+    float *kv_k = gc->kv_k + kv_off, *kv_v = gc->kv_v + kv_off;
+
+    const struct cu_mm_in norm1 = {.kind = CU_IN_RMSNORM, .norm = l->attn_norm, .eps = hp->norm_eps};
+    if (l->qkv.dev) {
+        OP(OP_QKV, cu_matmul_ex(cu, &l->qkv, gc->x, &norm1, n, gc->qkv, ld_qkv, false));
+    } else {
+        OP(OP_QKV, cu_matmul_ex(cu, &l->wq, gc->x, &norm1, n, gc->qkv, ld_qkv, false));
+        OP(OP_QKV, cu_matmul_ex(cu, &l->wk, gc->x, &norm1, n, gc->qkv + n_q, ld_qkv, false));
+        OP(OP_QKV, cu_matmul_ex(cu, &l->wv, gc->x, &norm1, n, gc->qkv + n_q + n_kv, ld_qkv, false));
+    }
+    OP(OP_ROPE, cu_rope_store_qkv(cu, gc->qkv, ld_qkv, gc->q, kv_k, kv_v, n, hp->n_head, hp->n_head_kv, hp->head_dim,
+                                  hp->n_rot, gc->inv_freq, &gc->batch));
+    OP(OP_ATTN, cu_attention(cu, gc->q, kv_k, kv_v, gc->att, n, hp->n_head, hp->n_head_kv, hp->head_dim,
+                             ctx->params.n_ctx, &gc->batch, gc->att_scratch));
+    OP(OP_O, cu_matmul_ex(cu, &l->wo, gc->att, NULL, n, gc->x, 0, true));
+
+    const struct cu_mm_in norm2 = {.kind = CU_IN_RMSNORM, .norm = l->ffn_norm, .eps = hp->norm_eps};
+    if (l->gu.dev) {
+        OP(OP_GU, cu_matmul_ex(cu, &l->gu, gc->x, &norm2, n, gc->gu, 2 * n_ff, false));
+    } else {
+        if (l->gate.dev) OP(OP_GU, cu_matmul_ex(cu, &l->gate, gc->x, &norm2, n, gc->gu, 2 * n_ff, false));
+        OP(OP_GU, cu_matmul_ex(cu, &l->up, gc->x, &norm2, n, gc->gu + n_ff, 2 * n_ff, false));
+    }
+    /* act(gate) * up (FATReLU first where the model has a threshold) as the down product's input */
+    const struct cu_mm_in act = {.kind = CU_IN_ACT_MUL, .ld = 2 * n_ff, .up = gc->gu + n_ff, .act = (int)hp->ffn_act,
+                                 .thr = m->sparse.act_threshold};
+    OP(OP_DOWN, cu_matmul_ex(cu, &l->down, gc->gu, &act, n, gc->x, 0, true));
     return OPTIML_OK;
 }
 

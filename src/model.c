@@ -6,6 +6,7 @@
 #include "model.h"
 
 #include "gpu.h"
+#include "powerinfer.h"
 #include "vocab.h"
 
 #include <math.h>
@@ -170,6 +171,45 @@ static optiml_status bind_sparse_layer(optiml_model *m, int32_t il) {
     return bind(m, &l->ffn_act_freq, name, hp->n_ff, 1, BIND_NORM, false);
 }
 
+/* optiml.sparse.kind "cats" and its optiml.sparse.gate_threshold (CATS:
+ * magnitude thresholds on the gate's activation, calibrated per layer). */
+static optiml_status load_gate_threshold(optiml_model *m) {
+    const gguf_file *f = m->file;
+    const int32_t n_layer = m->hp.n_layer;
+    struct gguf_str kind = {0};
+    optiml_status st = gguf_get_str(f, "optiml.sparse.kind", &kind);
+    if (st == OPTIML_ERR_INVALID_ARG) kind = (struct gguf_str){.n = 4, .data = "relu"};
+    else TRY(st);
+    const bool cats = kind.n == 4 && !memcmp(kind.data, "cats", 4);
+    if (!cats && !(kind.n == 4 && !memcmp(kind.data, "relu", 4)))
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "optiml.sparse.kind '%.*s' is not 'relu' or 'cats'",
+                           (int)(kind.n < 64 ? kind.n : 64), kind.data);
+    const struct gguf_value *arr;
+    st = gguf_get_arr(f, "optiml.sparse.gate_threshold", GGUF_TYPE_FLOAT32, &arr);
+    if (st == OPTIML_ERR_INVALID_ARG) {
+        if (cats)
+            return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.kind 'cats' without optiml.sparse.gate_threshold");
+        return OPTIML_OK;
+    }
+    TRY(st);
+    if (!cats) return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.gate_threshold needs optiml.sparse.kind 'cats'");
+    if (m->hp.ffn_act == FFN_ACT_RELU_NOGATE)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "optiml.sparse.gate_threshold needs an FFN with a gate");
+    if (arr->arr.n != (uint64_t)n_layer)
+        return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.gate_threshold has %llu values, expected %d (n_layer)",
+                           (unsigned long long)arr->arr.n, n_layer);
+    m->sparse.gate_threshold = malloc((size_t)n_layer * sizeof(float));
+    if (!m->sparse.gate_threshold) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    for (int32_t il = 0; il < n_layer; il++) {
+        const float t = (float)gguf_arr_f64(arr, (uint64_t)il);
+        if (!(t >= 0.0f && t < 1e30f))
+            return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.gate_threshold[%d] = %g must be finite and >= 0", il,
+                               (double)t);
+        m->sparse.gate_threshold[il] = t;
+    }
+    return OPTIML_OK;
+}
+
 static optiml_status load_sparse_info(optiml_model *m) {
     const gguf_file *f = m->file;
     const int32_t n_layer = m->hp.n_layer;
@@ -198,6 +238,8 @@ static optiml_status load_sparse_info(optiml_model *m) {
     sp->has_down_t = n_down_t == n_layer;
     if (n_pred > 0 && n_pred < n_layer)
         LOG_WARN("predictors in %d of %d layers only: the model runs dense", n_pred, n_layer);
+
+    TRY(load_gate_threshold(m));
 
     sp->layer_threshold = calloc((size_t)n_layer, sizeof(float)); /* absent: logit > 0 */
     if (!sp->layer_threshold) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
@@ -254,11 +296,14 @@ static optiml_status load_weights(optiml_model *m) {
             BIND(ffn_gate, "ffn_gate", n_embd, hp->n_ff, BIND_MATRIX);
         }
         BIND(ffn_up, "ffn_up", n_embd, hp->n_ff, BIND_MATRIX);
-        BIND(ffn_down, "ffn_down", hp->n_ff, n_embd, BIND_MATRIX);
 #undef BIND
+        /* a PowerInfer file has only ffn_down_t: powerinfer_finish builds it */
+        snprintf(name, sizeof(name), "blk.%d.ffn_down.weight", il);
+        TRY(bind(m, &l->ffn_down, name, hp->n_ff, n_embd, BIND_MATRIX, !m->file->powerinfer));
         TRY(bind_sparse_layer(m, il));
     }
     TRY(load_sparse_info(m));
+    if (m->file->powerinfer) TRY(powerinfer_finish(m));
     for (uint64_t i = 0; i < m->file->n_tensors; i++) {
         const struct gguf_tensor_info *ti = &m->file->tensors[i];
         m->n_bytes += ti->size;
@@ -299,11 +344,13 @@ static optiml_status model_load(optiml_model *m, const char *path, const optiml_
     optiml_status st = gguf_get_str(m->file, "general.architecture", &arch);
     if (st == OPTIML_ERR_INVALID_ARG) return optiml_fail(OPTIML_ERR_FORMAT, "%s: missing key general.architecture", path);
     TRY(st);
-    if (!gguf_str_eq(arch, "llama"))
-        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s: architecture \"%.*s\" is not supported (llama)", path,
-                           (int)(arch.n > 32 ? 32 : arch.n), arch.data);
-    snprintf(m->arch, sizeof(m->arch), "llama");
+    const bool bamboo = m->file->powerinfer && gguf_str_eq(arch, "bamboo"); /* PowerInfer's Bamboo */
+    if (!gguf_str_eq(arch, "llama") && !bamboo)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s: architecture \"%.*s\" is not supported (llama; bamboo in "
+                           "PowerInfer files)", path, (int)(arch.n > 32 ? 32 : arch.n), arch.data);
+    snprintf(m->arch, sizeof(m->arch), bamboo ? "bamboo" : "llama");
     TRY(load_hparams(m));
+    if (m->file->powerinfer) TRY(powerinfer_hparams(m));
     TRY(load_weights(m));
     TRY(vocab_load(m->file, &m->vocab));
     if (vocab_n_tokens(m->vocab) > m->hp.n_vocab)
@@ -349,6 +396,8 @@ void optiml_model_free(optiml_model *m) {
     free(m->meta_strs);
     vocab_free(m->vocab);
     free(m->sparse.layer_threshold);
+    powerinfer_free(m->powerinfer);
+    free(m->sparse.gate_threshold);
     free(m->layers);
     gguf_close(m->file);
     free(m);

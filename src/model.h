@@ -55,6 +55,9 @@ struct sparse_info {
     float act_threshold;    /* FATReLU: activations <= it count as zero */
     float *layer_threshold; /* (n_layer) predictor logit thresholds     */
     uint64_t calib_tokens;
+    /* training-free sparsity (optiml.sparse.kind "cats"): neuron i of
+     * layer il is active iff |act(x Wgate)_i| > gate_threshold[il] */
+    float *gate_threshold;  /* (n_layer), or NULL                       */
 };
 
 struct optiml_model {
@@ -68,6 +71,8 @@ struct optiml_model {
     struct sparse_info sparse;
     struct vocab *vocab;
     struct gpu_model *gpu;     /* offloaded layers (gpu.c), or NULL  */
+    struct powerinfer_mem *powerinfer; /* tensors built for a PowerInfer
+                                          file (powerinfer.c), or NULL */
     char **meta_strs;          /* NUL-terminated copies for meta_str */
     char **meta_keys;
     int32_t n_meta_strs;

@@ -6,7 +6,8 @@
  *      (mask: logit > threshold), or in oracle mode the dense gate (mask:
  *      gate > act_threshold); union of the tokens' masks -> index list;
  *      a union above SPARSE_DENSE_FRAC of n_ff hands the layer back to the
- *      dense FFN;
+ *      dense FFN; in CATS mode the dense gate (mask: |act(gate)| above the
+ *      layer's gate_threshold), and no hand-back (the gate is paid for);
  *   2. gate/up rows of the union only (threads split the index list):
  *      h[t][i] = act(gate) * up where token t's mask has i, else 0, written
  *      into ctx->gate (zero elsewhere: the FFN observer sees a dense h);
@@ -17,7 +18,9 @@
  * The dots are the dense matmul's kernels on the same (quantized) inputs,
  * so in oracle mode gate and up are bit for bit the dense ones; only down
  * differs (f32 h against down_t rows instead of q8 h against down rows).
- * Every buffer is allocated in sparse_init.
+ * Every buffer is allocated in sparse_init. CATS batches of more than
+ * SPARSE_CATS_MAX_TOKENS run the dense FFN, which applies the same cut
+ * (sparse_gate_cut), so a token's result does not depend on its batch.
  */
 #include "sparse.h"
 
@@ -31,9 +34,12 @@
 /* ... and batches above this many tokens, without predicting (their union
  * is nearly every neuron) */
 #define SPARSE_MAX_TOKENS 64
+/* CATS keeps about half the neurons per token: the union of a few tokens is
+ * nearly all of them, and the dense FFN's 4-token kernels win */
+#define SPARSE_CATS_MAX_TOKENS 2
 
 struct sparse_state {
-    enum sparse_mode mode; /* ORACLE or PREDICTOR */
+    enum sparse_mode mode; /* ORACLE, PREDICTOR or CATS */
     int64_t n_tok_max;     /* n_batch                                        */
     int64_t r_max;         /* widest predictor                               */
     float *hidden;         /* (n_batch, r_max) predictor hidden layer       */
@@ -103,7 +109,11 @@ optiml_status sparse_init(optiml_context *ctx) {
     ctx->sparse = NULL;
     enum sparse_mode mode;
     switch (ctx->params.sparse_mode) {
-    case SPARSE_MODE_AUTO: mode = m->sparse.has_predictor ? SPARSE_MODE_PREDICTOR : SPARSE_MODE_DENSE; break;
+    case SPARSE_MODE_AUTO:
+        mode = m->sparse.has_predictor    ? SPARSE_MODE_PREDICTOR
+               : m->sparse.gate_threshold ? SPARSE_MODE_CATS
+                                          : SPARSE_MODE_DENSE;
+        break;
     case SPARSE_MODE_DENSE: mode = SPARSE_MODE_DENSE; break;
     case SPARSE_MODE_ORACLE: mode = SPARSE_MODE_ORACLE; break;
     case SPARSE_MODE_PREDICTOR:
@@ -112,9 +122,16 @@ optiml_status sparse_init(optiml_context *ctx) {
                                                        "predictors (blk.N.fc1/fc2) in every layer");
         mode = SPARSE_MODE_PREDICTOR;
         break;
+    case SPARSE_MODE_CATS:
+        if (!m->sparse.gate_threshold)
+            return optiml_fail(OPTIML_ERR_INVALID_ARG, "context: sparse_mode 4 (cats) needs a model with "
+                                                       "optiml.sparse.gate_threshold (optiml-profile "
+                                                       "--calibrate-sparsity)");
+        mode = SPARSE_MODE_CATS;
+        break;
     default:
-        return optiml_fail(OPTIML_ERR_INVALID_ARG, "context: sparse_mode %d is not 0 (auto), 1 (dense), 2 (oracle) "
-                                                   "or 3 (predictor)", (int)ctx->params.sparse_mode);
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "context: sparse_mode %d is not 0 (auto), 1 (dense), 2 (oracle), "
+                                                   "3 (predictor) or 4 (cats)", (int)ctx->params.sparse_mode);
     }
     if (mode == SPARSE_MODE_DENSE) return OPTIML_OK;
     struct sparse_state *s = calloc(1, sizeof(*s));
@@ -210,6 +227,21 @@ static inline void prefetch_bytes(const void *p, uint64_t n) {
     for (uint64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 0);
 }
 
+/* Is a neuron with score v active? v is a predictor logit (thr: the
+ * layer's logit threshold), the dense gate (oracle: thr = act_threshold),
+ * or in CATS mode the dense gate with thr the layer's gate_threshold. The
+ * dense FFN's cut (sparse_gate_cut) asks the same question. */
+static inline bool score_on(enum sparse_mode mode, enum ffn_act act, float v, float thr) {
+    if (mode != SPARSE_MODE_CATS) return v > thr;
+    float a = v;
+    if (act == FFN_ACT_SILU) a = v / (1.0f + expf(-v)); /* as ops_act_mul */
+    else {
+        const float one = 1.0f;
+        ops_act_mul(&a, &one, 1, act);
+    }
+    return fabsf(a) > thr;
+}
+
 /* gate/up of the neurons in idx; h into ctx->gate (n_tok, n_ff). */
 struct ffn_job {
     const struct cpu_kernels *kern;
@@ -225,7 +257,10 @@ struct ffn_job {
 
 static void ffn_run(void *arg, int ith, int nth) {
     const struct ffn_job *job = arg;
-    const bool oracle = job->s->mode == SPARSE_MODE_ORACLE, nogate = job->act == FFN_ACT_RELU_NOGATE;
+    const enum sparse_mode mode = job->s->mode;
+    /* oracle and CATS: the scores are the dense gate (up without one) */
+    const bool oracle = mode == SPARSE_MODE_ORACLE || mode == SPARSE_MODE_CATS;
+    const bool nogate = job->act == FFN_ACT_RELU_NOGATE;
     int64_t k0, k1;
     threadpool_split(job->n_idx, ith, nth, &k0, &k1);
     for (int64_t k = k0; k < k1; k++) {
@@ -239,7 +274,7 @@ static void ffn_run(void *arg, int ith, int nth) {
             /* oracle: lg is the dense gate (up without one), and the
              * threshold act_threshold: h would be exactly 0 */
             const float lg = job->s->logits[t * job->n_ff + i];
-            if (!(lg > job->logit_threshold)) continue; /* h stays 0 */
+            if (!score_on(mode, job->act, lg, job->logit_threshold)) continue; /* h stays 0 */
             float g = 0.0f, u;
             if (!nogate) g = oracle ? lg : row_dot(job->kern, &job->l->ffn_gate, i, &job->in_gate, t);
             u = nogate && oracle ? lg : row_dot(job->kern, &job->l->ffn_up, i, &job->in_up, t);
@@ -304,7 +339,7 @@ static void sparse_scores(optiml_context *ctx, const struct layer *l, int64_t n_
     struct sparse_state *s = ctx->sparse;
     const struct hparams *hp = &ctx->model->hp;
     struct rows_job job = {.kern = ctx->kern, .n_tok = n_tok};
-    if (s->mode == SPARSE_MODE_ORACLE) {
+    if (s->mode == SPARSE_MODE_ORACLE || s->mode == SPARSE_MODE_CATS) {
         job.w = l->ffn_gate.data ? &l->ffn_gate : &l->ffn_up;
         job.in = row_input_make(ctx, s->xq, done, job.w->type, ctx->xb, n_tok, hp->n_embd);
         job.y = s->logits;
@@ -332,11 +367,12 @@ static int64_t sparse_union(const optiml_context *ctx, int64_t n_tok, float thr)
     struct sparse_state *s = ctx->sparse;
     const int64_t n_ff = ctx->model->hp.n_ff;
     /* the oracle of a non-ReLU activation: every neuron is active */
-    const bool all = s->mode == SPARSE_MODE_ORACLE && !ffn_act_is_relu(ctx->model->hp.ffn_act);
+    const enum ffn_act act = ctx->model->hp.ffn_act;
+    const bool all = s->mode == SPARSE_MODE_ORACLE && !ffn_act_is_relu(act);
     int64_t n = 0;
     for (int64_t i = 0; i < n_ff; i++) {
         bool on = all;
-        for (int64_t t = 0; t < n_tok && !on; t++) on = s->logits[t * n_ff + i] > thr;
+        for (int64_t t = 0; t < n_tok && !on; t++) on = score_on(s->mode, act, s->logits[t * n_ff + i], thr);
         if (on) s->idx[n++] = (int32_t)i;
     }
     return n;
@@ -350,15 +386,19 @@ bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
     const int64_t n_ff = hp->n_ff;
     if (il == 0) s->n_active = s->n_total = 0;
     s->n_total += (uint64_t)(n_tok * n_ff);
+    const bool cats = s->mode == SPARSE_MODE_CATS;
+    if (cats && n_tok > SPARSE_CATS_MAX_TOKENS) return false; /* sparse_gate_cut counts */
     if (n_tok > SPARSE_MAX_TOKENS) {
         s->n_active += (uint64_t)(n_tok * n_ff);
         return false;
     }
     bool done[DTYPE_COUNT] = {0};
     sparse_scores(ctx, l, n_tok, done);
-    const float thr = s->mode == SPARSE_MODE_ORACLE ? m->sparse.act_threshold : m->sparse.layer_threshold[il];
+    const float thr = cats                           ? m->sparse.gate_threshold[il]
+                      : s->mode == SPARSE_MODE_ORACLE ? m->sparse.act_threshold
+                                                      : m->sparse.layer_threshold[il];
     const int64_t n_idx = sparse_union(ctx, n_tok, thr);
-    if ((double)n_idx > SPARSE_DENSE_FRAC * (double)n_ff) {
+    if (!cats && (double)n_idx > SPARSE_DENSE_FRAC * (double)n_ff) {
         s->n_active += (uint64_t)(n_tok * n_ff);
         return false;
     }
@@ -371,7 +411,10 @@ bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
     if (l->ffn_gate.data) fj.in_gate = row_input_make(ctx, s->xq, done, l->ffn_gate.type, ctx->xb, n_tok, hp->n_embd);
     fj.in_up = row_input_make(ctx, s->xq, done, l->ffn_up.type, ctx->xb, n_tok, hp->n_embd);
     threadpool_run(ctx->pool, ffn_run, &fj);
-    if (ctx->ffn_observer) ctx->ffn_observer(ctx->ffn_observer_user, il, n_tok, ctx->xb, ctx->gate);
+    if (ctx->ffn_observer) {
+        const bool g_known = s->mode != SPARSE_MODE_PREDICTOR && l->ffn_gate.data;
+        ctx->ffn_observer(ctx->ffn_observer_user, il, n_tok, ctx->xb, g_known ? s->logits : NULL, ctx->gate);
+    }
 
     /* neurons with some h != 0 */
     int64_t n_nz = 0;
@@ -395,6 +438,20 @@ bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
         threadpool_run(ctx->pool, rows_run, &rj);
     }
     return true;
+}
+
+void sparse_gate_cut(optiml_context *ctx, int64_t n_tok, int32_t il) {
+    struct sparse_state *s = ctx->sparse;
+    if (!s || s->mode != SPARSE_MODE_CATS) return;
+    const enum ffn_act act = ctx->model->hp.ffn_act;
+    const float thr = ctx->model->sparse.gate_threshold[il];
+    const int64_t n = n_tok * ctx->model->hp.n_ff;
+    uint64_t kept = 0;
+    for (int64_t k = 0; k < n; k++) {
+        if (score_on(SPARSE_MODE_CATS, act, ctx->gate[k], thr)) kept++;
+        else ctx->gate[k] = 0.0f; /* act(0) = 0 for every gated activation */
+    }
+    s->n_active += kept;
 }
 
 /* ---- scalar predictor (tests, tools) ------------------------------------ */

@@ -10,6 +10,14 @@
  * the tokens' active sets (each token keeps its own mask), or the dense
  * FFN when the union is too large to pay off. Formats: docs/FORMAT.md
  * "Sparse FFN (OptiML GGUF)".
+ *
+ * Training-free sparsity of SiLU-gated models (CATS, mode 4): the gate is
+ * computed for every neuron, and a neuron counts only when
+ * |act(gate)| > optiml.sparse.gate_threshold[il] (calibrated per layer by
+ * optiml-profile --calibrate-sparsity); only those rows of up and of
+ * ffn_down_t are read. The cut changes the model, so it applies to every
+ * batch: one too large for the sparse path runs the dense FFN with the
+ * same cut (sparse_gate_cut).
  */
 #ifndef OPTIML_SPARSE_H
 #define OPTIML_SPARSE_H
@@ -22,6 +30,8 @@ enum sparse_mode {
     SPARSE_MODE_DENSE = 1,     /* always the dense FFN                         */
     SPARSE_MODE_ORACLE = 2,    /* exact active set from the dense gate (tests) */
     SPARSE_MODE_PREDICTOR = 3, /* predictor; context init fails without one    */
+    SPARSE_MODE_CATS = 4,      /* |act(gate)| > gate_threshold; auto picks it
+                                  for a model with thresholds, no predictor  */
 };
 
 /* Sets ctx->sparse (NULL when the context runs dense) and allocates every
@@ -35,10 +45,16 @@ void sparse_free(struct sparse_state *s); /* NULL is a no-op */
  * reads, when the dense FFN is the better choice for this batch. */
 bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il);
 
+/* The dense FFN's share of CATS: zeroes the gate values g of ctx->gate
+ * (n_tok, n_ff, before the activation) with |act(g)| <= the layer's
+ * threshold, and counts the others in optiml_context_ffn_stats. A no-op
+ * unless the context runs CATS. */
+void sparse_gate_cut(optiml_context *ctx, int64_t n_tok, int32_t il);
+
 /* The predictor of layer il alone on one normed input row x (n_embd):
- * logits (n_ff). Scalar and allocation-free but for scratch (r floats,
- * plus n_embd when fc1 is quantized) given by the caller; for tests and
- * tools that measure recall. */
+ * logits (n_ff). Scalar and allocation-free but for scratch given by the
+ * caller: r + max(n_embd, r) floats (the hidden layer, then one dequantized
+ * row of fc1 or fc2); for tests and tools that measure recall. */
 void sparse_predict_row(const optiml_model *m, int32_t il, const float *x, float *scratch, float *logits);
 
 #endif /* OPTIML_SPARSE_H */

@@ -44,7 +44,8 @@ struct obs {
     float *scratch, *logits;
 };
 
-static void observe(void *user, int32_t il, int64_t n_tok, const float *x, const float *h) {
+static void observe(void *user, int32_t il, int64_t n_tok, const float *x, const float *g, const float *h) {
+    (void)g;
     struct obs *o = user;
     const int64_t n_embd = o->m->hp.n_embd, n_ff = o->m->hp.n_ff;
     struct layer_stats *s = &o->ls[il];

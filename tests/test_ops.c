@@ -130,30 +130,53 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
                 n_cases++;
             }
         }
-        /* the 4-row kernel: the same bits as 4 calls of this table's dot_q */
-        int x4_differ = 0, x4_cases = 0;
-        for (int rep = 0; k->dot_q_x4[t] && rep < 8; rep++) {
-            const int64_t n = rep < 4 ? 4096 : bs * (1 + rep % 3); /* odd block counts too */
-            if (n % bs) continue;
-            for (int64_t i = 0; i < n / bs * ts; i++) w[i] = (uint8_t)(frand() * 128.0f + 128.0f);
-            for (int64_t b = 0; b < n / bs; b++) sane_scales(t, w + b * ts);
-            uint64_t row;
+        /* the tiles (1x4, 2x1, 2x4): the same bits as dot_q of this table,
+         * for 1..3 blocks and a 7B row (odd block counts too) */
+        int tile_differ = 0, tile_cases = 0;
+        const bool has_tiles = k->dot_q_x4[t] || k->dot_q_2x1[t] || k->dot_q_2x4[t];
+        for (int rep = 0; has_tiles && rep < 8; rep++) {
+            const int64_t n = rep < 3 ? 4096 : rep == 3 ? 11008 / bs * bs : bs * (1 + rep % 3);
+            if (n % bs || n <= 0) continue;
+            uint64_t row, wrow = (uint64_t)(n / bs * ts);
             dtype_row_size(vt, (uint64_t)n, &row);
-            uint8_t *x4q = malloc(4 * row);
+            uint8_t *w2 = malloc(2 * wrow), *x4q = malloc(4 * row);
+            for (uint64_t i = 0; i < 2 * wrow; i++) w2[i] = (uint8_t)(frand() * 128.0f + 128.0f);
+            for (int64_t b = 0; b < 2 * n / bs; b++) sane_scales(t, w2 + b * ts);
+            if (rep == 0) quant_quantizer(t)(n, x, w2); /* one quantized row too */
             for (int r = 0; r < 4; r++) {
-                for (int64_t i = 0; i < n; i++) x[i] = frand();
+                for (int64_t i = 0; i < n; i++) x[i] = frand() * (r == 3 ? 50.0f : 1.0f);
                 k->quantize[vt](n, x, x4q + r * row);
             }
-            float out[4];
-            k->dot_q_x4[t](n, w, x4q, row, out);
-            for (int r = 0; r < 4; r++) x4_differ += out[r] != k->dot_q[t](n, w, x4q + r * row);
-            x4_cases += 4;
+            float want[8], out[8];
+            for (int r = 0; r < 8; r++) want[r] = k->dot_q[t](n, w2 + (r / 4) * wrow, x4q + (r % 4) * row);
+            if (k->dot_q_x4[t]) {
+                for (int r = 0; r < 4; r++) out[r] = NAN; /* poison */
+                k->dot_q_x4[t](n, w2, x4q, row, out);
+                for (int r = 0; r < 4; r++) tile_differ += out[r] != want[r];
+                tile_cases += 4;
+            }
+            if (k->dot_q_2x1[t]) {
+                for (int tok = 0; tok < 4; tok++) {
+                    out[0] = out[1] = NAN;
+                    k->dot_q_2x1[t](n, w2, wrow, x4q + tok * row, row, out);
+                    tile_differ += (out[0] != want[tok]) + (out[1] != want[4 + tok]);
+                    tile_cases += 2;
+                }
+            }
+            if (k->dot_q_2x4[t]) {
+                for (int r = 0; r < 8; r++) out[r] = NAN;
+                k->dot_q_2x4[t](n, w2, wrow, x4q, row, out); /* out[r * 4 + t] */
+                for (int r = 0; r < 8; r++) tile_differ += out[r] != want[r];
+                tile_cases += 8;
+            }
+            free(w2);
             free(x4q);
         }
-        if (k->dot_q_x4[t]) {
-            printf("%s dot_q_x4 %-4s: %d of %d results differ from dot_q\n", name, dtype_name(t), x4_differ,
-                   x4_cases);
-            CHECK(x4_cases > 0 && x4_differ == 0, "%s dot_q_x4 %s", name, dtype_name(t));
+        if (has_tiles) {
+            printf("%s tiles %-4s (%s%s%s): %d of %d results differ from dot_q\n", name, dtype_name(t),
+                   k->dot_q_x4[t] ? "1x4 " : "", k->dot_q_2x1[t] ? "2x1 " : "", k->dot_q_2x4[t] ? "2x4" : "",
+                   tile_differ, tile_cases);
+            CHECK(tile_cases > 0 && tile_differ == 0, "%s tiles %s", name, dtype_name(t));
         }
         const double tol_deq = (t == DTYPE_Q4_1 || t == DTYPE_Q5_1) ? 2e-3 : 1e-5;
         printf("%s dot_q %-4s x %-4s: max relative difference %.3g vs ref (tolerance 1e-5), ref vs dequantized "
@@ -202,9 +225,10 @@ static void compare_axpy(const char *name, const struct cpu_kernels *k) {
     static const uint32_t types[] = {DTYPE_F32, DTYPE_F16, DTYPE_Q8_0, DTYPE_Q4_0};
     static const int64_t sizes[] = {32, 64, 96, 256, 4096, 11008};
     const struct cpu_kernels *ref = cpu_kernels_ref();
-    float *src = malloc(11008 * sizeof(float)), *wf = malloc(11008 * sizeof(float));
-    float *y = malloc(11008 * sizeof(float)), *y0 = malloc(11008 * sizeof(float));
-    void *w = malloc(11008 * sizeof(float));
+    const size_t n_max = 11008 + 2; /* the largest size, ragged */
+    float *src = malloc(n_max * sizeof(float)), *wf = malloc(n_max * sizeof(float));
+    float *y = malloc(n_max * sizeof(float)), *y0 = malloc(n_max * sizeof(float));
+    void *w = malloc(n_max * sizeof(float));
     for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
         const uint32_t t = types[ti];
         if (!k->axpy[t]) {
@@ -241,28 +265,38 @@ static void compare_axpy(const char *name, const struct cpu_kernels *k) {
 int main(void) {
     rng_state = (uint64_t)time(NULL);
     printf("seed %llu\n", (unsigned long long)rng_state);
+    printf("best table: %s\n", cpu_kernels_best()->name);
     compare("best", cpu_kernels_best());
     compare_quant("best", cpu_kernels_best());
     compare_axpy("ref", cpu_kernels_ref());
     compare_axpy("best", cpu_kernels_best());
 #if defined(OPTIML_X86)
-    if (cpu_kernels_avx2()) {
-        /* the avx2 table leaves some entries to the reference: fill them */
+    /* every SIMD table this CPU runs, its gaps filled from the reference */
+    const struct { const char *name; const struct cpu_kernels *k; } tables[] = {
+        {"avx2", cpu_kernels_avx2()}, {"avx512vnni", cpu_kernels_avx512vnni()}};
+    for (size_t i = 0; i < sizeof(tables) / sizeof(tables[0]); i++) {
+        if (!tables[i].k) {
+            printf("%s: not supported by this CPU, skipped\n", tables[i].name);
+            continue;
+        }
+        printf("testing table %s\n", tables[i].name);
         struct cpu_kernels k = *cpu_kernels_ref();
-        const struct cpu_kernels *v = cpu_kernels_avx2();
+        const struct cpu_kernels *v = tables[i].k;
         for (int t = 0; t < DTYPE_COUNT; t++) {
             if (v->dot[t]) k.dot[t] = v->dot[t];
             if (v->to_f32[t]) k.to_f32[t] = v->to_f32[t];
-            if (v->dot_q[t]) k.dot_q[t] = v->dot_q[t];
-            if (v->dot_q[t]) k.dot_q_x4[t] = v->dot_q_x4[t];
+            if (v->dot_q[t]) {
+                k.dot_q[t] = v->dot_q[t];
+                k.dot_q_x4[t] = v->dot_q_x4[t];
+                k.dot_q_2x1[t] = v->dot_q_2x1[t];
+                k.dot_q_2x4[t] = v->dot_q_2x4[t];
+            }
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];
             if (v->axpy[t]) k.axpy[t] = v->axpy[t];
         }
-        compare("avx2", &k);
-        compare_quant("avx2", &k);
-        compare_axpy("avx2", &k);
-    } else {
-        printf("avx2: not supported by this CPU, skipped\n");
+        compare(tables[i].name, &k);
+        compare_quant(tables[i].name, &k);
+        compare_axpy(tables[i].name, &k);
     }
 #endif
     /* elementwise ops against double-precision formulas */

@@ -192,7 +192,7 @@ static int parse_args(int argc, char **argv, struct bench_args *a) {
             snprintf(buf, sizeof(buf), "%s", v);
             for (char *tok = strtok(buf, ","); tok && ok; tok = strtok(NULL, ","))
                 ok = a->n_sparse_modes < MAX_SPARSE_MODES &&
-                     parse_int(tok, 0, 3, &a->sparse_modes[a->n_sparse_modes++]);
+                     parse_int(tok, 0, 4, &a->sparse_modes[a->n_sparse_modes++]);
         } else if (!strcmp(f, "-t")) {
             char buf[256];
             snprintf(buf, sizeof(buf), "%s", v);

@@ -4,7 +4,10 @@
  *
  *   optiml-convert --llama2c CKPT.bin --tokenizer TOK.bin --outfile OUT.gguf
  *   optiml-convert --hf DIR --outfile OUT.gguf
- *       [--outtype f32|f16|bf16] [--name NAME]
+ *       [--outtype f32|f16|bf16] [--name NAME] [--sparse SIDE.gguf]
+ *
+ * --sparse merges predictors and activation statistics (convert.py writes
+ * them from PowerInfer-style predictor files) and adds ffn_down_t.
  *
  * This file holds the command line and the pieces both front ends share
  * (convert.h): file mapping, the output queue that converts each tensor's
@@ -207,6 +210,9 @@ uint32_t convert_pick_type(const char *name, uint32_t n_dims, uint32_t outtype) 
     if (n_dims <= 1 || convert_ends_with(name, "_norm.weight") ||
         strncmp(name, "rope_freqs", 10) == 0)
         return DTYPE_F32;
+    /* predictors are read as f32, f16 or q8_0 (docs/FORMAT.md) */
+    if (outtype == DTYPE_BF16 && (convert_ends_with(name, ".fc1.weight") || convert_ends_with(name, ".fc2.weight")))
+        return DTYPE_F16;
     return outtype;
 }
 
@@ -214,6 +220,28 @@ static uint64_t convert_tensor_rows(const struct convert_tensor *t) {
     uint64_t rows = 1;
     for (uint32_t d = 1; d < t->n_dims; d++) rows *= t->ne[d];
     return rows;
+}
+
+/* Output row r = column r of the source (ne[0] rows of ne[1]), 64 output
+ * rows at a time so that each source row is read in one stretch. */
+static optiml_status convert_fill_transposed(const struct convert_tensor *t, uint8_t *d) {
+    enum { TILE = 64 };
+    const uint64_t n_in = t->ne[0], n_out = t->ne[1]; /* out: n_out rows of n_in */
+    const uint64_t ss = dtype_type_size(t->src_type), ds = dtype_type_size(t->dst_type);
+    float *tile = malloc(TILE * n_in * sizeof(float));
+    if (!tile) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    for (uint64_t r0 = 0; r0 < n_out; r0 += TILE) {
+        const uint64_t n = n_out - r0 < TILE ? n_out - r0 : TILE;
+        float col[TILE];
+        for (uint64_t k = 0; k < n_in; k++) { /* source row k, columns r0.. */
+            convert_load_f32(col, (const uint8_t *)t->src + (k * n_out + r0) * ss, t->src_type, (size_t)n);
+            for (uint64_t i = 0; i < n; i++) tile[i * n_in + k] = col[i];
+        }
+        for (uint64_t i = 0; i < n; i++)
+            convert_store_f32(d + (r0 + i) * n_in * ds, t->dst_type, tile + i * n_in, (size_t)n_in);
+    }
+    free(tile);
+    return OPTIML_OK;
 }
 
 /* gguf_fill_fn: convert (and permute) one queued tensor into dst. */
@@ -236,6 +264,7 @@ static optiml_status convert_fill(void *user, void *dst, uint64_t size) {
 
     const uint8_t *src = t->src;
     uint8_t *d = dst;
+    if (t->transpose) return convert_fill_transposed(t, d);
     if (t->rope_heads == 0) {
         convert_elements(d, t->dst_type, src, t->src_type, rows * row_len);
         return OPTIML_OK;
@@ -292,6 +321,80 @@ optiml_status convert_out_add(struct convert_out *out, const char *name, uint32_
     t->index = out->n_tensors;
     out->tensors[out->n_tensors++] = t;
     return gguf_writer_add_tensor_fn(out->w, t->name, t->dst_type, n_dims, t->ne, convert_fill, t);
+}
+
+optiml_status convert_out_add_transposed(struct convert_out *out, const char *name, uint32_t src_type,
+                                         const uint64_t *ne, const void *src) {
+    TRY(convert_out_add(out, name, src_type, 2, ne, src, 0));
+    out->tensors[out->n_tensors - 1]->transpose = true;
+    return OPTIML_OK;
+}
+
+/* ---- sparse-FFN extras (--sparse) ------------------------------------------------ */
+
+/* One tensor of the side file: blk.N.<what>, f32 or f16, shape (ne0, ne1)
+ * (ne0 = 0: any, read into *ne0; ne1 = 0: any). */
+static optiml_status convert_sparse_tensor(const gguf_file *side, uint32_t il, const char *what, uint64_t *ne0,
+                                           uint64_t ne1, const struct gguf_tensor_info **out) {
+    char name[64];
+    snprintf(name, sizeof(name), "blk.%u.%s", il, what);
+    const struct gguf_tensor_info *t = *out = gguf_find_tensor(side, name);
+    if (!t) return OPTIML_OK;
+    const uint64_t rows = t->ne[1] * t->ne[2] * t->ne[3];
+    if (t->type != DTYPE_F32 && t->type != DTYPE_F16)
+        return optiml_fail(OPTIML_ERR_FORMAT, "--sparse: %s has type %s (f32 or f16)", name, dtype_name(t->type));
+    if ((*ne0 && t->ne[0] != *ne0) || (ne1 && rows != ne1) || t->ne[0] > (1u << 20) || rows > (1u << 20))
+        return optiml_fail(OPTIML_ERR_FORMAT, "--sparse: %s has shape (%llu, %llu), expected (%llu, %llu)", name,
+                           (unsigned long long)t->ne[0], (unsigned long long)rows, (unsigned long long)*ne0,
+                           (unsigned long long)ne1);
+    *ne0 = t->ne[0];
+    return OPTIML_OK;
+}
+
+optiml_status convert_add_sparse(struct convert_out *out, const gguf_file *side, uint32_t n_layer,
+                                 uint32_t n_embd, uint32_t n_ff) {
+    uint64_t n_used = 0;
+    uint32_t n_pred = 0;
+    for (uint32_t il = 0; il < n_layer; il++) {
+        const struct gguf_tensor_info *fc1, *fc2, *freq;
+        uint64_t e = n_embd, r = 0, one = 1;
+        TRY(convert_sparse_tensor(side, il, "fc1.weight", &e, 0, &fc1));
+        if (fc1) r = fc1->ne[1];
+        TRY(convert_sparse_tensor(side, il, "fc2.weight", &r, n_ff, &fc2));
+        TRY(convert_sparse_tensor(side, il, "ffn_act_freq", &(uint64_t){n_ff}, one, &freq));
+        if (!fc1 != !fc2)
+            return optiml_fail(OPTIML_ERR_FORMAT, "--sparse: layer %u has fc%d without fc%d", il, fc1 ? 1 : 2,
+                               fc1 ? 2 : 1);
+        const struct gguf_tensor_info *ts[3] = {fc1, fc2, freq};
+        for (int k = 0; k < 3; k++) {
+            if (!ts[k]) continue;
+            char name[64];
+            snprintf(name, sizeof(name), "%.*s", (int)ts[k]->name.n, ts[k]->name.data);
+            const uint64_t ne[2] = {ts[k]->ne[0], ts[k]->ne[1]};
+            TRY(convert_out_add(out, name, ts[k]->type, k < 2 ? 2 : 1, ne, ts[k]->data, 0));
+            n_used++;
+        }
+        n_pred += fc1 != NULL;
+    }
+    if (n_pred != 0 && n_pred != n_layer)
+        return optiml_fail(OPTIML_ERR_FORMAT, "--sparse: predictors for %u of %u layers", n_pred, n_layer);
+    if (n_used != side->n_tensors)
+        return optiml_fail(OPTIML_ERR_FORMAT, "--sparse: %llu of its %llu tensors are not blk.N.fc1.weight, "
+                           "fc2.weight or ffn_act_freq of the model's layers",
+                           (unsigned long long)(side->n_tensors - n_used), (unsigned long long)side->n_tensors);
+    for (uint64_t i = 0; i < side->n_kv; i++) {
+        const struct gguf_kv *kv = &side->kv[i];
+        if (kv->key.n > 14 && memcmp(kv->key.data, "optiml.sparse.", 14) == 0) {
+            char key[128];
+            snprintf(key, sizeof(key), "%.*s", (int)(kv->key.n < 120 ? kv->key.n : 120), kv->key.data);
+            TRY(gguf_writer_set_value(out->w, key, &kv->value));
+        } else if (!(kv->key.n > 8 && memcmp(kv->key.data, "general.", 8) == 0)) {
+            return optiml_fail(OPTIML_ERR_FORMAT, "--sparse: key '%.*s' is not an optiml.sparse.* key",
+                               (int)(kv->key.n < 64 ? kv->key.n : 64), kv->key.data);
+        }
+    }
+    LOG_INFO("--sparse: %u layers with predictors, %llu tensors", n_pred, (unsigned long long)n_used);
+    return OPTIML_OK;
 }
 
 optiml_status convert_out_write(struct convert_out *out, const char *path) {
@@ -410,7 +513,7 @@ static void convert_usage(FILE *fp) {
             "usage: optiml-convert --llama2c CKPT.bin --tokenizer TOK.bin --outfile OUT.gguf\n"
             "                      [--outtype f32|f16|bf16] [--name NAME]\n"
             "       optiml-convert --hf DIR --outfile OUT.gguf [--outtype f32|f16|bf16] "
-            "[--name NAME]\n"
+            "[--name NAME] [--sparse SIDE.gguf]\n"
             "\n"
             "Convert a llama2.c legacy checkpoint (with its tokenizer.bin) or a Hugging Face\n"
             "Llama directory (config.json, *.safetensors, tokenizer.model or tokenizer.json)\n"
@@ -423,6 +526,9 @@ static void convert_usage(FILE *fp) {
             "  --outtype TYPE    matrix type: f32, f16 or bf16 (default: f32 for llama2c,\n"
             "                    the checkpoint's dtype for --hf); norms stay f32\n"
             "  --name NAME       general.name (default: the input's file or directory name)\n"
+            "  --sparse FILE     (--hf) a GGUF of predictors and statistics to merge\n"
+            "                    (blk.N.fc1.weight, fc2.weight, ffn_act_freq, optiml.sparse.*\n"
+            "                    keys; convert.py writes it); adds blk.N.ffn_down_t.weight\n"
             "  -h, --help        this help\n");
 }
 
@@ -444,7 +550,7 @@ static int convert_die(const char *fmt, const char *arg) {
 
 int main(int argc, char **argv) {
     const char *ckpt = NULL, *tok = NULL, *hf = NULL, *outtype = NULL;
-    struct convert_params params = {.outfile = NULL, .name = NULL, .outtype = -1};
+    struct convert_params params = {.outfile = NULL, .name = NULL, .outtype = -1, .sparse = NULL};
 
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
@@ -454,8 +560,8 @@ int main(int argc, char **argv) {
         }
         /* --flag VALUE or --flag=VALUE */
         static const char *const flags[] = {"--llama2c", "--tokenizer", "--hf", "--outfile",
-                                            "--outtype", "--name"};
-        const char **slots[] = {&ckpt, &tok, &hf, &params.outfile, &outtype, &params.name};
+                                            "--outtype", "--name", "--sparse"};
+        const char **slots[] = {&ckpt, &tok, &hf, &params.outfile, &outtype, &params.name, &params.sparse};
         int which = -1;
         const char *value = NULL;
         for (int f = 0; f < (int)(sizeof(flags) / sizeof(flags[0])); f++) {
@@ -482,6 +588,7 @@ int main(int argc, char **argv) {
     if (!ckpt && !hf) return convert_die("%s", "give --llama2c CKPT.bin or --hf DIR");
     if (ckpt && !tok) return convert_die("%s", "--llama2c needs --tokenizer TOK.bin");
     if (hf && tok) return convert_die("%s", "--tokenizer goes with --llama2c only");
+    if (ckpt && params.sparse) return convert_die("%s", "--sparse goes with --hf only");
     if (!params.outfile) return convert_die("%s", "missing --outfile OUT.gguf");
     if (outtype) {
         if (strcmp(outtype, "f32") == 0) params.outtype = DTYPE_F32;

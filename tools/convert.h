@@ -25,6 +25,7 @@ struct convert_params {
     const char *outfile; /* the GGUF file to write                              */
     const char *name;    /* general.name; NULL: derived from the input path     */
     int outtype;         /* DTYPE_F32, DTYPE_F16 or DTYPE_BF16; -1: the input's */
+    const char *sparse;  /* GGUF of sparse-FFN extras to merge (--sparse), or NULL */
 };
 
 /* llama2.c legacy checkpoint + tokenizer.bin -> GGUF (convert_llama2c.c). */
@@ -66,7 +67,8 @@ struct convert_tensor {
     uint32_t dst_type;
     const void *src;
     uint32_t rope_heads;
-    size_t index; /* position in the queue, for progress lines */
+    bool transpose; /* src holds ne[0] rows of ne[1]: out row r = src column r */
+    size_t index;   /* position in the queue, for progress lines */
     struct convert_out *out;
 };
 
@@ -93,6 +95,21 @@ uint32_t convert_pick_type(const char *name, uint32_t n_dims, uint32_t outtype);
 optiml_status convert_out_add(struct convert_out *out, const char *name, uint32_t src_type,
                               uint32_t n_dims, const uint64_t *ne, const void *src,
                               uint32_t rope_heads);
+
+/* Queue the 2-D tensor (ne[0], ne[1]) whose rows are the columns of src,
+ * a row-major matrix of ne[0] rows of ne[1] elements (e.g. ffn_down_t from
+ * Hugging Face's down_proj). */
+optiml_status convert_out_add_transposed(struct convert_out *out, const char *name, uint32_t src_type,
+                                         const uint64_t *ne, const void *src);
+
+/* --sparse SIDE.gguf (written by convert.py from PowerInfer-style predictor
+ * files): queue its blk.N.fc1.weight (n_embd, r), blk.N.fc2.weight (r, n_ff)
+ * and blk.N.ffn_act_freq (n_ff), f32 or f16, after checking their shapes,
+ * and copy its optiml.sparse.* keys. side must stay open until the file is
+ * written. Any other tensor or key, or a predictor in some layers only,
+ * fails with OPTIML_ERR_FORMAT. */
+optiml_status convert_add_sparse(struct convert_out *out, const gguf_file *side, uint32_t n_layer,
+                                  uint32_t n_embd, uint32_t n_ff);
 
 /* Hand buf (malloc'd) to the queue, which frees it in convert_out_free,
  * even when this call fails. */

@@ -1019,6 +1019,26 @@ static optiml_status hf_tokenizer(struct convert_out *out, const char *dir,
     return st;
 }
 
+/* ---- sparse FFN (--sparse) ------------------------------------------------------------ */
+
+/* ffn_down_t of every layer (down_proj's columns as rows), then the side
+ * file's predictors, statistics and keys. *side stays open until written. */
+static optiml_status hf_add_sparse(struct convert_out *out, const struct hf_weights *w,
+                                   const struct hf_config *c, const char *path, gguf_file **side) {
+    TRY(gguf_open(path, side));
+    for (uint32_t l = 0; l < c->n_layer; l++) {
+        char hf_name[128], gguf_name[64];
+        snprintf(hf_name, sizeof(hf_name), "model.layers.%u.mlp.down_proj.weight", l);
+        snprintf(gguf_name, sizeof(gguf_name), "blk.%u.ffn_down_t.weight", l);
+        const struct safetensors_tensor *t = hf_weights_find(w, hf_name, NULL);
+        if (!t) return optiml_fail(OPTIML_ERR_FORMAT, "missing tensor '%s'", hf_name);
+        const uint64_t ne[2] = {c->n_embd, c->n_ff}; /* checked by hf_add_tensors */
+        TRY(convert_out_add_transposed(out, gguf_name, (uint32_t)safetensors_dtype_to_gguf(t->dtype), ne,
+                                       t->data));
+    }
+    return convert_add_sparse(out, *side, c->n_layer, c->n_embd, c->n_ff);
+}
+
 /* ---- driver ------------------------------------------------------------------------ */
 
 static optiml_status hf_write_metadata(struct convert_out *out, const struct hf_config *c,
@@ -1072,6 +1092,7 @@ optiml_status convert_hf(const char *dir, const struct convert_params *params) {
     struct convert_out out = {0};
     json_t *cfg = NULL;
     char *name = NULL;
+    gguf_file *side = NULL; /* --sparse */
     uint32_t outtype = DTYPE_F32;
 
     optiml_status st = hf_json_load(dir, "config.json", true, 0, &cfg);
@@ -1093,12 +1114,14 @@ optiml_status convert_hf(const char *dir, const struct convert_params *params) {
     if (st == OPTIML_OK) st = hf_write_metadata(&out, &c, params->name ? params->name : name);
     if (st == OPTIML_OK) st = hf_tokenizer(&out, dir, &c);
     if (st == OPTIML_OK) st = hf_add_tensors(&out, &w, &c);
+    if (st == OPTIML_OK && params->sparse) st = hf_add_sparse(&out, &w, &c, params->sparse, &side);
     if (st == OPTIML_OK) {
         hf_warn_unused(&w, &c);
         st = convert_out_write(&out, params->outfile);
     }
     free(name);
     convert_out_free(&out);
+    gguf_close(side);
     hf_weights_free(&w);
     json_decref(cfg);
     return st;

@@ -2,6 +2,7 @@
  * optiml-perplexity - perplexity of a model on a text file.
  *
  *   optiml-perplexity -m MODEL -f TEXT [-c 512] [-b 512] [-t N] [--chunks N]
+ *                     [--sparse-mode M]
  *
  * The text is tokenized once (no BOS) and cut into non-overlapping windows
  * of n_ctx tokens; each window starts with BOS in place of its first token
@@ -11,7 +12,11 @@
  * negative log-likelihood of token j+1 given logits at j, for j in
  * [n_ctx/2, n_ctx - 1). Progress per window on stderr; the final line on
  * stdout: "PPL = <estimate> +/- <standard error>", the error from the
- * standard deviation of the per-token log-likelihoods.
+ * standard deviation of the per-token log-likelihoods. --sparse-mode sets
+ * optiml_context_params.sparse_mode (0 auto, 1 dense, 2 oracle, 3
+ * predictor, 4 cats); when the FFN runs sparse, a second line on stdout,
+ * "FFN active = <share>", gives the share of FFN neurons active over all
+ * evaluated tokens (optiml_context_ffn_stats summed over the decodes).
  */
 #define _POSIX_C_SOURCE 200809L
 #include "optiml.h"
@@ -66,11 +71,12 @@ static bool parse_int(const char *s, long lo, long hi, long *out) {
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *text_path = NULL;
-    long n_ctx = 512, n_batch = 512, n_threads = 0, max_chunks = -1, n_gpu_layers = 0;
+    long n_ctx = 512, n_batch = 512, n_threads = 0, max_chunks = -1, n_gpu_layers = 0, sparse_mode = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            printf("usage: optiml-perplexity -m MODEL -f TEXT [-c 512] [-b 512] [-t N] [--chunks N] [-ngl N]\n");
+            printf("usage: optiml-perplexity -m MODEL -f TEXT [-c 512] [-b 512] [-t N] [--chunks N] [-ngl N]\n"
+                   "                         [--sparse-mode 0|1|2|3|4]\n");
             return 0;
         }
         if (i + 1 >= argc) {
@@ -86,6 +92,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) ok = parse_int(v, 1, 1024, &n_threads);
         else if (!strcmp(a, "--chunks")) ok = parse_int(v, 1, 1L << 30, &max_chunks);
         else if (!strcmp(a, "-ngl") || !strcmp(a, "--n-gpu-layers")) ok = parse_int(v, -1, 1 << 20, &n_gpu_layers);
+        else if (!strcmp(a, "--sparse-mode")) ok = parse_int(v, 0, 1 << 20, &sparse_mode);
         else {
             fprintf(stderr, "optiml-perplexity: unknown option '%s'\n", a);
             return 1;
@@ -126,6 +133,7 @@ int main(int argc, char **argv) {
     cp.n_ctx = (uint32_t)n_ctx;
     cp.n_batch = (uint32_t)n_batch;
     cp.n_threads = (int32_t)n_threads;
+    cp.sparse_mode = (int32_t)sparse_mode;
     if (optiml_context_init(model, &cp, &ctx) != OPTIML_OK) {
         fprintf(stderr, "optiml-perplexity: %s\n", optiml_last_error());
         goto done;
@@ -164,6 +172,7 @@ int main(int argc, char **argv) {
     const int32_t first = (int32_t)(n_ctx / 2);
     double nll = 0.0, nll2 = 0.0;
     long count = 0;
+    uint64_t ffn_active = 0, ffn_total = 0;
     int64_t t0 = optiml_time_us();
     for (long c = 0; c < n_chunks; c++) {
         const optiml_token *w = toks + c * n_ctx;
@@ -181,6 +190,10 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "optiml-perplexity: %s\n", optiml_last_error());
                 goto done;
             }
+            uint64_t n_active, n_total;
+            optiml_context_ffn_stats(ctx, &n_active, &n_total);
+            ffn_active += n_active;
+            ffn_total += n_total;
             for (int32_t j = 0; j < batch.n_tokens; j++) {
                 if (!batch.logits[j]) continue;
                 double lp = log_prob(optiml_get_logits_ith(ctx, j), n_vocab, w[b0 + j + 1]);
@@ -197,6 +210,7 @@ int main(int argc, char **argv) {
     double ppl = exp(mean);
     double err = count > 1 && var > 0 ? ppl * sqrt(var / (count - 1)) : 0.0;
     printf("PPL = %.4f +/- %.4f (%ld tokens scored)\n", ppl, err, count);
+    if (ffn_total) printf("FFN active = %.4f\n", (double)ffn_active / (double)ffn_total);
     rc = 0;
 done:
     optiml_batch_free(batch);

@@ -6,6 +6,7 @@
  *   optiml-profile -m M.gguf -f calib.txt [-c 512] [-t N] [--max-tokens N]
  *       [-o OUT.gguf] [--dump-samples FILE] [--sample-rate 0.05]
  *       [--no-mag] [--act-threshold T] [--seed N]
+ *       [--calibrate-sparsity S [--write-down-t] [--down-t-type q8_0]]
  *
  * The text is tokenized once (no BOS) and cut into windows: each window is
  * BOS followed by the next c-1 text tokens (c text tokens when the
@@ -36,6 +37,22 @@
  * FFN weights, sparse_util.h), and optiml.sparse.act_threshold when
  * --act-threshold was given. An existing blk.N.ffn_act_freq is replaced.
  *
+ * --calibrate-sparsity S (0 < S < 1): training-free sparsity for SiLU-gated
+ * models, as CATS (Lee et al. 2024) does. Per layer, the distribution of
+ * |act(g)|, g = x Wgate (every neuron of every evaluated token), goes into
+ * a histogram of CALIB_BINS log-spaced bins over [CALIB_LO, CALIB_HI]; the
+ * layer's threshold t_l is its S-quantile (bins 0.35% wide, geometric
+ * interpolation inside the crossing bin), so a share S of the
+ * calibration activations has |act(g)| <= t_l. -o then writes, instead of
+ * blk.N.ffn_act_freq, the keys optiml.sparse.kind = "cats",
+ * optiml.sparse.gate_threshold (f32, n_layer), optiml.sparse.gate_sparsity
+ * (f32, S) with the version, hash and calib_tokens above; --write-down-t
+ * adds blk.N.ffn_down_t.weight (ffn_down transposed, neuron-major, of
+ * --down-t-type, default q8_0: 8 bits keep the re-quantization error small),
+ * which the sparse FFN needs to read only the active neurons' part of down.
+ * Standard output then lists, per layer, t_l and the share of calibration
+ * activations below it.
+ *
  * --dump-samples writes the sample file of sparse_util.h (docs/FORMAT.md):
  * for each sampled token, per layer, the FFN's normed input x (f32), the
  * active mask and (unless --no-mag) |h| as f16, so the trainer can aim at a
@@ -48,6 +65,7 @@
 #include "dtype.h"
 #include "gguf.h"
 #include "model.h"
+#include "quant.h"
 #include "sparse_util.h"
 
 #include <errno.h>
@@ -64,16 +82,24 @@ struct opts {
     long n_ctx, n_threads;
     long long max_tokens;
     double sample_rate;
-    bool mag, act_thr_set;
+    bool mag, act_thr_set, write_down_t;
     float act_thr;
     uint64_t seed;
+    double calib;        /* --calibrate-sparsity S, 0: off */
+    uint32_t down_t_type;
 };
+
+/* the |act(g)| histogram of --calibrate-sparsity */
+#define CALIB_BINS 8000
+#define CALIB_LO 1e-8 /* bin 0 also takes everything below (exact zeros) */
+#define CALIB_HI 1e4  /* the last bin also takes everything above       */
 
 /* ---- options ------------------------------------------------------------ */
 
 static const char usage[] =
     "usage: optiml-profile -m M.gguf -f calib.txt [-c 512] [-t N] [--max-tokens N] [-o OUT.gguf]\n"
-    "                      [--dump-samples FILE] [--sample-rate 0.05] [--no-mag] [--act-threshold T] [--seed N]\n";
+    "                      [--dump-samples FILE] [--sample-rate 0.05] [--no-mag] [--act-threshold T] [--seed N]\n"
+    "                      [--calibrate-sparsity S [--write-down-t] [--down-t-type q8_0|f16|f32|q4_0|...]]\n";
 
 static int die(const char *what, const char *detail) {
     fprintf(stderr, "optiml-profile: %s%s\n", what, detail ? detail : "");
@@ -90,7 +116,8 @@ static bool parse_num(const char *s, double lo, double hi, double *out) {
 }
 
 static int parse_args(int argc, char **argv, struct opts *o) {
-    *o = (struct opts){.n_ctx = 512, .sample_rate = 0.05, .mag = true, .max_tokens = -1, .seed = 1};
+    *o = (struct opts){.n_ctx = 512, .sample_rate = 0.05, .mag = true, .max_tokens = -1, .seed = 1,
+                       .down_t_type = DTYPE_Q8_0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
@@ -99,6 +126,10 @@ static int parse_args(int argc, char **argv, struct opts *o) {
         }
         if (!strcmp(a, "--no-mag")) {
             o->mag = false;
+            continue;
+        }
+        if (!strcmp(a, "--write-down-t")) {
+            o->write_down_t = true;
             continue;
         }
         if (i + 1 >= argc) return die("unknown option or missing value: ", a);
@@ -114,7 +145,12 @@ static int parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "--max-tokens")) ok = parse_num(v, 1, 1e15, &d), o->max_tokens = (long long)d;
         else if (!strcmp(a, "--sample-rate")) ok = parse_num(v, 0, 1, &d), o->sample_rate = d;
         else if (!strcmp(a, "--seed")) ok = parse_num(v, 0, 1e15, &d), o->seed = (uint64_t)d;
-        else if (!strcmp(a, "--act-threshold")) {
+        else if (!strcmp(a, "--calibrate-sparsity")) ok = parse_num(v, 1e-6, 1 - 1e-6, &d), o->calib = d;
+        else if (!strcmp(a, "--down-t-type")) {
+            const int t = dtype_from_name(v);
+            ok = t >= 0 && (t == DTYPE_F32 || t == DTYPE_F16 || quant_quantizer((uint32_t)t));
+            o->down_t_type = (uint32_t)t;
+        } else if (!strcmp(a, "--act-threshold")) {
             ok = parse_num(v, 0, 1e30, &d);
             o->act_thr = (float)d;
             o->act_thr_set = true;
@@ -122,6 +158,7 @@ static int parse_args(int argc, char **argv, struct opts *o) {
         if (!ok) return die("invalid value for ", a);
     }
     if (!o->model || !o->text) return die("-m MODEL and -f TEXT are required\n", usage);
+    if (o->write_down_t && !o->calib) return die("--write-down-t goes with --calibrate-sparsity", NULL);
     return 0;
 }
 
@@ -209,6 +246,11 @@ struct profile {
     struct samples_layout lay;
     uint8_t *rec;        /* one record                                      */
     bool write_failed;
+    /* --calibrate-sparsity */
+    enum ffn_act act;
+    uint64_t *hist;      /* (n_layer, CALIB_BINS) counts of |act(g)|          */
+    float *ones, *tmp;   /* (n_ff) each                                       */
+    float *gate_thr;     /* (n_layer) the thresholds, once computed           */
 };
 
 static uint64_t splitmix64(uint64_t x) {
@@ -236,8 +278,27 @@ static void write_record(struct profile *p, int32_t il, uint64_t tok, const floa
     if (pwrite(p->fd, r, p->lay.record_bytes, off) != (ssize_t)p->lay.record_bytes) p->write_failed = true;
 }
 
-static void observe(void *user, int32_t il, int64_t n_tok, const float *x, const float *h) {
+/* |act(g)| of n_tok rows of g into layer il's histogram. */
+static void calib_add(struct profile *p, int32_t il, int64_t n_tok, const float *g) {
+    uint64_t *hist = p->hist + (uint64_t)il * CALIB_BINS;
+    const double scale = CALIB_BINS / log(CALIB_HI / CALIB_LO);
+    for (int64_t t = 0; t < n_tok; t++) {
+        memcpy(p->tmp, g + t * p->n_ff, (size_t)p->n_ff * sizeof(float));
+        ops_act_mul(p->tmp, p->ones, p->n_ff, p->act); /* the forward pass's act */
+        for (int32_t j = 0; j < p->n_ff; j++) {
+            const double a = fabs((double)p->tmp[j]);
+            const double b = a > CALIB_LO ? floor(log(a / CALIB_LO) * scale) : 0.0;
+            hist[b < CALIB_BINS - 1 ? (int)b : CALIB_BINS - 1]++;
+        }
+    }
+}
+
+static void observe(void *user, int32_t il, int64_t n_tok, const float *x, const float *g, const float *h) {
     struct profile *p = user;
+    if (p->hist) { /* g: the run is dense and the FFN has a gate */
+        if (g) calib_add(p, il, n_tok, g);
+        return;
+    }
     uint64_t *cnt = p->count + (uint64_t)il * p->n_ff;
     for (int64_t t = 0; t < n_tok; t++) {
         const float *ht = h + t * p->n_ff;
@@ -288,12 +349,129 @@ static void print_stats(const struct profile *p) {
     free(sorted);
 }
 
+/* The share-quantile of a histogram: the lower edge of the bin where the
+ * count crosses share * total, moved geometrically into the bin by the
+ * part of the bin below the crossing. */
+static double calib_quantile(const uint64_t *hist, double share) {
+    uint64_t total = 0;
+    for (int b = 0; b < CALIB_BINS; b++) total += hist[b];
+    const double want = share * (double)total, step = log(CALIB_HI / CALIB_LO) / CALIB_BINS;
+    double acc = 0;
+    for (int b = 0; b < CALIB_BINS; b++) {
+        if (acc + (double)hist[b] >= want && hist[b] > 0) {
+            if (b == 0) return 0.0; /* the share is zeros or below CALIB_LO */
+            return CALIB_LO * exp(step * (b + (want - acc) / (double)hist[b]));
+        }
+        acc += (double)hist[b];
+    }
+    return CALIB_HI;
+}
+
+/* p->gate_thr from the histograms; prints them. */
+static void calib_thresholds(struct profile *p, double share) {
+    printf("layer      gate_threshold  below\n");
+    const double scale = CALIB_BINS / log(CALIB_HI / CALIB_LO);
+    double sum = 0;
+    for (int32_t il = 0; il < p->n_layer; il++) {
+        const uint64_t *hist = p->hist + (uint64_t)il * CALIB_BINS;
+        const double t = calib_quantile(hist, share);
+        p->gate_thr[il] = (float)t;
+        /* share below t, counting the crossing bin by its interpolated part */
+        const double pos = t > CALIB_LO ? log(t / CALIB_LO) * scale : 0.0;
+        uint64_t total = 0;
+        double below = 0;
+        for (int b = 0; b < CALIB_BINS; b++) {
+            total += hist[b];
+            below += (double)hist[b] * fmin(1.0, fmax(0.0, pos - b));
+        }
+        sum += below / (double)total;
+        printf("layer %3d  %.6g  %.4f\n", il, t, below / (double)total);
+    }
+    printf("model      target %.4f  mean below %.4f\n", share, sum / p->n_layer);
+}
+
 /* ---- writing ------------------------------------------------------------ */
 
 /* blk.N.ffn_act_freq: replaced, not copied. */
 static bool is_act_freq(const char *name) {
     int il, end = -1;
     return sscanf(name, "blk.%d.ffn_act_freq%n", &il, &end) == 1 && end >= 0 && name[end] == '\0';
+}
+
+/* blk.N.<suffix> */
+static bool is_layer_tensor(const char *name, const char *suffix) {
+    int il, end = -1;
+    return sscanf(name, "blk.%d.%n", &il, &end) == 1 && end >= 0 && !strcmp(name + end, suffix);
+}
+
+/* --calibrate-sparsity with --write-down-t: ffn_down_t is replaced too */
+static bool is_calib_replaced_down_t(const char *name) {
+    return is_act_freq(name) || is_layer_tensor(name, "ffn_down_t.weight");
+}
+
+/* ffn_down of one layer, transposed into ffn_down_t, at write time. */
+struct down_t_fill {
+    const struct tensor *down; /* (n_ff, n_embd) */
+    uint32_t type;
+};
+
+static optiml_status down_t_fill(void *user, void *dst, uint64_t size) {
+    const struct down_t_fill *f = user;
+    const int64_t n_ff = f->down->ne[0], n_embd = f->down->ne[1];
+    uint64_t row;
+    if (!dtype_row_size(f->type, (uint64_t)n_embd, &row) || row * (uint64_t)n_ff != size)
+        return optiml_fail(OPTIML_ERR_FORMAT, "ffn_down_t: rows of %lld do not fill %s blocks", (long long)n_embd,
+                           dtype_name(f->type));
+    float *d = malloc((size_t)(n_ff * n_embd) * sizeof(float)), *t = malloc((size_t)n_embd * sizeof(float));
+    if (!d || !t) {
+        free(d);
+        free(t);
+        return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    }
+    for (int64_t r = 0; r < n_embd; r++)
+        cpu_kernels_ref()->to_f32[f->down->type](n_ff, tensor_row(f->down, r), d + r * n_ff);
+    for (int64_t i = 0; i < n_ff; i++) {
+        for (int64_t r = 0; r < n_embd; r++) t[r] = d[r * n_ff + i];
+        char *out = (char *)dst + (uint64_t)i * row;
+        if (f->type == DTYPE_F32) memcpy(out, t, (size_t)n_embd * sizeof(float));
+        else if (f->type == DTYPE_F16)
+            for (int64_t r = 0; r < n_embd; r++) ((f16_t *)out)[r] = f32_to_f16(t[r]);
+        else quant_quantizer(f->type)(n_embd, t, out);
+    }
+    free(d);
+    free(t);
+    return OPTIML_OK;
+}
+
+/* The -o file of --calibrate-sparsity. */
+static optiml_status write_calibrated(const struct profile *p, const optiml_model *m, const struct opts *o) {
+    uint64_t hash;
+    char hex[17];
+    TRY(sparse_weights_hash(m->file, (uint32_t)p->n_layer, &hash));
+    sparse_hash_hex(hash, hex);
+    struct down_t_fill *fills = calloc((size_t)p->n_layer, sizeof(*fills));
+    if (!fills) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    gguf_writer *w = NULL;
+    optiml_status st = gguf_writer_copy_of(m->file, o->write_down_t ? is_calib_replaced_down_t : is_act_freq, &w);
+    for (int32_t il = 0; il < p->n_layer && st == OPTIML_OK && o->write_down_t; il++) {
+        char name[64];
+        const uint64_t ne[2] = {(uint64_t)p->n_embd, (uint64_t)p->n_ff};
+        fills[il] = (struct down_t_fill){.down = &m->layers[il].ffn_down, .type = o->down_t_type};
+        snprintf(name, sizeof(name), "blk.%d.ffn_down_t.weight", il);
+        st = gguf_writer_add_tensor_fn(w, name, o->down_t_type, 2, ne, down_t_fill, &fills[il]);
+    }
+    if (st == OPTIML_OK) st = gguf_writer_set_u32(w, "optiml.sparse.version", 1);
+    if (st == OPTIML_OK) st = gguf_writer_set_str(w, "optiml.sparse.weights_hash", hex);
+    if (st == OPTIML_OK) st = gguf_writer_set_u64(w, "optiml.sparse.calib_tokens", p->n_tokens);
+    if (st == OPTIML_OK) st = gguf_writer_set_str(w, "optiml.sparse.kind", "cats");
+    if (st == OPTIML_OK)
+        st = gguf_writer_set_arr(w, "optiml.sparse.gate_threshold", GGUF_TYPE_FLOAT32, p->gate_thr,
+                                 (uint64_t)p->n_layer);
+    if (st == OPTIML_OK) st = gguf_writer_set_f32(w, "optiml.sparse.gate_sparsity", (float)o->calib);
+    if (st == OPTIML_OK) st = gguf_writer_write(w, o->out);
+    gguf_writer_free(w);
+    free(fills);
+    return st;
 }
 
 static optiml_status write_gguf(const struct profile *p, const gguf_file *in, const struct opts *o) {
@@ -427,7 +605,22 @@ int main(int argc, char **argv) {
     p.n_ff = model->hp.n_ff;
     if (o.act_thr_set) model->sparse.act_threshold = o.act_thr; /* read by the forward pass */
     p.act_thr = model->sparse.act_threshold;
-    if (!ffn_act_is_relu(model->hp.ffn_act) && p.act_thr == 0.0f)
+    if (o.calib) {
+        if (model->hp.ffn_act == FFN_ACT_RELU_NOGATE || o.samples) {
+            die("--calibrate-sparsity needs an FFN with a gate, and no --dump-samples", NULL);
+            goto done;
+        }
+        p.act = model->hp.ffn_act;
+        p.hist = calloc((size_t)p.n_layer * CALIB_BINS, sizeof(*p.hist));
+        p.ones = malloc((size_t)p.n_ff * sizeof(float));
+        p.tmp = malloc((size_t)p.n_ff * sizeof(float));
+        p.gate_thr = malloc((size_t)p.n_layer * sizeof(float));
+        if (!p.hist || !p.ones || !p.tmp || !p.gate_thr) {
+            die("out of memory", NULL);
+            goto done;
+        }
+        for (int32_t j = 0; j < p.n_ff; j++) p.ones[j] = 1.0f;
+    } else if (!ffn_act_is_relu(model->hp.ffn_act) && p.act_thr == 0.0f)
         fprintf(stderr, "optiml-profile: warning: the FFN activation is not ReLU and the threshold is 0: "
                         "few neurons will be exactly zero\n");
     const uint64_t total = count_tokens(n_text, o.n_ctx, optiml_token_bos(model) >= 0, o.max_tokens);
@@ -451,12 +644,16 @@ int main(int argc, char **argv) {
         die(optiml_last_error(), NULL);
         goto done;
     }
-    context_set_ffn_observer(ctx, observe, &p);
+    if (context_set_ffn_observer(ctx, observe, &p) != OPTIML_OK) {
+        die(optiml_last_error(), NULL);
+        goto done;
+    }
     fprintf(stderr, "optiml-profile: %s: %" PRIu64 " tokens in windows of %ld, act_threshold %g\n", o.text, total,
             o.n_ctx, (double)p.act_thr);
     if (run_windows(ctx, model, &p, toks, n_text, o.n_ctx, total)) goto done;
 
-    print_stats(&p);
+    if (p.hist) calib_thresholds(&p, o.calib);
+    else print_stats(&p);
     if (p.fd >= 0) {
         if (close(p.fd) != 0 || rename(tmp_path, o.samples) != 0) {
             p.fd = -1;
@@ -467,7 +664,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "optiml-profile: wrote %" PRIu64 " samples to %s\n", p.n_samples, o.samples);
     }
     if (o.out) {
-        if (write_gguf(&p, model->file, &o) != OPTIML_OK) {
+        if ((p.hist ? write_calibrated(&p, model, &o) : write_gguf(&p, model->file, &o)) != OPTIML_OK) {
             die(optiml_last_error(), NULL);
             goto done;
         }
@@ -482,6 +679,10 @@ done:
     free(p.count);
     free(p.sample_of);
     free(p.rec);
+    free(p.hist);
+    free(p.ones);
+    free(p.tmp);
+    free(p.gate_thr);
     free(toks);
     optiml_context_free(ctx);
     optiml_model_free(model);

@@ -22,6 +22,17 @@ bool cpu_has_avx2_fma_f16c(void) {
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     return b >> 5 & 1; /* AVX2 */
 }
+
+bool cpu_has_avx512vnni(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return false; /* OSXSAVE */
+    unsigned xcr0_lo, xcr0_hi;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 0xE6) != 0xE6) return false; /* the OS saves XMM, YMM, opmask and all of ZMM */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool f = b >> 16 & 1, bw = b >> 30 & 1, vl = b >> 31 & 1, vnni = c >> 11 & 1;
+    return f && bw && vl && vnni;
+}
 #endif
 
 static struct cpu_kernels best;
@@ -34,8 +45,12 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
         if (src->dot[t]) dst->dot[t] = src->dot[t];
         if (src->to_f32[t]) dst->to_f32[t] = src->to_f32[t];
         if (src->dot_q[t]) dst->dot_q[t] = src->dot_q[t];
-        /* a 4-row kernel belongs with its own table's dot_q (equal bits) */
-        if (src->dot_q[t]) dst->dot_q_x4[t] = src->dot_q_x4[t];
+        /* tile kernels belong with their own table's dot_q (equal bits) */
+        if (src->dot_q[t]) {
+            dst->dot_q_x4[t] = src->dot_q_x4[t];
+            dst->dot_q_2x1[t] = src->dot_q_2x1[t];
+            dst->dot_q_2x4[t] = src->dot_q_2x4[t];
+        }
         if (src->quantize[t]) dst->quantize[t] = src->quantize[t];
         if (src->axpy[t]) dst->axpy[t] = src->axpy[t];
     }
@@ -45,6 +60,7 @@ static void best_init(void) {
     best = *cpu_kernels_ref();
 #if defined(OPTIML_X86)
     merge(&best, cpu_kernels_avx2());
+    merge(&best, cpu_kernels_avx512vnni()); /* its missing entries stay avx2's */
 #endif
 }
 

@@ -26,6 +26,13 @@ typedef float (*cpu_dot_q_fn)(int64_t n, const void *w, const void *xq);
  * once for the 4 rows; the result equals 4 dot_q calls of the same table
  * bit for bit. Used for prompt processing. */
 typedef void (*cpu_dot_q_x4_fn)(int64_t n, const void *w, const void *xq, uint64_t xq_stride, float out[4]);
+/* A tile of 2 weight rows (w, w + w_stride) times T quantized input rows
+ * (xq, xq + xq_stride, ...): out[r * T + t] = dot_q(n, row r, input t),
+ * equal to dot_q of the same table bit for bit. Prompts: 2x4 for 4 tokens
+ * at a time, 2x1 for the rest (decode keeps dot_q: two weight streams at
+ * once read memory slower, see ops_avx2.c). */
+typedef void (*cpu_dot_q_tile_fn)(int64_t n, const void *w, uint64_t w_stride, const void *xq, uint64_t xq_stride,
+                                  float *out);
 /* Quantize n activations (a multiple of the block size) into blocks. */
 typedef void (*cpu_quantize_fn)(int64_t n, const float *x, void *dst);
 /* y[i] += a * w[i] for a weight row (or whole blocks of one) of type T:
@@ -39,12 +46,14 @@ typedef void (*cpu_axpy_fn)(int64_t n, float a, const void *w, float *y);
  *     dot_q[T](n, w_row, x_q) (quantized weights, as ggml does: q4_0, q5_0,
  *     q8_0 with q8_0 activations; q4_1, q5_1 with q8_1; k-quants with q8_k). */
 struct cpu_kernels {
-    const char *name;                       /* "ref", "avx2"                */
+    const char *name;                       /* "ref", "avx2", "avx512vnni"  */
     cpu_dot_fn dot[DTYPE_COUNT];            /* NULL where the type has none */
     cpu_to_f32_fn to_f32[DTYPE_COUNT];      /* NULL where the type has none */
     uint32_t vec_dot_type[DTYPE_COUNT];     /* activation type of dot_q[T]  */
     cpu_dot_q_fn dot_q[DTYPE_COUNT];        /* NULL where the type has none */
     cpu_dot_q_x4_fn dot_q_x4[DTYPE_COUNT];  /* optional: NULL = 4 dot_q      */
+    cpu_dot_q_tile_fn dot_q_2x1[DTYPE_COUNT]; /* optional: 2 rows x 1 input */
+    cpu_dot_q_tile_fn dot_q_2x4[DTYPE_COUNT]; /* optional: 2 rows x 4 inputs */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:
                                                to_f32, then a loop         */
@@ -67,6 +76,12 @@ bool cpu_has_avx2_fma_f16c(void);
 /* AVX2+FMA+F16C variants (entries NULL fall back to ref; vec_dot_type is
  * always ref's); NULL if the CPU lacks the instructions. */
 const struct cpu_kernels *cpu_kernels_avx2(void);
+/* cpuid and XCR0 (the OS saves opmask and ZMM state) say AVX-512 F, BW,
+ * VL and VNNI run here. */
+bool cpu_has_avx512vnni(void);
+/* AVX-512 (F/BW/VL/VNNI) variants of the hot quantized dots, as above;
+ * NULL if the CPU or the OS lacks them. */
+const struct cpu_kernels *cpu_kernels_avx512vnni(void);
 #endif
 
 /* ---- elementwise ops (scalar, cheap next to the matrix work) ---------- */

@@ -105,73 +105,6 @@ static inline __m256i bits32_to_0x10(const uint8_t *p) {
     return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-/* Two blocks per step into two accumulators: the FMA chains overlap. */
-static float dot_q4_0_avx2(int64_t n, const void *w, const void *xq) {
-    const block_q4_0 *a = w;
-    const block_q8_0 *b = xq;
-    const int64_t nb = n / QK4_0;
-    const __m256i off = _mm256_set1_epi8(8);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        const __m256i w0 = _mm256_sub_epi8(nibbles32(a[i].qs), off);
-        const __m256i w1 = _mm256_sub_epi8(nibbles32(a[i + 1].qs), off);
-        const __m256i p0 = dot_i8(w0, _mm256_loadu_si256((const __m256i *)b[i].qs));
-        const __m256i p1 = dot_i8(w1, _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16s(a[i].d) * f16s(b[i].d)), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16s(a[i + 1].d) * f16s(b[i + 1].d)), _mm256_cvtepi32_ps(p1), acc1);
-    }
-    for (; i < nb; i++) {
-        const __m256i p0 = dot_i8(_mm256_sub_epi8(nibbles32(a[i].qs), off), _mm256_loadu_si256((const __m256i *)b[i].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16s(a[i].d) * f16s(b[i].d)), _mm256_cvtepi32_ps(p0), acc0);
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1));
-}
-
-/* 4 input rows per pass over a weight row of 32-value blocks with one f16
- * scale (q4_0, q8_0): each block's signed weights are unpacked once. Per row
- * the blocks go to the two accumulators of the one-row kernels (even, odd;
- * an odd last block to the even one), so the sums are the same bits. */
-#define DOT_X4_STEP(I, SLOT)                                                                  \
-    do {                                                                                      \
-        const __m256i wv = LOAD_W(a, I);                                                      \
-        const __m256i wabs = _mm256_sign_epi8(wv, wv);                                        \
-        const float da = f16s(a[I].d);                                                        \
-        for (int k = 0; k < 4; k++) {                                                         \
-            const block_q8_0 *b = (const block_q8_0 *)((const char *)xq + k * xq_stride) + (I); \
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)b->qs);                    \
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv)), \
-                                                _mm256_set1_epi16(1));                        \
-            acc[k][SLOT] = _mm256_fmadd_ps(_mm256_set1_ps(da * f16s(b->d)), _mm256_cvtepi32_ps(p), acc[k][SLOT]); \
-        }                                                                                     \
-    } while (0)
-
-#define DOT_X4_BODY(BLOCK_T)                                                                  \
-    const BLOCK_T *a = w;                                                                     \
-    const int64_t nb = n / 32;                                                                \
-    __m256 acc[4][2];                                                                         \
-    for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();                 \
-    int64_t i = 0;                                                                            \
-    for (; i + 2 <= nb; i += 2) {                                                             \
-        DOT_X4_STEP(i, 0);                                                                    \
-        DOT_X4_STEP(i + 1, 1);                                                                \
-    }                                                                                         \
-    if (i < nb) DOT_X4_STEP(i, 0);                                                            \
-    for (int k = 0; k < 4; k++) out[k] = hsum256(_mm256_add_ps(acc[k][0], acc[k][1]));
-
-static void dot_q4_0_x4_avx2(int64_t n, const void *w, const void *xq, uint64_t xq_stride, float out[4]) {
-    const __m256i off = _mm256_set1_epi8(8);
-#define LOAD_W(A, I) _mm256_sub_epi8(nibbles32((A)[I].qs), off)
-    DOT_X4_BODY(block_q4_0)
-#undef LOAD_W
-}
-
-static void dot_q8_0_x4_avx2(int64_t n, const void *w, const void *xq, uint64_t xq_stride, float out[4]) {
-#define LOAD_W(A, I) _mm256_loadu_si256((const __m256i *)(A)[I].qs)
-    DOT_X4_BODY(block_q8_0)
-#undef LOAD_W
-}
-
 static float dot_q4_1_avx2(int64_t n, const void *w, const void *xq) {
     const block_q4_1 *a = w;
     const block_q8_1 *b = xq;
@@ -211,26 +144,6 @@ static float dot_q5_1_avx2(int64_t n, const void *w, const void *xq) {
         mins += f16s(a[i].m) * f16s(b[i].s);
     }
     return hsum256(acc) + mins;
-}
-
-static float dot_q8_0_avx2(int64_t n, const void *w, const void *xq) {
-    const block_q8_0 *a = w;
-    const block_q8_0 *b = xq;
-    const int64_t nb = n / QK8_0;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        const __m256i p0 = dot_i8(_mm256_loadu_si256((const __m256i *)a[i].qs), _mm256_loadu_si256((const __m256i *)b[i].qs));
-        const __m256i p1 = dot_i8(_mm256_loadu_si256((const __m256i *)a[i + 1].qs),
-                                  _mm256_loadu_si256((const __m256i *)b[i + 1].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16s(a[i].d) * f16s(b[i].d)), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16s(a[i + 1].d) * f16s(b[i + 1].d)), _mm256_cvtepi32_ps(p1), acc1);
-    }
-    for (; i < nb; i++) {
-        const __m256i p0 = dot_i8(_mm256_loadu_si256((const __m256i *)a[i].qs), _mm256_loadu_si256((const __m256i *)b[i].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16s(a[i].d) * f16s(b[i].d)), _mm256_cvtepi32_ps(p0), acc0);
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1));
 }
 
 /* Per-16-value scales of a 32-value group as int16 lanes for madd: the low
@@ -342,48 +255,250 @@ static float dot_k4_avx2(int64_t n_blocks, const uint8_t *base, size_t stride, c
     return hsum256(acc) - mins;
 }
 
-static float dot_q4_K_avx2(int64_t n, const void *w, const void *xq) {
-    return dot_k4_avx2(n / QK_K, w, sizeof(block_q4_K), xq, false);
-}
-
 static float dot_q5_K_avx2(int64_t n, const void *w, const void *xq) {
     return dot_k4_avx2(n / QK_K, w, sizeof(block_q5_K), xq, true);
 }
 
-/* q6_k: half h of 128 values; group s of 32 takes nibble s / 2 of ql bytes
- * 64h + 32(s % 2) + l and bits 2s of qh bytes 32h + l; two scales per
- * group (16 values each). The -32 offset is applied once per block through
- * the activation sums: sum (q - 32) x = sum q x - 32 sum x. */
-static float dot_q6_K_avx2(int64_t n, const void *w, const void *xq) {
-    const block_q6_K *a = w;
-    const block_q8_K *b = xq;
-    const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n / QK_K; i++) {
-        int32_t osum = 0;
-        for (int j = 0; j < 16; j++) osum += a[i].scales[j] * b[i].bsums[j];
-        __m256i isum = _mm256_setr_epi32(-32 * osum, 0, 0, 0, 0, 0, 0, 0);
-        for (int h = 0; h < 2; h++) {
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(a[i].ql + 64 * h));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(a[i].ql + 64 * h + 32));
-            const __m256i qh = _mm256_loadu_si256((const __m256i *)(a[i].qh + 32 * h));
-            __m256i q[4];
-            q[0] = _mm256_and_si256(l0, m4);
-            q[1] = _mm256_and_si256(l1, m4);
-            q[2] = _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4);
-            q[3] = _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4);
-            for (int s = 0; s < 4; s++) {
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), m2);
-                const __m256i qs = _mm256_or_si256(q[s], _mm256_slli_epi16(hi, 4));
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(b[i].qs + 128 * h + 32 * s));
-                const __m256i sc = scales16(a[i].scales[8 * h + 2 * s], a[i].scales[8 * h + 2 * s + 1]);
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(qs, x), sc));
+/* ---- tiles: R weight rows x T input rows ---------------------------------
+ * One template per weight type, instantiated for 1x1 (dot_q), 1x4, 2x1
+ * and 2x4. Every (row, input) pair has one float accumulator that takes
+ * the blocks in order through the same operations whatever the tile, so
+ * all shapes give the same bits (tests/test_ops.c checks it); the tile
+ * only shares the loads and unpacking: a weight block is unpacked once
+ * for T inputs, an input block loaded once for R rows. */
+#define TILE_INLINE static inline __attribute__((always_inline))
+#define FOR_R for (int r = 0; r < R; r++)
+#define FOR_T for (int t = 0; t < T; t++)
+
+/* Broadcast f32 of an f16 in memory. */
+static inline __m256 f16_bcast(const uint16_t *h) { return _mm256_cvtph_ps(_mm_set1_epi16((short)*h)); }
+
+/* 32 nibbles of a 16-byte q4 block as bytes 0..15 (low nibbles in the low
+ * 128 bits); one broadcast load and a per-half shift instead of two shifts
+ * and an insert. */
+static inline __m256i nibbles32_v(const uint8_t *qs) {
+    const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi64(t, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0xF));
+}
+
+/* Decode (T = 1) streams the weights from memory: the tiles prefetch this
+ * far ahead (measured on a 2-core Zen 3: one row at a time plus this
+ * prefetch reads 10-20% faster than without it, and two rows at a time,
+ * two streams, 30-40% slower, so decode uses the 1x1 kernels). */
+#define PREFETCH_AHEAD 512
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + PREFETCH_AHEAD, _MM_HINT_T0)
+
+/* q4_0 (Q8 = false: weights - 8 through the input sums: maddubs(w, x) -
+ * maddubs(8, x), both exact in int16) and q8_0 (Q8 = true: the sign trick)
+ * against q8_0 inputs. */
+TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool Q8, int64_t n, const void *w, uint64_t w_stride,
+                                const void *xq, uint64_t xq_stride, float *out) {
+    const int64_t nb = n / 32;
+    const __m256i ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
+    __m256 acc[2][4];
+    FOR_R FOR_T acc[r][t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        /* the R weight blocks first (kept in registers), then input by input:
+         * few live registers, so the 2x4 accumulators stay in registers */
+        __m256i wv[2];
+        __m256 dw[2];
+#pragma GCC unroll 2
+        FOR_R {
+            if (Q8) {
+                const block_q8_0 *a = (const block_q8_0 *)((const char *)w + r * w_stride) + i;
+                wv[r] = _mm256_loadu_si256((const __m256i *)a->qs);
+                dw[r] = f16_bcast(&a->d);
+                if (T == 1) PREFETCH(a);
+            } else {
+                const block_q4_0 *a = (const block_q4_0 *)((const char *)w + r * w_stride) + i;
+                wv[r] = nibbles32_v(a->qs);
+                dw[r] = f16_bcast(&a->d);
+                if (T == 1 && (i & 1) == 0) PREFETCH(a); /* 36 bytes per two blocks */
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(b[i].d * f16s(a[i].d)), _mm256_cvtepi32_ps(isum), acc);
+#pragma GCC unroll 4
+        FOR_T {
+            const block_q8_0 *b = (const block_q8_0 *)((const char *)xq + t * xq_stride) + i;
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)b->qs);
+            const __m256i x8 = Q8 ? xv : _mm256_maddubs_epi16(eights, xv);
+            const __m256 dx = f16_bcast(&b->d);
+#pragma GCC unroll 2
+            FOR_R {
+                __m256i p16;
+                if (Q8) p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv[r], wv[r]), _mm256_sign_epi8(xv, wv[r]));
+                else p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(wv[r], xv), x8);
+                const __m256i p = _mm256_madd_epi16(p16, ones);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], dx), _mm256_cvtepi32_ps(p), acc[r][t]);
+            }
+        }
     }
-    return hsum256(acc);
+    FOR_R FOR_T out[r * T + t] = hsum256(acc[r][t]);
 }
+
+/* The 8 scales (bytes 0..7) and 8 mins (bytes 8..15) of a q4_k / q5_k
+ * block, 6 bits each, unpacked from their 12 bytes (quant.h's
+ * quant_scale_min_k4 for all j at once). */
+static inline __m128i k4_scales_mins(const uint8_t *s) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+    const uint32_t mins_lo = u[1] & m1;
+    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+    u[2] = mins_lo;
+    u[0] &= m1;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+/* shuffle_epi8 mask: int16 lane k of each 128-bit half to all its lanes. */
+static inline __m256i bcast16_mask(int k) {
+    return _mm256_set1_epi16((short)((2 * k) | ((2 * k + 1) << 8)));
+}
+
+/* q4_k: chunk c of 64 values = sub-block 2c (low nibbles of 32 bytes) and
+ * 2c + 1 (high nibbles). The mins go through the input's 16-value sums. */
+TILE_INLINE void tile_q4_K(const int R, const int T, int64_t n, const void *w, uint64_t w_stride, const void *xq,
+                           uint64_t xq_stride, float *out) {
+    const int64_t nb = n / QK_K;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256 acc[2][4];
+    FOR_R FOR_T acc[r][t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i bsp[4]; /* 8 sums of 32 inputs (int16) in the low half */
+        __m256 dx[4];
+#pragma GCC unroll 4
+        FOR_T {
+            const block_q8_K *b = (const block_q8_K *)((const char *)xq + t * xq_stride) + i;
+            const __m128i s0 = _mm_loadu_si128((const __m128i *)b->bsums);
+            const __m128i s1 = _mm_loadu_si128((const __m128i *)(b->bsums + 8));
+            bsp[t] = _mm256_zextsi128_si256(_mm_hadd_epi16(s0, s1));
+            dx[t] = _mm256_set1_ps(b->d);
+        }
+#pragma GCC unroll 2
+        FOR_R {
+            const block_q4_K *a = (const block_q4_K *)((const char *)w + r * w_stride) + i;
+            if (T == 1) for (int o = 0; o < (int)sizeof(*a); o += 64) PREFETCH((const char *)a + o);
+            const __m128i sm = k4_scales_mins(a->scales);
+            const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+            const __m256i mins = _mm256_zextsi128_si256(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
+            const __m256 dw = f16_bcast(&a->d), dmin = f16_bcast(&a->dmin);
+            __m256i isum[4];
+            FOR_T isum[t] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * c));
+                const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                const __m256i sl = _mm256_shuffle_epi8(sc, bcast16_mask(2 * c));
+                const __m256i sh = _mm256_shuffle_epi8(sc, bcast16_mask(2 * c + 1));
+#pragma GCC unroll 4
+                FOR_T {
+                    const int8_t *x = ((const block_q8_K *)((const char *)xq + t * xq_stride) + i)->qs + 64 * c;
+                    const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)), sl);
+                    const __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))), sh);
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(pl, ph));
+                }
+            }
+#pragma GCC unroll 4
+            FOR_T {
+                const __m256i msum = _mm256_madd_epi16(mins, bsp[t]);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx[t]), _mm256_cvtepi32_ps(isum[t]), acc[r][t]);
+                acc[r][t] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx[t]), _mm256_cvtepi32_ps(msum), acc[r][t]);
+            }
+        }
+    }
+    FOR_R FOR_T out[r * T + t] = hsum256(acc[r][t]);
+}
+
+/* q6_k: half h of 128 values; group s of 32 takes nibble s / 2 of ql bytes
+ * 64h + 32(s % 2) + l and bits 2s of qh bytes 32h + l; two scales per
+ * group (16 values each: the low and high 128 bits). The -32 offset goes
+ * through the input's 16-value sums: sum sc (q - 32) x = sum sc q x -
+ * 32 sum sc bsum. */
+TILE_INLINE void tile_q6_K(const int R, const int T, int64_t n, const void *w, uint64_t w_stride, const void *xq,
+                           uint64_t xq_stride, float *out) {
+    const int64_t nb = n / QK_K;
+    const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
+    __m256 acc[2][4];
+    FOR_R FOR_T acc[r][t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i bs[4];
+        __m256 dx[4];
+#pragma GCC unroll 4
+        FOR_T {
+            const block_q8_K *b = (const block_q8_K *)((const char *)xq + t * xq_stride) + i;
+            bs[t] = _mm256_loadu_si256((const __m256i *)b->bsums);
+            dx[t] = _mm256_set1_ps(b->d);
+        }
+#pragma GCC unroll 2
+        FOR_R {
+            const block_q6_K *a = (const block_q6_K *)((const char *)w + r * w_stride) + i;
+            if (T == 1) for (int o = 0; o < (int)sizeof(*a); o += 64) PREFETCH((const char *)a + o);
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a->scales));
+            const __m256 dw = f16_bcast(&a->d);
+            __m256i isum[4];
+#pragma GCC unroll 4
+            FOR_T isum[t] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs[t]), 5));
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                /* the 8 scales of this half, as int16, in both 128-bit halves */
+                const __m256i sch = h ? _mm256_permute4x64_epi64(sc16, 0xEE) : _mm256_permute4x64_epi64(sc16, 0x44);
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h + 32));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(a->qh + 32 * h));
+                const __m256i q[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                                      _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                      _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+#pragma GCC unroll 4
+                for (int s = 0; s < 4; s++) {
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), m2);
+                    const __m256i qs = _mm256_or_si256(q[s], _mm256_slli_epi16(hi, 4));
+                    /* low 128 bits: scale 2s of the half, high: 2s + 1 */
+                    const __m256i scs = _mm256_shuffle_epi8(
+                        sch, _mm256_setr_epi8(4 * s, 4 * s + 1, 4 * s, 4 * s + 1, 4 * s, 4 * s + 1, 4 * s, 4 * s + 1,
+                                              4 * s, 4 * s + 1, 4 * s, 4 * s + 1, 4 * s, 4 * s + 1, 4 * s, 4 * s + 1,
+                                              4 * s + 2, 4 * s + 3, 4 * s + 2, 4 * s + 3, 4 * s + 2, 4 * s + 3,
+                                              4 * s + 2, 4 * s + 3, 4 * s + 2, 4 * s + 3, 4 * s + 2, 4 * s + 3,
+                                              4 * s + 2, 4 * s + 3, 4 * s + 2, 4 * s + 3));
+#pragma GCC unroll 4
+                    FOR_T {
+                        const int8_t *x = ((const block_q8_K *)((const char *)xq + t * xq_stride) + i)->qs + 128 * h + 32 * s;
+                        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(qs, _mm256_loadu_si256((const __m256i *)x)), scs);
+                        isum[t] = _mm256_add_epi32(isum[t], p);
+                    }
+                }
+            }
+#pragma GCC unroll 4
+            FOR_T acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx[t]), _mm256_cvtepi32_ps(isum[t]), acc[r][t]);
+        }
+    }
+    FOR_R FOR_T out[r * T + t] = hsum256(acc[r][t]);
+}
+
+/* The instances: dot_q (1x1), dot_q_x4 (1x4), 2x1 and 2x4 per type. */
+#define TILE_INSTANCES(NAME, CALL)                                                                               \
+    static float dot_##NAME##_avx2(int64_t n, const void *w, const void *xq) {                                  \
+        float o;                                                                                                 \
+        CALL(1, 1, n, w, 0, xq, 0, &o);                                                                          \
+        return o;                                                                                                \
+    }                                                                                                            \
+    static void dot_##NAME##_x4_avx2(int64_t n, const void *w, const void *xq, uint64_t xs, float out[4]) {     \
+        CALL(1, 4, n, w, 0, xq, xs, out);                                                                        \
+    }                                                                                                            \
+    static void dot_##NAME##_2x1_avx2(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,       \
+                                      float *out) {                                                              \
+        CALL(2, 1, n, w, ws, xq, xs, out);                                                                       \
+    }                                                                                                            \
+    static void dot_##NAME##_2x4_avx2(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,       \
+                                      float *out) {                                                              \
+        CALL(2, 4, n, w, ws, xq, xs, out);                                                                       \
+    }
+
+#define CALL_Q4_0(R, T, ...) tile_q4_0_q8_0(R, T, false, __VA_ARGS__)
+#define CALL_Q8_0(R, T, ...) tile_q4_0_q8_0(R, T, true, __VA_ARGS__)
+TILE_INSTANCES(q4_0, CALL_Q4_0)
+TILE_INSTANCES(q8_0, CALL_Q8_0)
+TILE_INSTANCES(q4_K, tile_q4_K)
+TILE_INSTANCES(q6_K, tile_q6_K)
 
 /* ---- activation quantizers (bit-identical to quant.c's) ---------------- */
 
@@ -527,7 +642,12 @@ static const struct cpu_kernels kernels_avx2 = {
               [DTYPE_Q5_1] = dot_q5_1_avx2, [DTYPE_Q8_0] = dot_q8_0_avx2, [DTYPE_Q2_K] = dot_q2_K_avx2,
               [DTYPE_Q3_K] = dot_q3_K_avx2, [DTYPE_Q4_K] = dot_q4_K_avx2, [DTYPE_Q5_K] = dot_q5_K_avx2,
               [DTYPE_Q6_K] = dot_q6_K_avx2},
-    .dot_q_x4 = {[DTYPE_Q4_0] = dot_q4_0_x4_avx2, [DTYPE_Q8_0] = dot_q8_0_x4_avx2},
+    .dot_q_x4 = {[DTYPE_Q4_0] = dot_q4_0_x4_avx2, [DTYPE_Q8_0] = dot_q8_0_x4_avx2, [DTYPE_Q4_K] = dot_q4_K_x4_avx2,
+                 [DTYPE_Q6_K] = dot_q6_K_x4_avx2},
+    .dot_q_2x1 = {[DTYPE_Q4_0] = dot_q4_0_2x1_avx2, [DTYPE_Q8_0] = dot_q8_0_2x1_avx2, [DTYPE_Q4_K] = dot_q4_K_2x1_avx2,
+                  [DTYPE_Q6_K] = dot_q6_K_2x1_avx2},
+    .dot_q_2x4 = {[DTYPE_Q4_0] = dot_q4_0_2x4_avx2, [DTYPE_Q8_0] = dot_q8_0_2x4_avx2, [DTYPE_Q4_K] = dot_q4_K_2x4_avx2,
+                  [DTYPE_Q6_K] = dot_q6_K_2x4_avx2},
     .quantize = {[DTYPE_Q8_0] = quantize_q8_0_avx2, [DTYPE_Q8_K] = quantize_q8_K_avx2},
     .axpy = {[DTYPE_F32] = axpy_f32_avx2, [DTYPE_F16] = axpy_f16_avx2, [DTYPE_Q8_0] = axpy_q8_0_avx2,
              [DTYPE_Q4_0] = axpy_q4_0_avx2},

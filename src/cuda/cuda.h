@@ -99,6 +99,11 @@ uint64_t cu_weight_bytes(uint32_t type, int64_t n_in, int64_t n_out);
  * MiB) used to move the data; may be NULL (then pageable copies). */
 optiml_status cu_weight_upload(cu_ctx *cu, uint32_t type, int64_t n_in, int64_t n_out, const void *host,
                                void *staging, uint64_t staging_bytes, cu_weight *out);
+/* One weight made of n_parts row blocks stacked in order (wq|wk|wv, gate|up):
+ * part i has n_out[i] rows at host[i]; all parts share type and n_in. The
+ * product then writes the parts' outputs side by side in each y row. */
+optiml_status cu_weight_upload_parts(cu_ctx *cu, uint32_t type, int64_t n_in, int n_parts, const void *const *host,
+                                     const int64_t *n_out, void *staging, uint64_t staging_bytes, cu_weight *out);
 void cu_weight_free(cu_weight *w); /* frees w->dev; NULL or empty is a no-op */
 
 /* ---- matrix products ----------------------------------------------------- */
@@ -124,6 +129,66 @@ optiml_status cu_matmul_gemm(cu_ctx *cu, const cu_weight *w, const float *x, int
 /* Token-count threshold: cu_matmul uses the matrix-vector path for
  * n_tok <= this. */
 int64_t cu_matmul_mmv_max_tokens(void);
+
+/* What a fused product does to its input rows before multiplying. */
+enum cu_in_kind {
+    CU_IN_PLAIN = 0,   /* x as it is                                          */
+    CU_IN_RMSNORM = 1, /* x / rms(x) * norm (as cu_rmsnorm)                    */
+    CU_IN_ACT_MUL = 2, /* act(gate) * up (as cu_act_mul): x holds gate rows    */
+};
+struct cu_mm_in {
+    int kind;          /* enum cu_in_kind                                            */
+    int64_t ld;        /* elements between token rows of x (and of up); 0: n_in      */
+    const float *norm; /* RMSNORM: (n_in) weights                                    */
+    float eps;         /* RMSNORM                                                    */
+    const float *up;   /* ACT_MUL: up rows (act 5, relu without gate: x not read)    */
+    int act;           /* ACT_MUL: enum ffn_act (see cu_act_mul)                     */
+    float thr;         /* ACT_MUL: > 0: FATReLU, gate values (up without a gate)
+                        * <= thr become 0 before the activation                      */
+};
+/* y (n_tok rows, ldy apart; ldy 0: n_out) = in(x) W^T, or y += with
+ * accumulate. Few tokens of a quantized weight: one kernel reads the f32
+ * rows, applies `in`, quantizes them to 8 bits in shared memory and runs the
+ * matrix-vector product; otherwise the input step runs once into scratch
+ * (f16 for the GEMM path) and the product follows. in: NULL is plain.
+ * Same scratch as cu_matmul (cu_matmul_reserve). */
+optiml_status cu_matmul_ex(cu_ctx *cu, const cu_weight *w, const float *x, const struct cu_mm_in *in, int64_t n_tok,
+                           float *y, int64_t ldy, bool accumulate);
+
+/* Tuning knobs for benchmarks (defaults are the measured best); zero
+ * fields keep the current value. */
+struct cu_tuning {
+    int mmv_variant;         /* fused 1-token kernel: 1 = 2 rows x 4 chunks in flight per
+                              * lane, 2 = 1 row x 8, 3 = 4 rows x 2                    */
+    int mmv_blocks_per_sm;   /* grid of the fused kernel: SMs times this (then a loop)  */
+    int mmv_fused;           /* cu_matmul_ex with few tokens of a quantized weight:
+                              * 1: the fused kernel (input step in every block);
+                              * 2: input step into f32 scratch, quantize, product;
+                              * 3 (default): one kernel does the input step and the
+                              * 8-bit quantization into scratch, then the product      */
+    int64_t gemm_chunk_elems;/* f16 values of a dequantized weight chunk (applies at
+                              * the next cu_matmul_reserve)                             */
+    int att_chunk_min;       /* decode attention kernel 1: cells per block at least this
+                              * (64, 128, 256): fewer blocks at short contexts          */
+    int mmv_kernel;          /* matrix-vector product over pre-quantized x: 1 (default)
+                              * = a block of 128 threads per R rows; 2 = a warp per R
+                              * rows, U 16-byte loads per lane in flight (mmv_variant
+                              * picks R x U as for the fused kernel)                   */
+    int att_kernel;          /* decode attention: 1 = fixed chunks per block (cells
+                              * scanned a warp per cell); 2 (default) = the used cells
+                              * split evenly over att_blocks_per_sm * SMs blocks, tiles
+                              * of 64 cells, 4 threads per cell, online softmax         */
+    int att_blocks_per_sm;   /* decode attention kernel 2: blocks per SM wanted (1..16) */
+    int att_prompt;          /* prompt attention: 1 = f32 CUDA cores; 2 (default) = f16
+                              * tensor cores (WMMA, f32 accumulation; head_dim 64 or
+                              * 128, else 1)                                            */
+    int pdl;                 /* 1 (default): programmatic dependent launch for the decode
+                              * kernels (input+quantize, warp mmv, rope, attention
+                              * kernel 2): a kernel's launch overlaps the previous
+                              * one's end; 2: off                                       */
+};
+void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t);
+void cu_get_tuning(const cu_ctx *cu, struct cu_tuning *t);
 
 /* out (n, n_embd) f32 = rows tokens[0..n) of an embedding table (a weight
  * with n_in = n_embd, n_out = n_vocab), dequantized. tokens: device. */
@@ -163,6 +228,12 @@ optiml_status cu_act_mul(cu_ctx *cu, float *gate, const float *up, int64_t n, in
 optiml_status cu_rope_store(cu_ctx *cu, float *q, float *k, const float *v, float *k_cache, float *v_cache,
                             int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim, int32_t n_rot,
                             const float *inv_freq, const struct cu_batch *b);
+/* The same from a fused q|k|v buffer: token t's q, k, v at qkv + t * ld,
+ * + n_head * head_dim, + (n_head + n_head_kv) * head_dim. Rotated q goes
+ * to q_out (n_tok, n_head * head_dim); k and v go to the cache only. */
+optiml_status cu_rope_store_qkv(cu_ctx *cu, const float *qkv, int64_t ld, float *q_out, float *k_cache,
+                                float *v_cache, int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                                int32_t n_rot, const float *inv_freq, const struct cu_batch *b);
 /* Device bytes of scratch cu_attention needs (partial results of the
  * split over the sequence). */
 uint64_t cu_attention_scratch_bytes(int32_t n_batch, int32_t n_head, int32_t head_dim, uint32_t n_ctx);

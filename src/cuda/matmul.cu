@@ -22,10 +22,22 @@
  *     threads computes R rows for all (<= 8) tokens, so each weight byte is
  *     read once per call; the 128 threads split the row and are reduced
  *     through shared memory at the end.
+ *   - warp matrix-vector (mmf_q_kernel, the default, cu_tuning.mmv_kernel
+ *     2): a warp per R rows, lanes split the row, U chunks per lane in
+ *     flight (16-byte loads), a warp reduction; the 8-bit x read from L1.
+ *   - cu_matmul_ex, few tokens of a quantized weight: by default (mmv_fused
+ *     3) one small kernel (mm_inq_kernel, a block per token row) applies the
+ *     input step (rmsnorm, or FATReLU + act(gate) * up) and quantizes into
+ *     scratch, then the warp kernel runs; mmv_fused 1 is the older fused
+ *     kernel (every block redoes the input step into shared memory: 17 us
+ *     for 7B's q|k|v on an H200, 40% of copy bandwidth). Stacked weights
+ *     (q|k|v, gate|up: cu_weight_upload_parts) make one product of three or
+ *     two.
  *   - GEMM (many tokens): the weight is dequantized to f16 in chunks of rows
- *     (~16 MiB, so the chunk is still in L2 when cuBLAS reads it), x is
- *     converted to f16 once, and cublasGemmEx (f32 accumulation) runs per
- *     chunk. f16 weights go to cuBLAS directly, f32 weights use an f32 GEMM.
+ *     (CU_GEMM_CHUNK_DEFAULT, tunable), x is converted to f16 once (or the
+ *     input step writes f16 directly), and cublasGemmEx (f32 accumulation)
+ *     runs per chunk. f16 weights go to cuBLAS directly, f32 weights use an
+ *     f32 GEMM.
  * The dequantizers compute a * q + b with the float operations (and their
  * order) of src/quant.c, so they give the CPU's values bit for bit.
  */
@@ -37,7 +49,6 @@
 
 static constexpr int MMV_THREADS = 128;                 /* threads of a matrix-vector block   */
 static constexpr int64_t MMV_MAX_TOKENS = 8;             /* tokens of one matrix-vector pass   */
-static constexpr uint64_t WH_CHUNK_ELEMS = 8 << 20;      /* f16 values of a weight chunk: 16 MiB */
 
 /* ---- layouts -------------------------------------------------------------- */
 
@@ -373,7 +384,8 @@ template <int T> __device__ __forceinline__ void plain_load8(const void *w, int6
 
 /* Sums acc over the block's threads and writes y[t * n_out + row0 + r]. */
 template <int R, int NT>
-__device__ __forceinline__ void mmv_store(float (&acc)[R][NT], float *y, int64_t row0, int64_t n_out, bool accumulate) {
+__device__ __forceinline__ void mmv_store(float (&acc)[R][NT], float *y, int64_t ldy, int64_t row0, int64_t n_out,
+                                          bool accumulate) {
     __shared__ float red[MMV_THREADS / 32][R * NT];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
@@ -391,7 +403,7 @@ __device__ __forceinline__ void mmv_store(float (&acc)[R][NT], float *y, int64_t
         for (int i = 0; i < MMV_THREADS / 32; i++) v += red[i][threadIdx.x];
         const int64_t row = row0 + r;
         if (row < n_out) {
-            float *p = y + t * n_out + row;
+            float *p = y + t * ldy + row;
             *p = accumulate ? *p + v : v;
         }
     }
@@ -418,7 +430,7 @@ __global__ void quantize_x_kernel(const float *__restrict__ x, int8_t *__restric
 template <int T, int NT, int R>
 __global__ void __launch_bounds__(MMV_THREADS, 2)
     mmv_q_kernel(wq w, const int8_t *__restrict__ xq, const float2 *__restrict__ xs, float *__restrict__ y,
-                 int64_t n_in, int64_t n_out, int nc, bool accumulate) {
+                 int64_t ldy, int64_t n_in, int64_t n_out, int nc, bool accumulate) {
     const int64_t row0 = (int64_t)blockIdx.x * R;
     float acc[R][NT];
 #pragma unroll
@@ -466,15 +478,15 @@ __global__ void __launch_bounds__(MMV_THREADS, 2)
             }
         }
     }
-    mmv_store<R, NT>(acc, y, row0, n_out, accumulate);
+    mmv_store<R, NT>(acc, y, ldy, row0, n_out, accumulate);
 }
 
 /* f32/f16/bf16 weights with f32 x: V = 8 (vector loads; n_in % 8 == 0 and
  * x 16-byte aligned) or 1. */
 template <int T, int NT, int R, int V>
 __global__ void __launch_bounds__(MMV_THREADS, 2)
-    mmv_plain_kernel(const void *__restrict__ w, const float *__restrict__ x, float *__restrict__ y, int64_t n_in,
-                     int64_t n_out, bool accumulate) {
+    mmv_plain_kernel(const void *__restrict__ w, const float *__restrict__ x, float *__restrict__ y, int64_t ldy,
+                     int64_t n_in, int64_t n_out, bool accumulate) {
     const int64_t row0 = (int64_t)blockIdx.x * R;
     float acc[R][NT];
 #pragma unroll
@@ -504,32 +516,10 @@ __global__ void __launch_bounds__(MMV_THREADS, 2)
                 for (int j = 0; j < V; j++) acc[r][t] = fmaf(wv[r][j], xv[j], acc[r][t]);
         }
     }
-    mmv_store<R, NT>(acc, y, row0, n_out, accumulate);
+    mmv_store<R, NT>(acc, y, ldy, row0, n_out, accumulate);
 }
 
 /* ---- dequantizers ----------------------------------------------------------- */
-
-/* Rows [row0, row0 + n_rows) of a quantized weight as f16, packed
- * (n_rows, n_in). One thread per chunk. */
-template <int T>
-__global__ void dequant_f16_kernel(wq w, __half *__restrict__ out, int64_t row0, int64_t n_rows, int nc) {
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_rows * nc) return;
-    const int64_t r = i / nc;
-    const int c = (int)(i % nc);
-    chunk k;
-    unpack<T>(w, row0 + r, c, k);
-    float v[32];
-    chunk_values<T>(k, v);
-    uint4 *o = (uint4 *)(out + r * ((int64_t)nc * 32) + (int64_t)c * 32);
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        __half2 h[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++) h[e] = __floats2half2_rn(v[8 * j + 2 * e], v[8 * j + 2 * e + 1]);
-        o[j] = *(const uint4 *)h;
-    }
-}
 
 /* bf16 rows as f16 (the gemm's input type). */
 __global__ void bf16_to_f16_kernel(const uint16_t *__restrict__ w, __half *__restrict__ out, int64_t n) {
@@ -576,6 +566,351 @@ __global__ void get_rows_plain_kernel(const void *__restrict__ w, const int32_t 
     out[i] = tok >= 0 && tok < n_rows ? plain_value<T>(w, tok * n_in + j) : __int_as_float(0x7fc00000);
 }
 
+/* ---- fused matrix-vector: input step + 8-bit quantization in shared memory --- */
+
+/* cu_mm_in as the kernels get it (ld resolved). */
+struct mm_in_dev {
+    int kind, act;
+    float thr, eps;
+    int64_t ld;
+    const float *norm, *up;
+};
+
+static constexpr int MMF_THREADS = 256;
+static constexpr int MMF_WARPS = MMF_THREADS / 32;
+
+__device__ __forceinline__ void ld8f(const float *p, float *v) {
+    const float4 a = *(const float4 *)p, b = *((const float4 *)p + 1);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+/* The input value j of token row t, as the CPU computes it: rmsnorm
+ * x * scale * w, FATReLU then act(g) * u, or x itself. */
+__device__ __forceinline__ float in_value(const mm_in_dev &in, const float *x, int64_t t, int64_t j, float scale) {
+    if (in.kind == CU_IN_ACT_MUL) {
+        float u = in.up[t * in.ld + j], g = 0.0f;
+        if (in.act != 5) g = x[t * in.ld + j];
+        if (in.thr > 0.0f) {
+            if (in.act == 5) u = u > in.thr ? u : 0.0f;
+            else g = g > in.thr ? g : 0.0f;
+        }
+        return cu_act_value(in.act, g, u);
+    }
+    const float v = x[t * in.ld + j];
+    return in.kind == CU_IN_RMSNORM ? v * scale * in.norm[j] : v;
+}
+
+/* 8 values from j (a multiple of 8; rows 16-byte aligned). */
+__device__ __forceinline__ void in_values8(const mm_in_dev &in, const float *x, int64_t t, int64_t j, float scale,
+                                           float *v) {
+    if (in.kind == CU_IN_ACT_MUL) {
+        float u[8], g[8];
+        ld8f(in.up + t * in.ld + j, u);
+        if (in.act != 5) ld8f(x + t * in.ld + j, g);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            if (in.act == 5) g[e] = 0.0f;
+            if (in.thr > 0.0f) {
+                if (in.act == 5) u[e] = u[e] > in.thr ? u[e] : 0.0f;
+                else g[e] = g[e] > in.thr ? g[e] : 0.0f;
+            }
+            v[e] = cu_act_value(in.act, g[e], u[e]);
+        }
+        return;
+    }
+    ld8f(x + t * in.ld + j, v);
+    if (in.kind == CU_IN_RMSNORM) {
+        float w[8];
+        ld8f(in.norm + j, w);
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = v[e] * scale * w[e];
+    }
+}
+
+/* 1 / rms of token row t (block-wide; every thread gets it): the sum of
+ * squares in double, as ops_rmsnorm and rmsnorm_kernel. red: NW doubles. */
+template <int NW>
+__device__ __forceinline__ float rms_scale(const float *xr, int64_t n, float eps, double *red) {
+    double ss = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += (double)xr[i] * xr[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
+    __syncthreads();
+    ss = 0.0;
+    for (int i = 0; i < NW; i++) ss += red[i];
+    __syncthreads(); /* red is reused by the next row */
+    return (float)(1.0 / sqrt(ss / (double)n + eps));
+}
+
+/* Block-wide: NT rows through the input step, quantized as quantize_x_kernel
+ * (blocks of 32, d = amax / 127, round to nearest) into shared memory: xq
+ * (NT, n_in) int8 and xs (NT, n_in / 32) (d, sum of quants). A thread does
+ * 8 values; the 4 threads of a block of 32 agree through shuffles. */
+template <int NT>
+__device__ __forceinline__ void mmf_prologue(const float *x, const mm_in_dev &in, int n_in, int8_t *xq, float2 *xs) {
+    __shared__ double red[MMF_WARPS];
+    const int nc = n_in / 32, lane = threadIdx.x & 31;
+    const unsigned gmask = 0xFu << (lane & 28);
+    for (int t = 0; t < NT; t++) {
+        const float scale = in.kind == CU_IN_RMSNORM ? rms_scale<MMF_WARPS>(x + t * in.ld, n_in, in.eps, red) : 1.0f;
+        for (int i = threadIdx.x * 8; i < n_in; i += MMF_THREADS * 8) { /* whole groups of 4 stay together */
+            float v[8];
+            in_values8(in, x, t, i, scale, v);
+            float amax = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
+            amax = fmaxf(amax, __shfl_xor_sync(gmask, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(gmask, amax, 2));
+            const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+            int sum = 0;
+            uint32_t pk[2] = {0, 0};
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const int q = __float2int_rn(v[e] * id);
+                sum += q;
+                pk[e >> 2] |= (uint32_t)(q & 0xFF) << 8 * (e & 3);
+            }
+            sum += __shfl_xor_sync(gmask, sum, 1);
+            sum += __shfl_xor_sync(gmask, sum, 2);
+            *(uint2 *)(xq + t * n_in + i) = make_uint2(pk[0], pk[1]);
+            if ((lane & 3) == 0) xs[t * nc + i / 32] = make_float2(d, (float)sum);
+        }
+    }
+    __syncthreads();
+}
+
+/* dot(chunk, x block) * d as mmv_q_kernel computes it. */
+template <int T>
+__device__ __forceinline__ float chunk_dot(const chunk &k, const int *xw, float2 s) {
+    float sx0 = 0.0f, sx1 = 0.0f;
+    if (qtraits<T>::MIN && qtraits<T>::NS == 2) {
+        int a = 0, b = 0;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            a = __dp4a(xw[i], 0x01010101, a);
+            b = __dp4a(xw[4 + i], 0x01010101, b);
+        }
+        sx0 = (float)a, sx1 = (float)b;
+    }
+    int s0 = 0, s1 = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        s0 = __dp4a(k.q[i], xw[i], s0);
+        s1 = __dp4a(k.q[4 + i], xw[4 + i], s1);
+    }
+    float f;
+    if (qtraits<T>::NS == 1) {
+        f = k.a[0] * (float)(s0 + s1);
+        if (qtraits<T>::MIN) f += k.b[0] * s.y;
+    } else {
+        f = k.a[0] * (float)s0 + k.a[1] * (float)s1;
+        if (qtraits<T>::MIN) f += k.b[0] * sx0 + k.b[1] * sx1;
+    }
+    return s.x * f;
+}
+
+/* y[t * ldy + row] (+)= in(x)[t] . W[row] for NT tokens. The block first
+ * builds the quantized input in shared memory (every block: the input is
+ * small and in L2), then loops over groups of rows: a warp owns R rows, its
+ * lanes split the row's chunks, U chunks per lane per row in flight (16-byte
+ * loads), then a warp reduction. The grid is a few blocks per SM, each
+ * looping, so the input step is paid a few hundred times, not per row. */
+/* PRO false: the same loop over x already quantized in global memory
+ * (gxq, gxs as quantize_x_kernel writes them; tiny, so L1/L2 hits); no
+ * prologue, no shared memory. */
+template <int T, int NT, int R, int U, bool PRO>
+__global__ void __launch_bounds__(MMF_THREADS, 2)
+    mmf_q_kernel(wq w, const float *__restrict__ x, mm_in_dev in, const int8_t *__restrict__ gxq,
+                 const float2 *__restrict__ gxs, float *__restrict__ y, int64_t ldy, int n_in, int64_t n_out,
+                 bool accumulate) {
+    extern __shared__ uint4 mmf_smem[];
+    pdl_begin();
+    const int nc = n_in / 32;
+    const int8_t *xq = gxq;
+    const float2 *xs = gxs;
+    if constexpr (PRO) {
+        int8_t *sq = (int8_t *)mmf_smem;
+        float2 *ss = (float2 *)(sq + NT * n_in);
+        mmf_prologue<NT>(x, in, n_in, sq, ss);
+        xq = sq, xs = ss;
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t step = (int64_t)gridDim.x * MMF_WARPS * R;
+    for (int64_t row0 = ((int64_t)blockIdx.x * MMF_WARPS + warp) * R; row0 < n_out; row0 += step) {
+        float acc[R][NT];
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+        for (int c0 = lane; c0 < nc; c0 += 32 * U) {
+            chunk k[U][R];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int r = 0; r < R; r++)
+                    if (c0 + 32 * u < nc) unpack<T>(w, min(row0 + r, n_out - 1), c0 + 32 * u, k[u][r]);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int c = c0 + 32 * u;
+                if (c >= nc) break;
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    const uint4 *xp = (const uint4 *)(xq + t * n_in + c * 32);
+                    uint4 xa, xb;
+                    float2 s;
+                    if constexpr (PRO) {
+                        xa = xp[0], xb = xp[1], s = xs[t * nc + c];
+                    } else {
+                        xa = __ldg(xp), xb = __ldg(xp + 1), s = __ldg(&xs[t * nc + c]);
+                    }
+                    const int xw[8] = {(int)xa.x, (int)xa.y, (int)xa.z, (int)xa.w,
+                                       (int)xb.x, (int)xb.y, (int)xb.z, (int)xb.w};
+#pragma unroll
+                    for (int r = 0; r < R; r++) acc[r][t] += chunk_dot<T>(k[u][r], xw, s);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                const float v = warp_sum(acc[r][t]);
+                if (lane == r * NT + t && row0 + r < n_out) {
+                    float *p = y + t * ldy + row0 + r;
+                    *p = accumulate ? *p + v : v;
+                }
+            }
+    }
+}
+
+/* The input step alone, for the unfused paths: one block per token row,
+ * out (n_tok, n) contiguous, f32 or f16 (the GEMM's input). */
+template <typename O>
+__global__ void __launch_bounds__(256) mm_in_kernel(const float *__restrict__ x, mm_in_dev in, int64_t n, O *out) {
+    __shared__ double red[8];
+    const int64_t t = blockIdx.x;
+    const float scale = in.kind == CU_IN_RMSNORM ? rms_scale<8>(x + t * in.ld, n, in.eps, red) : 1.0f;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        const float v = in_value(in, x, t, j, scale);
+        if constexpr (sizeof(O) == 2) out[t * n + j] = __float2half_rn(v);
+        else out[t * n + j] = v;
+    }
+}
+
+/* The input step and the 8-bit quantization of one token row (a block per
+ * row) into global xq (n_tok, n_in) / xs (n_tok, n_in / 32), as
+ * mmf_prologue computes it, for the product kernels that follow (one small
+ * launch instead of a prologue in every block of the product). G groups of
+ * 8 values per thread stay in registers between the sum of squares and the
+ * quantization; group g of thread i is values 8 (i + INQ_THREADS g) ..., so
+ * the 4 groups of a block of 32 are 4 neighbouring lanes of one warp.
+ * Rows 16-byte aligned, n_in % 32 == 0, n_in <= 8 * INQ_THREADS * G. */
+static constexpr int INQ_THREADS = 512;
+
+template <int G>
+__global__ void __launch_bounds__(INQ_THREADS)
+    mm_inq_kernel(const float *__restrict__ x, mm_in_dev in, int n_in, int8_t *__restrict__ xq,
+                  float2 *__restrict__ xs) {
+    __shared__ double red[INQ_THREADS / 32];
+    pdl_begin();
+    const int64_t t = blockIdx.x;
+    const int lane = threadIdx.x & 31, nc = n_in / 32;
+    float v[G][8];
+    double ss = 0.0;
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        const int i = 8 * (threadIdx.x + INQ_THREADS * g);
+        if (i < n_in) {
+            if (in.kind == CU_IN_RMSNORM) { /* x for now; x * scale * w below */
+                ld8f(x + t * in.ld + i, v[g]);
+#pragma unroll
+                for (int e = 0; e < 8; e++) ss += (double)v[g][e] * v[g][e];
+            } else {
+                in_values8(in, x, t, i, 1.0f, v[g]);
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[g][e] = 0.0f;
+        }
+    }
+    if (in.kind == CU_IN_RMSNORM) { /* block sum in double, as ops_rmsnorm */
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[threadIdx.x / 32] = ss;
+        __syncthreads();
+        ss = 0.0;
+#pragma unroll
+        for (int i = 0; i < INQ_THREADS / 32; i++) ss += red[i];
+        const float scale = (float)(1.0 / sqrt(ss / (double)n_in + in.eps));
+#pragma unroll
+        for (int g = 0; g < G; g++) { /* x * scale * w, the CPU's order */
+            const int i = 8 * (threadIdx.x + INQ_THREADS * g);
+            if (i < n_in) {
+                float wr[8];
+                ld8f(in.norm + i, wr);
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[g][e] = v[g][e] * scale * wr[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        const int i = 8 * (threadIdx.x + INQ_THREADS * g);
+        float amax = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[g][e]));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        uint32_t pk[2] = {0, 0};
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const int q = __float2int_rn(v[g][e] * id);
+            sum += q;
+            pk[e >> 2] |= (uint32_t)(q & 0xFF) << 8 * (e & 3);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (i < n_in) {
+            *(uint2 *)(xq + t * n_in + i) = make_uint2(pk[0], pk[1]);
+            if ((lane & 3) == 0) xs[t * nc + i / 32] = make_float2(d, (float)sum);
+        }
+    }
+}
+
+/* Rows [row0, row0 + n_rows) of a quantized weight as f16, packed (n_rows,
+ * n_in): a thread per 8 values, so a warp's 16-byte stores are one
+ * contiguous 512-byte run (the 4 threads of a chunk unpack it each: the
+ * loads hit L1). n_rows * nc * 4 < 2^31 (the caller's chunks). */
+template <int T>
+__global__ void dequant8_f16_kernel(wq w, __half *__restrict__ out, int64_t row0, uint32_t n8, uint32_t nc) {
+    const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    const uint32_t ch = i >> 2, part = i & 3, r = ch / nc, c = ch - r * nc;
+    chunk k;
+    unpack<T>(w, row0 + r, (int)c, k);
+    /* selects, not k.q[2 * part]: a run-time index would put k in local memory */
+    const int w0 = part == 0 ? k.q[0] : part == 1 ? k.q[2] : part == 2 ? k.q[4] : k.q[6];
+    const int w1 = part == 0 ? k.q[1] : part == 1 ? k.q[3] : part == 2 ? k.q[5] : k.q[7];
+    const bool hi = qtraits<T>::NS == 2 && part >= 2;
+    const float a = hi ? k.a[1] : k.a[0], b = hi ? k.b[1] : k.b[0];
+    __half2 h[4];
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        float v[2];
+#pragma unroll
+        for (int f = 0; f < 2; f++) {
+            const int j = 2 * e + f; /* value 8 part + j: byte j % 4 of word j / 4 of the pair */
+            const float q = (float)(int8_t)((j < 4 ? w0 : w1) >> 8 * (j & 3));
+            v[f] = qtraits<T>::MIN ? __fadd_rn(__fmul_rn(a, q), b) : __fmul_rn(a, q);
+        }
+        h[e] = __floats2half2_rn(v[0], v[1]);
+    }
+    *(uint4 *)(out + (uint64_t)ch * 32 + part * 8) = *(const uint4 *)h;
+}
+
 /* ---- weights ------------------------------------------------------------------ */
 
 extern "C" bool cu_type_supported(uint32_t type) { return type < DTYPE_COUNT && layout_of((int)type).qk != 0; }
@@ -593,13 +928,13 @@ extern "C" uint64_t cu_weight_bytes(uint32_t type, int64_t n_in, int64_t n_out) 
     return weight_bytes(type, n_in, n_out);
 }
 
-/* Repacks and uploads blocks through buf (buf_bytes of host memory),
- * waiting for each piece before the buffer is refilled. */
-static optiml_status upload_blocks(cu_ctx *cu, uint32_t type, const uint8_t *src, uint64_t n_blocks, uint8_t *dev,
-                                   uint8_t *buf, uint64_t buf_bytes) {
+/* Repacks and uploads n_blocks GGUF blocks through buf (buf_bytes of host
+ * memory): bodies to body_dev, aux parts to aux_dev, waiting for each piece
+ * before the buffer is refilled. */
+static optiml_status upload_blocks(cu_ctx *cu, uint32_t type, const uint8_t *src, uint64_t n_blocks,
+                                   uint8_t *body_dev, uint8_t *aux_dev, uint8_t *buf, uint64_t buf_bytes) {
     const qlayout l = layout_of((int)type);
     const uint64_t per = (uint64_t)(l.body + l.aux), step = buf_bytes / per;
-    uint8_t *aux_dev = dev + n_blocks * (uint64_t)l.body;
     for (uint64_t g0 = 0; g0 < n_blocks; g0 += step) {
         const uint64_t cnt = n_blocks - g0 < step ? n_blocks - g0 : step;
         if (l.aux == 0) {
@@ -608,23 +943,32 @@ static optiml_status upload_blocks(cu_ctx *cu, uint32_t type, const uint8_t *src
             for (uint64_t i = 0; i < cnt; i++)
                 repack_block(type, src + (g0 + i) * l.bs, buf + i * l.body, buf + cnt * l.body + i * l.aux);
         }
-        TRY(cu_upload(cu, dev + g0 * l.body, buf, cnt * l.body));
+        TRY(cu_upload(cu, body_dev + g0 * l.body, buf, cnt * l.body));
         if (l.aux) TRY(cu_upload(cu, aux_dev + g0 * l.aux, buf + cnt * l.body, cnt * l.aux));
         TRY(cu_sync(cu));
     }
     return OPTIML_OK;
 }
 
-extern "C" optiml_status cu_weight_upload(cu_ctx *cu, uint32_t type, int64_t n_in, int64_t n_out, const void *host,
-                                          void *staging, uint64_t staging_bytes, cu_weight *out) {
-    if (!cu || !host || !out) return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_weight_upload: NULL argument");
+extern "C" optiml_status cu_weight_upload_parts(cu_ctx *cu, uint32_t type, int64_t n_in, int n_parts,
+                                                const void *const *host, const int64_t *n_out, void *staging,
+                                                uint64_t staging_bytes, cu_weight *out) {
+    if (!cu || !host || !n_out || !out || n_parts < 1)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_weight_upload: NULL argument");
     memset(out, 0, sizeof(*out));
     if (!cu_type_supported(type))
         return optiml_fail(OPTIML_ERR_UNSUPPORTED, "CUDA: weights of type %s are not supported", dtype_name(type));
-    const uint64_t bytes = weight_bytes(type, n_in, n_out);
+    int64_t rows = 0;
+    for (int p = 0; p < n_parts; p++) {
+        if (!host[p] || n_out[p] <= 0 || weight_bytes(type, n_in, n_out[p]) == 0)
+            return optiml_fail(OPTIML_ERR_INVALID_ARG, "CUDA: bad %s weight part %d: %lld x %lld", dtype_name(type), p,
+                               (long long)n_in, (long long)n_out[p]);
+        rows += n_out[p];
+    }
+    const uint64_t bytes = weight_bytes(type, n_in, rows);
     if (bytes == 0)
         return optiml_fail(OPTIML_ERR_INVALID_ARG, "CUDA: bad %s weight shape %lld x %lld", dtype_name(type),
-                           (long long)n_in, (long long)n_out);
+                           (long long)n_in, (long long)rows);
     const qlayout l = layout_of((int)type);
     uint8_t *buf = (uint8_t *)staging, *own = NULL;
     if (!buf || staging_bytes < (uint64_t)(l.body + l.aux) * 64) { /* pageable fallback buffer */
@@ -634,9 +978,15 @@ extern "C" optiml_status cu_weight_upload(cu_ctx *cu, uint32_t type, int64_t n_i
     }
     void *dev = NULL;
     optiml_status st = cu_malloc(cu, bytes, &dev);
-    if (st == OPTIML_OK)
-        st = upload_blocks(cu, type, (const uint8_t *)host, bytes / (uint64_t)(l.body + l.aux), (uint8_t *)dev, buf,
-                           staging_bytes);
+    const uint64_t total = bytes / (uint64_t)(l.body + l.aux), per_row = (uint64_t)(n_in / l.qk);
+    uint8_t *aux_dev = (uint8_t *)dev + total * l.body;
+    uint64_t g0 = 0; /* first block of the part */
+    for (int p = 0; p < n_parts && st == OPTIML_OK; p++) {
+        const uint64_t nb = per_row * (uint64_t)n_out[p];
+        st = upload_blocks(cu, type, (const uint8_t *)host[p], nb, (uint8_t *)dev + g0 * l.body, aux_dev + g0 * l.aux,
+                           buf, staging_bytes);
+        g0 += nb;
+    }
     free(own);
     if (st != OPTIML_OK) {
         cu_dfree(dev);
@@ -644,10 +994,16 @@ extern "C" optiml_status cu_weight_upload(cu_ctx *cu, uint32_t type, int64_t n_i
     }
     out->type = type;
     out->n_in = n_in;
-    out->n_out = n_out;
+    out->n_out = rows;
     out->dev = dev;
     out->bytes = bytes;
     return OPTIML_OK;
+}
+
+extern "C" optiml_status cu_weight_upload(cu_ctx *cu, uint32_t type, int64_t n_in, int64_t n_out, const void *host,
+                                          void *staging, uint64_t staging_bytes, cu_weight *out) {
+    if (!cu || !host || !out) return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_weight_upload: NULL argument");
+    return cu_weight_upload_parts(cu, type, n_in, 1, &host, &n_out, staging, staging_bytes, out);
 }
 
 extern "C" void cu_weight_free(cu_weight *w) {
@@ -668,23 +1024,37 @@ static wq wq_of(const cu_weight *w) {
 struct mm_sizes {
     uint64_t xq;       /* bytes: int8 quants + (d, sum) per 32 */
     uint64_t xh;       /* bytes: f16 activations               */
+    uint64_t xf;       /* bytes: f32 activations (input step)  */
     uint64_t wh_elems; /* f16 values of a dequantized chunk    */
 };
 
-static mm_sizes mm_sizes_of(int64_t n_batch, int64_t n_in_max, int64_t n_out_max) {
+static mm_sizes mm_sizes_of(int64_t n_batch, int64_t n_in_max, int64_t n_out_max, int64_t chunk_elems) {
     const uint64_t nb = (uint64_t)n_batch, ni = align_up_u64((uint64_t)n_in_max, 32), no = (uint64_t)n_out_max;
     mm_sizes s;
     s.xq = align_up_u64(nb * ni, 16) + nb * (ni / 32) * sizeof(float2);
     s.xh = nb * ni * 2;
-    const uint64_t chunk = WH_CHUNK_ELEMS > ni * 64 ? WH_CHUNK_ELEMS : ni * 64; /* >= 64 rows */
+    s.xf = nb * ni * 4;
+    const uint64_t ce = (uint64_t)chunk_elems;
+    const uint64_t chunk = ce > ni * 64 ? ce : ni * 64; /* >= 64 rows */
     s.wh_elems = no * ni < chunk ? no * ni : chunk;
     return s;
 }
 
+static uint64_t mm_total(const mm_sizes &s) { return s.xq + s.xh + s.xf + s.wh_elems * 2; }
+
 extern "C" uint64_t cu_matmul_scratch_bytes(int64_t n_batch, int64_t n_in_max, int64_t n_out_max) {
     if (n_batch <= 0 || n_in_max <= 0 || n_out_max <= 0) return 0;
-    const mm_sizes s = mm_sizes_of(n_batch, n_in_max, n_out_max);
-    return s.xq + s.xh + s.wh_elems * 2;
+    return mm_total(mm_sizes_of(n_batch, n_in_max, n_out_max, CU_GEMM_CHUNK_DEFAULT));
+}
+
+static void mm_free(cu_ctx *cu) {
+    cu_dfree(cu->mm_xq);
+    cu_dfree(cu->mm_xh);
+    cu_dfree(cu->mm_xf);
+    cu_dfree(cu->mm_wh);
+    cu->mm_xq = cu->mm_xh = cu->mm_xf = cu->mm_wh = NULL;
+    cu->mm_batch = cu->mm_in_max = cu->mm_out_max = 0;
+    cu->mm_wh_elems = cu->mm_bytes = 0;
 }
 
 extern "C" optiml_status cu_matmul_reserve(cu_ctx *cu, int64_t n_batch, int64_t n_in_max, int64_t n_out_max,
@@ -693,7 +1063,9 @@ extern "C" optiml_status cu_matmul_reserve(cu_ctx *cu, int64_t n_batch, int64_t 
         n_batch > INT_MAX)
         return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_matmul_reserve: bad sizes %lld, %lld, %lld",
                            (long long)n_batch, (long long)n_in_max, (long long)n_out_max);
-    if (n_batch <= cu->mm_batch && n_in_max <= cu->mm_in_max && n_out_max <= cu->mm_out_max) {
+    const mm_sizes want = mm_sizes_of(n_batch, n_in_max, n_out_max, cu->tune.gemm_chunk_elems);
+    if (n_batch <= cu->mm_batch && n_in_max <= cu->mm_in_max && n_out_max <= cu->mm_out_max &&
+        want.wh_elems <= cu->mm_wh_elems) {
         if (bytes) *bytes = cu->mm_bytes;
         return OPTIML_OK;
     }
@@ -702,27 +1074,21 @@ extern "C" optiml_status cu_matmul_reserve(cu_ctx *cu, int64_t n_batch, int64_t 
     if (cu->mm_in_max > n_in_max) n_in_max = cu->mm_in_max;
     if (cu->mm_out_max > n_out_max) n_out_max = cu->mm_out_max;
     TRY(cu_sync(cu)); /* earlier products may still read the old scratch */
-    cu_dfree(cu->mm_xq);
-    cu_dfree(cu->mm_xh);
-    cu_dfree(cu->mm_wh);
-    cu->mm_xq = cu->mm_xh = cu->mm_wh = NULL;
-    cu->mm_batch = cu->mm_in_max = cu->mm_out_max = 0;
-    cu->mm_wh_elems = cu->mm_bytes = 0;
-    const mm_sizes s = mm_sizes_of(n_batch, n_in_max, n_out_max);
+    mm_free(cu);
+    const mm_sizes s = mm_sizes_of(n_batch, n_in_max, n_out_max, cu->tune.gemm_chunk_elems);
     optiml_status st = cu_malloc(cu, s.xq, &cu->mm_xq);
     if (st == OPTIML_OK) st = cu_malloc(cu, s.xh, &cu->mm_xh);
+    if (st == OPTIML_OK) st = cu_malloc(cu, s.xf, &cu->mm_xf);
     if (st == OPTIML_OK) st = cu_malloc(cu, s.wh_elems * 2, &cu->mm_wh);
     if (st != OPTIML_OK) {
-        cu_dfree(cu->mm_xq);
-        cu_dfree(cu->mm_xh);
-        cu->mm_xq = cu->mm_xh = NULL;
+        mm_free(cu);
         return st;
     }
     cu->mm_batch = n_batch;
     cu->mm_in_max = n_in_max;
     cu->mm_out_max = n_out_max;
     cu->mm_wh_elems = s.wh_elems;
-    cu->mm_bytes = s.xq + s.xh + s.wh_elems * 2;
+    cu->mm_bytes = mm_total(s);
     if (bytes) *bytes = cu->mm_bytes;
     return OPTIML_OK;
 }
@@ -749,93 +1115,109 @@ static optiml_status matmul_check(const cu_ctx *cu, const cu_weight *w, const fl
 template <int NT> constexpr int mmv_rows() { return NT <= 2 ? 2 : 4; }
 
 template <int T, int NT>
-static void launch_mmv_q(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y, int64_t n_in,
-                         int64_t n_out, bool acc) {
+static void launch_mmv_q(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y, int64_t ldy,
+                         int64_t n_in, int64_t n_out, bool acc) {
     constexpr int R = mmv_rows<NT>();
-    mmv_q_kernel<T, NT, R><<<cu_blocks(n_out, R), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, n_in, n_out,
+    mmv_q_kernel<T, NT, R><<<cu_blocks(n_out, R), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, ldy, n_in, n_out,
                                                                                  (int)(n_in / 32), acc);
 }
 
 template <int T, int NT, int V>
-static void launch_mmv_plain(cu_ctx *cu, const void *w, const float *x, float *y, int64_t n_in, int64_t n_out,
-                             bool acc) {
+static void launch_mmv_plain(cu_ctx *cu, const void *w, const float *x, float *y, int64_t ldy, int64_t n_in,
+                             int64_t n_out, bool acc) {
     constexpr int R = mmv_rows<NT>();
-    mmv_plain_kernel<T, NT, R, V><<<cu_blocks(n_out, R), MMV_THREADS, 0, cu->stream>>>(w, x, y, n_in, n_out, acc);
+    mmv_plain_kernel<T, NT, R, V><<<cu_blocks(n_out, R), MMV_THREADS, 0, cu->stream>>>(w, x, y, ldy, n_in, n_out,
+                                                                                        acc);
 }
 
 /* Up to 8 tokens of a quantized weight (x already quantized). */
 template <int T>
 static optiml_status mmv_q(cu_ctx *cu, const cu_weight *w, const int8_t *xq, const float2 *xs, int64_t nt, float *y,
-                           bool acc) {
+                           int64_t ldy, bool acc) {
     const wq v = wq_of(w);
     const int64_t n_in = w->n_in, n_out = w->n_out;
     switch (nt) {
-    case 1: launch_mmv_q<T, 1>(cu, v, xq, xs, y, n_in, n_out, acc); break;
-    case 2: launch_mmv_q<T, 2>(cu, v, xq, xs, y, n_in, n_out, acc); break;
-    case 3: launch_mmv_q<T, 3>(cu, v, xq, xs, y, n_in, n_out, acc); break;
-    case 4: launch_mmv_q<T, 4>(cu, v, xq, xs, y, n_in, n_out, acc); break;
-    case 5: launch_mmv_q<T, 5>(cu, v, xq, xs, y, n_in, n_out, acc); break;
-    case 6: launch_mmv_q<T, 6>(cu, v, xq, xs, y, n_in, n_out, acc); break;
-    case 7: launch_mmv_q<T, 7>(cu, v, xq, xs, y, n_in, n_out, acc); break;
-    default: launch_mmv_q<T, 8>(cu, v, xq, xs, y, n_in, n_out, acc); break;
+    case 1: launch_mmv_q<T, 1>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 2: launch_mmv_q<T, 2>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 3: launch_mmv_q<T, 3>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 4: launch_mmv_q<T, 4>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 5: launch_mmv_q<T, 5>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 6: launch_mmv_q<T, 6>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 7: launch_mmv_q<T, 7>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    default: launch_mmv_q<T, 8>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
     }
     CU_LAUNCHED("mmv_q_kernel");
     return OPTIML_OK;
 }
 
 template <int T, int V>
-static optiml_status mmv_plain(cu_ctx *cu, const cu_weight *w, const float *x, int64_t nt, float *y, bool acc) {
+static optiml_status mmv_plain(cu_ctx *cu, const cu_weight *w, const float *x, int64_t nt, float *y, int64_t ldy,
+                               bool acc) {
     const int64_t n_in = w->n_in, n_out = w->n_out;
     switch (nt) {
-    case 1: launch_mmv_plain<T, 1, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
-    case 2: launch_mmv_plain<T, 2, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
-    case 3: launch_mmv_plain<T, 3, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
-    case 4: launch_mmv_plain<T, 4, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
-    case 5: launch_mmv_plain<T, 5, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
-    case 6: launch_mmv_plain<T, 6, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
-    case 7: launch_mmv_plain<T, 7, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
-    default: launch_mmv_plain<T, 8, V>(cu, w->dev, x, y, n_in, n_out, acc); break;
+    case 1: launch_mmv_plain<T, 1, V>(cu, w->dev, x, y, ldy, n_in, n_out, acc); break;
+    case 2: launch_mmv_plain<T, 2, V>(cu, w->dev, x, y, ldy, n_in, n_out, acc); break;
+    case 3: launch_mmv_plain<T, 3, V>(cu, w->dev, x, y, ldy, n_in, n_out, acc); break;
+    case 4: launch_mmv_plain<T, 4, V>(cu, w->dev, x, y, ldy, n_in, n_out, acc); break;
+    case 5: launch_mmv_plain<T, 5, V>(cu, w->dev, x, y, ldy, n_in, n_out, acc); break;
+    case 6: launch_mmv_plain<T, 6, V>(cu, w->dev, x, y, ldy, n_in, n_out, acc); break;
+    case 7: launch_mmv_plain<T, 7, V>(cu, w->dev, x, y, ldy, n_in, n_out, acc); break;
+    default: launch_mmv_plain<T, 8, V>(cu, w->dev, x, y, ldy, n_in, n_out, acc); break;
     }
     CU_LAUNCHED("mmv_plain_kernel");
     return OPTIML_OK;
 }
 
 template <int V>
-static optiml_status mmv_plain_type(cu_ctx *cu, const cu_weight *w, const float *x, int64_t nt, float *y, bool acc) {
+static optiml_status mmv_plain_type(cu_ctx *cu, const cu_weight *w, const float *x, int64_t nt, float *y, int64_t ldy,
+                                    bool acc) {
     switch (w->type) {
-    case DTYPE_F32: return mmv_plain<DTYPE_F32, V>(cu, w, x, nt, y, acc);
-    case DTYPE_F16: return mmv_plain<DTYPE_F16, V>(cu, w, x, nt, y, acc);
-    default: return mmv_plain<DTYPE_BF16, V>(cu, w, x, nt, y, acc);
+    case DTYPE_F32: return mmv_plain<DTYPE_F32, V>(cu, w, x, nt, y, ldy, acc);
+    case DTYPE_F16: return mmv_plain<DTYPE_F16, V>(cu, w, x, nt, y, ldy, acc);
+    default: return mmv_plain<DTYPE_BF16, V>(cu, w, x, nt, y, ldy, acc);
     }
 }
 
+#define CU_QUANT_CASES(F, ...)                                                                                        \
+    case DTYPE_Q4_0: return F<DTYPE_Q4_0>(__VA_ARGS__);                                                              \
+    case DTYPE_Q4_1: return F<DTYPE_Q4_1>(__VA_ARGS__);                                                              \
+    case DTYPE_Q5_0: return F<DTYPE_Q5_0>(__VA_ARGS__);                                                              \
+    case DTYPE_Q5_1: return F<DTYPE_Q5_1>(__VA_ARGS__);                                                              \
+    case DTYPE_Q8_0: return F<DTYPE_Q8_0>(__VA_ARGS__);                                                              \
+    case DTYPE_Q2_K: return F<DTYPE_Q2_K>(__VA_ARGS__);                                                              \
+    case DTYPE_Q3_K: return F<DTYPE_Q3_K>(__VA_ARGS__);                                                              \
+    case DTYPE_Q4_K: return F<DTYPE_Q4_K>(__VA_ARGS__);                                                              \
+    case DTYPE_Q5_K: return F<DTYPE_Q5_K>(__VA_ARGS__);                                                              \
+    case DTYPE_Q6_K: return F<DTYPE_Q6_K>(__VA_ARGS__);
+
+template <int T>
+static optiml_status mmw_type(cu_ctx *cu, const cu_weight *w, const int8_t *xq, const float2 *xs, int64_t nt, float *y,
+                              int64_t ldy, bool acc);
+
 static optiml_status mmv_q_type(cu_ctx *cu, const cu_weight *w, const int8_t *xq, const float2 *xs, int64_t nt,
-                                float *y, bool acc) {
+                                float *y, int64_t ldy, bool acc) {
+    if (cu->tune.mmv_kernel == 2) {
+        switch (w->type) {
+            CU_QUANT_CASES(mmw_type, cu, w, xq, xs, nt, y, ldy, acc)
+        default: break;
+        }
+    }
     switch (w->type) {
-    case DTYPE_Q4_0: return mmv_q<DTYPE_Q4_0>(cu, w, xq, xs, nt, y, acc);
-    case DTYPE_Q4_1: return mmv_q<DTYPE_Q4_1>(cu, w, xq, xs, nt, y, acc);
-    case DTYPE_Q5_0: return mmv_q<DTYPE_Q5_0>(cu, w, xq, xs, nt, y, acc);
-    case DTYPE_Q5_1: return mmv_q<DTYPE_Q5_1>(cu, w, xq, xs, nt, y, acc);
-    case DTYPE_Q8_0: return mmv_q<DTYPE_Q8_0>(cu, w, xq, xs, nt, y, acc);
-    case DTYPE_Q2_K: return mmv_q<DTYPE_Q2_K>(cu, w, xq, xs, nt, y, acc);
-    case DTYPE_Q3_K: return mmv_q<DTYPE_Q3_K>(cu, w, xq, xs, nt, y, acc);
-    case DTYPE_Q4_K: return mmv_q<DTYPE_Q4_K>(cu, w, xq, xs, nt, y, acc);
-    case DTYPE_Q5_K: return mmv_q<DTYPE_Q5_K>(cu, w, xq, xs, nt, y, acc);
-    case DTYPE_Q6_K: return mmv_q<DTYPE_Q6_K>(cu, w, xq, xs, nt, y, acc);
+        CU_QUANT_CASES(mmv_q, cu, w, xq, xs, nt, y, ldy, acc)
     default: return optiml_fail(OPTIML_ERR_UNSUPPORTED, "CUDA: no mmv kernel for %s", dtype_name(w->type));
     }
 }
 
-extern "C" optiml_status cu_matmul_mmv(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y,
-                                       bool accumulate) {
-    TRY(matmul_check(cu, w, x, n_tok, y));
-    const int64_t n_in = w->n_in, n_out = w->n_out;
+/* The matrix-vector path on contiguous f32 rows x (n_tok, n_in). */
+static optiml_status mmv_run(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y, int64_t ldy,
+                             bool accumulate) {
+    const int64_t n_in = w->n_in;
     if (type_is_plain(w->type)) {
         const bool vec = n_in % 8 == 0 && ((uintptr_t)x & 15) == 0;
         for (int64_t t0 = 0; t0 < n_tok; t0 += MMV_MAX_TOKENS) {
             const int64_t nt = n_tok - t0 < MMV_MAX_TOKENS ? n_tok - t0 : MMV_MAX_TOKENS;
-            if (vec) TRY(mmv_plain_type<8>(cu, w, x + t0 * n_in, nt, y + t0 * n_out, accumulate));
-            else TRY(mmv_plain_type<1>(cu, w, x + t0 * n_in, nt, y + t0 * n_out, accumulate));
+            if (vec) TRY(mmv_plain_type<8>(cu, w, x + t0 * n_in, nt, y + t0 * ldy, ldy, accumulate));
+            else TRY(mmv_plain_type<1>(cu, w, x + t0 * n_in, nt, y + t0 * ldy, ldy, accumulate));
         }
         return OPTIML_OK;
     }
@@ -847,13 +1229,29 @@ extern "C" optiml_status cu_matmul_mmv(cu_ctx *cu, const cu_weight *w, const flo
     CU_LAUNCHED("quantize_x_kernel");
     for (int64_t t0 = 0; t0 < n_tok; t0 += MMV_MAX_TOKENS) {
         const int64_t nt = n_tok - t0 < MMV_MAX_TOKENS ? n_tok - t0 : MMV_MAX_TOKENS;
-        TRY(mmv_q_type(cu, w, xq + t0 * n_in, xs + t0 * (n_in / 32), nt, y + t0 * n_out, accumulate));
+        TRY(mmv_q_type(cu, w, xq + t0 * n_in, xs + t0 * (n_in / 32), nt, y + t0 * ldy, ldy, accumulate));
     }
     return OPTIML_OK;
 }
 
+extern "C" optiml_status cu_matmul_mmv(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y,
+                                       bool accumulate) {
+    TRY(matmul_check(cu, w, x, n_tok, y));
+    return mmv_run(cu, w, x, n_tok, y, w->n_out, accumulate);
+}
+
 /* Rows [row0, row0 + n_rows) of w as f16 into the chunk buffer. */
+template <int T>
+static optiml_status dequant_q(cu_ctx *cu, const cu_weight *w, int64_t row0, int64_t n_rows, __half *out) {
+    const uint32_t nc = (uint32_t)(w->n_in / 32), n8 = (uint32_t)(n_rows * nc * 4);
+    dequant8_f16_kernel<T><<<cu_blocks(n8, 256), 256, 0, cu->stream>>>(wq_of(w), out, row0, n8, nc);
+    CU_LAUNCHED("dequant8_f16_kernel");
+    return OPTIML_OK;
+}
+
 static optiml_status dequant_rows_f16(cu_ctx *cu, const cu_weight *w, int64_t row0, int64_t n_rows, __half *out) {
+    if (n_rows * (w->n_in / 32) * 4 >= INT_MAX)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "CUDA: dequantized chunk of %lld rows too large", (long long)n_rows);
     if (w->type == DTYPE_BF16) {
         const int64_t n = n_rows * w->n_in;
         bf16_to_f16_kernel<<<cu_blocks(n, 256), 256, 0, cu->stream>>>((const uint16_t *)w->dev + row0 * w->n_in,
@@ -861,25 +1259,10 @@ static optiml_status dequant_rows_f16(cu_ctx *cu, const cu_weight *w, int64_t ro
         CU_LAUNCHED("bf16_to_f16_kernel");
         return OPTIML_OK;
     }
-    const wq v = wq_of(w);
-    const int nc = (int)(w->n_in / 32);
-    const unsigned grid = cu_blocks(n_rows * nc, 256);
-    cudaStream_t s = cu->stream;
     switch (w->type) {
-    case DTYPE_Q4_0: dequant_f16_kernel<DTYPE_Q4_0><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
-    case DTYPE_Q4_1: dequant_f16_kernel<DTYPE_Q4_1><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
-    case DTYPE_Q5_0: dequant_f16_kernel<DTYPE_Q5_0><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
-    case DTYPE_Q5_1: dequant_f16_kernel<DTYPE_Q5_1><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
-    case DTYPE_Q8_0: dequant_f16_kernel<DTYPE_Q8_0><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
-    case DTYPE_Q2_K: dequant_f16_kernel<DTYPE_Q2_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
-    case DTYPE_Q3_K: dequant_f16_kernel<DTYPE_Q3_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
-    case DTYPE_Q4_K: dequant_f16_kernel<DTYPE_Q4_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
-    case DTYPE_Q5_K: dequant_f16_kernel<DTYPE_Q5_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
-    case DTYPE_Q6_K: dequant_f16_kernel<DTYPE_Q6_K><<<grid, 256, 0, s>>>(v, out, row0, n_rows, nc); break;
+        CU_QUANT_CASES(dequant_q, cu, w, row0, n_rows, out)
     default: return optiml_fail(OPTIML_ERR_UNSUPPORTED, "CUDA: no f16 dequantizer for %s", dtype_name(w->type));
     }
-    CU_LAUNCHED("dequant_f16_kernel");
-    return OPTIML_OK;
 }
 
 /* C (m, n) col-major = op(A) (m x k) * B (k x n), as the row-major
@@ -893,33 +1276,188 @@ static optiml_status gemm_ex(cu_ctx *cu, const void *wdata, cudaDataType wt, con
                         "cublasGemmEx");
 }
 
-extern "C" optiml_status cu_matmul_gemm(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y,
-                                        bool accumulate) {
-    TRY(matmul_check(cu, w, x, n_tok, y));
+/* The GEMM path: x contiguous f32 (f32 weights: used as it is; others:
+ * converted to f16 here unless xh already holds it). */
+static optiml_status gemm_run(cu_ctx *cu, const cu_weight *w, const float *x, const __half *xh_ready, int64_t n_tok,
+                              float *y, int64_t ldy, bool accumulate) {
     const int64_t n_in = w->n_in, n_out = w->n_out;
     const float beta = accumulate ? 1.0f : 0.0f;
     if (w->type == DTYPE_F32) /* exact f32 GEMM: no f16 rounding of either side */
-        return gemm_ex(cu, w->dev, CUDA_R_32F, x, CUDA_R_32F, y, n_out, n_tok, n_in, n_out, beta);
-    __half *xh = (__half *)cu->mm_xh;
-    f32_to_f16_kernel<<<cu_blocks(n_tok * n_in, 256), 256, 0, cu->stream>>>(x, xh, n_tok * n_in);
-    CU_LAUNCHED("f32_to_f16_kernel");
-    if (w->type == DTYPE_F16) return gemm_ex(cu, w->dev, CUDA_R_16F, xh, CUDA_R_16F, y, n_out, n_tok, n_in, n_out, beta);
-    /* chunks of rows: dequantized into L2-sized f16 pieces, each multiplied at once */
-    int64_t rows = (int64_t)(cu->mm_wh_elems / (uint64_t)n_in);
+        return gemm_ex(cu, w->dev, CUDA_R_32F, x, CUDA_R_32F, y, n_out, n_tok, n_in, ldy, beta);
+    const __half *xh = xh_ready;
+    if (!xh) {
+        __half *h = (__half *)cu->mm_xh;
+        f32_to_f16_kernel<<<cu_blocks(n_tok * n_in, 256), 256, 0, cu->stream>>>(x, h, n_tok * n_in);
+        CU_LAUNCHED("f32_to_f16_kernel");
+        xh = h;
+    }
+    if (w->type == DTYPE_F16) return gemm_ex(cu, w->dev, CUDA_R_16F, xh, CUDA_R_16F, y, n_out, n_tok, n_in, ldy, beta);
+    /* chunks of rows dequantized to f16, each multiplied at once */
+    uint64_t elems = cu->mm_wh_elems; /* the reserve, or less where the tuning asks (benchmarks) */
+    const uint64_t want = (uint64_t)cu->tune.gemm_chunk_elems > 64 * (uint64_t)n_in ? (uint64_t)cu->tune.gemm_chunk_elems
+                                                                                     : 64 * (uint64_t)n_in;
+    if (want < elems) elems = want;
+    int64_t rows = (int64_t)(elems / (uint64_t)n_in);
     if (rows > 64) rows -= rows % 64;
     __half *wh = (__half *)cu->mm_wh;
     for (int64_t r0 = 0; r0 < n_out; r0 += rows) {
         const int64_t nr = n_out - r0 < rows ? n_out - r0 : rows;
         TRY(dequant_rows_f16(cu, w, r0, nr, wh));
-        TRY(gemm_ex(cu, wh, CUDA_R_16F, xh, CUDA_R_16F, y + r0, nr, n_tok, n_in, n_out, beta));
+        TRY(gemm_ex(cu, wh, CUDA_R_16F, xh, CUDA_R_16F, y + r0, nr, n_tok, n_in, ldy, beta));
     }
     return OPTIML_OK;
+}
+
+extern "C" optiml_status cu_matmul_gemm(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y,
+                                        bool accumulate) {
+    TRY(matmul_check(cu, w, x, n_tok, y));
+    return gemm_run(cu, w, x, NULL, n_tok, y, w->n_out, accumulate);
 }
 
 extern "C" optiml_status cu_matmul(cu_ctx *cu, const cu_weight *w, const float *x, int64_t n_tok, float *y,
                                    bool accumulate) {
     if (n_tok <= MMV_MAX_TOKENS) return cu_matmul_mmv(cu, w, x, n_tok, y, accumulate);
     return cu_matmul_gemm(cu, w, x, n_tok, y, accumulate);
+}
+
+/* ---- fused products (cu_matmul_ex) ---------------------------------------------- */
+
+/* The warp-per-rows kernel: PRO true reads x and runs the input step in
+ * every block (the fused kernel, grid capped at mmv_blocks_per_sm per SM);
+ * PRO false reads x pre-quantized at xq/xs (every row group its own warp:
+ * the grid is all row groups, up to 8 resident blocks per SM). */
+template <int T, int NT, int R, int U, bool PRO>
+static optiml_status mmf_go(cu_ctx *cu, const cu_weight *w, const float *x, const mm_in_dev &in, const int8_t *xq,
+                            const float2 *xs, float *y, int64_t ldy, bool acc, size_t smem) {
+    if (PRO && smem > 48 * 1024) /* a host-side attribute: fine while a stream is captured */
+        CU_TRY(cudaFuncSetAttribute(mmf_q_kernel<T, NT, R, U, PRO>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem));
+    const int64_t groups = (w->n_out + MMF_WARPS * R - 1) / (MMF_WARPS * R);
+    const int64_t cap = PRO ? (int64_t)(cu->n_sm > 0 ? cu->n_sm : 132) * cu->tune.mmv_blocks_per_sm : (1ll << 30);
+    const unsigned grid = (unsigned)(groups < cap ? groups : cap);
+    TRY(cu_check(cu_launch(cu, mmf_q_kernel<T, NT, R, U, PRO>, dim3(grid), dim3(MMF_THREADS), PRO ? smem : 0,
+                           wq_of(w), x, in, xq, xs, y, ldy, (int)w->n_in, w->n_out, acc),
+                 "mmf_q_kernel"));
+    return OPTIML_OK;
+}
+
+template <int T, bool PRO>
+static optiml_status mmf_nt(cu_ctx *cu, const cu_weight *w, const float *x, const mm_in_dev &in, const int8_t *xq,
+                            const float2 *xs, int64_t nt, float *y, int64_t ldy, bool acc, size_t smem) {
+    switch (nt) {
+    case 1:
+        if (cu->tune.mmv_variant == 2) return mmf_go<T, 1, 1, 8, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+        if (cu->tune.mmv_variant == 3) return mmf_go<T, 1, 4, 2, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+        return mmf_go<T, 1, 2, 4, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+    case 2: return mmf_go<T, 2, 2, 2, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+    case 3: return mmf_go<T, 3, 2, 2, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+    case 4: return mmf_go<T, 4, 2, 2, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+    case 5: return mmf_go<T, 5, 2, 2, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+    case 6: return mmf_go<T, 6, 2, 2, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+    case 7: return mmf_go<T, 7, 2, 2, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+    default: return mmf_go<T, 8, 2, 2, PRO>(cu, w, x, in, xq, xs, y, ldy, acc, smem);
+    }
+}
+
+template <int T>
+static optiml_status mmf_type(cu_ctx *cu, const cu_weight *w, const float *x, const mm_in_dev &in, int64_t nt,
+                              float *y, int64_t ldy, bool acc, size_t smem) {
+    return mmf_nt<T, true>(cu, w, x, in, NULL, NULL, nt, y, ldy, acc, smem);
+}
+
+/* Up to 8 tokens over pre-quantized x, the warp-per-rows kernel. */
+template <int T>
+static optiml_status mmw_type(cu_ctx *cu, const cu_weight *w, const int8_t *xq, const float2 *xs, int64_t nt, float *y,
+                              int64_t ldy, bool acc) {
+    const mm_in_dev none = {CU_IN_PLAIN, 0, 0.0f, 0.0f, w->n_in, NULL, NULL};
+    return mmf_nt<T, false>(cu, w, NULL, none, xq, xs, nt, y, ldy, acc, 0);
+}
+
+/* The input step and 8-bit quantization of n_tok rows into the scratch
+ * (cu->mm_xq) with one launch; false when the shape does not suit the
+ * kernel (then the caller takes the f32 input step). */
+static optiml_status mm_inq_run(cu_ctx *cu, const float *x, const mm_in_dev &in, int64_t n_tok, int64_t n_in,
+                                int8_t **xq_out, float2 **xs_out) {
+    int8_t *xq = (int8_t *)cu->mm_xq;
+    float2 *xs = (float2 *)((uint8_t *)cu->mm_xq + align_up_u64((uint64_t)(n_tok * n_in), 16));
+    const int g = (int)((n_in + 8 * INQ_THREADS - 1) / (8 * INQ_THREADS));
+    const dim3 grid((unsigned)n_tok), block(INQ_THREADS);
+    const int ni = (int)n_in;
+    cudaError_t e;
+    switch (g) {
+    case 1: e = cu_launch(cu, mm_inq_kernel<1>, grid, block, 0, x, in, ni, xq, xs); break;
+    case 2: e = cu_launch(cu, mm_inq_kernel<2>, grid, block, 0, x, in, ni, xq, xs); break;
+    case 3: e = cu_launch(cu, mm_inq_kernel<3>, grid, block, 0, x, in, ni, xq, xs); break;
+    case 4: e = cu_launch(cu, mm_inq_kernel<4>, grid, block, 0, x, in, ni, xq, xs); break;
+    case 5: e = cu_launch(cu, mm_inq_kernel<5>, grid, block, 0, x, in, ni, xq, xs); break;
+    case 6: e = cu_launch(cu, mm_inq_kernel<6>, grid, block, 0, x, in, ni, xq, xs); break;
+    default: return optiml_fail(OPTIML_ERR_INVALID_ARG, "mm_inq_run: n_in %lld too long", (long long)n_in);
+    }
+    TRY(cu_check(e, "mm_inq_kernel"));
+    *xq_out = xq;
+    *xs_out = xs;
+    return OPTIML_OK;
+}
+
+/* The input step into scratch (f32 or f16 rows of n_in). */
+static optiml_status mm_in_run(cu_ctx *cu, const float *x, const mm_in_dev &in, int64_t n_tok, int64_t n_in,
+                               bool f16) {
+    if (f16) mm_in_kernel<__half><<<(unsigned)n_tok, 256, 0, cu->stream>>>(x, in, n_in, (__half *)cu->mm_xh);
+    else mm_in_kernel<float><<<(unsigned)n_tok, 256, 0, cu->stream>>>(x, in, n_in, (float *)cu->mm_xf);
+    CU_LAUNCHED("mm_in_kernel");
+    return OPTIML_OK;
+}
+
+extern "C" optiml_status cu_matmul_ex(cu_ctx *cu, const cu_weight *w, const float *x, const struct cu_mm_in *in_host,
+                                      int64_t n_tok, float *y, int64_t ldy, bool accumulate) {
+    TRY(matmul_check(cu, w, x, n_tok, y));
+    const int64_t n_in = w->n_in;
+    if (ldy == 0) ldy = w->n_out;
+    const cu_mm_in plain = {CU_IN_PLAIN, 0, NULL, 0.0f, NULL, 0, 0.0f};
+    const cu_mm_in &h = in_host ? *in_host : plain;
+    mm_in_dev in = {h.kind, h.act, h.thr, h.eps, h.ld ? h.ld : n_in, h.norm, h.up};
+    if (ldy < w->n_out || in.ld < n_in || in.kind < CU_IN_PLAIN || in.kind > CU_IN_ACT_MUL ||
+        (in.kind == CU_IN_RMSNORM && !in.norm) || (in.kind == CU_IN_ACT_MUL && (!in.up || in.act < 0 || in.act > 5)))
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_matmul_ex: bad input step (kind %d, ld %lld) or ldy %lld",
+                           in.kind, (long long)in.ld, (long long)ldy);
+    const bool gemm = n_tok > MMV_MAX_TOKENS;
+    /* the fused kernel: quantized, few tokens, 16-byte aligned rows, shared memory enough */
+    const size_t smem = (size_t)n_tok * (size_t)n_in + (size_t)n_tok * (size_t)(n_in / 32) * sizeof(float2);
+    const bool aligned = ((uintptr_t)x & 15) == 0 && in.ld % 4 == 0 && (!in.up || ((uintptr_t)in.up & 15) == 0) &&
+                         (!in.norm || ((uintptr_t)in.norm & 15) == 0);
+    if (!gemm && !type_is_plain(w->type) && cu->tune.mmv_fused == 1 && aligned &&
+        smem + 1024 <= (size_t)cu->smem_optin) { /* + the kernel's static shared memory */
+        switch (w->type) {
+            CU_QUANT_CASES(mmf_type, cu, w, x, in, n_tok, y, ldy, accumulate, smem)
+        default: break;
+        }
+    }
+    /* the input step and quantization in one launch, then the product over the quantized rows */
+    if (!gemm && !type_is_plain(w->type) && cu->tune.mmv_fused == 3 && aligned && n_in % 32 == 0 &&
+        n_in <= 6 * 8 * INQ_THREADS) {
+        int8_t *xq = NULL;
+        float2 *xs = NULL;
+        TRY(mm_inq_run(cu, x, in, n_tok, n_in, &xq, &xs));
+        for (int64_t t0 = 0; t0 < n_tok; t0 += MMV_MAX_TOKENS) {
+            const int64_t nt = n_tok - t0 < MMV_MAX_TOKENS ? n_tok - t0 : MMV_MAX_TOKENS;
+            TRY(mmv_q_type(cu, w, xq + t0 * n_in, xs + t0 * (n_in / 32), nt, y + t0 * ldy, ldy, accumulate));
+        }
+        return OPTIML_OK;
+    }
+    /* otherwise: the input step once (skipped for plain contiguous rows), then the unfused product */
+    const bool direct = in.kind == CU_IN_PLAIN && in.ld == n_in;
+    if (gemm) {
+        if (direct) return gemm_run(cu, w, x, NULL, n_tok, y, ldy, accumulate);
+        const bool f16 = w->type != DTYPE_F32;
+        TRY(mm_in_run(cu, x, in, n_tok, n_in, f16));
+        return gemm_run(cu, w, (const float *)cu->mm_xf, f16 ? (const __half *)cu->mm_xh : NULL, n_tok, y, ldy,
+                        accumulate);
+    }
+    if (!direct) {
+        TRY(mm_in_run(cu, x, in, n_tok, n_in, false));
+        x = (const float *)cu->mm_xf;
+    }
+    return mmv_run(cu, w, x, n_tok, y, ldy, accumulate);
 }
 
 extern "C" optiml_status cu_get_rows(cu_ctx *cu, const cu_weight *emb, const int32_t *tokens, int32_t n, float *out) {

@@ -19,6 +19,7 @@
 #include "common.cuh"
 
 #include <math.h>
+#include <mma.h>
 
 /* ---- RMS norm ------------------------------------------------------------- */
 
@@ -111,7 +112,6 @@ extern "C" optiml_status cu_act_mul(cu_ctx *cu, float *gate, const float *up, in
 
 /* ---- RoPE and KV-cache store -------------------------------------------------- */
 
-#define ROPE_THREADS   256
 #define ROPE_MAX_PAIRS 128 /* head_dim <= 256 */
 
 /* Rotates the pair at x (a, b) by (c, s) without fused multiply-adds, so the
@@ -128,63 +128,99 @@ __device__ __forceinline__ void rope_pair(float *x, float c, float s, float *cop
     }
 }
 
-/* One block per batch entry: cos/sin of its position (as rope_prepare:
- * float angle pos * inv_freq[i], cosf/sinf), then q and k heads rotated in
- * place, k and v copied into the entry's cell. */
-__global__ void __launch_bounds__(ROPE_THREADS)
-    rope_store_kernel(float *__restrict__ q, float *__restrict__ k, const float *__restrict__ v,
-                      float *__restrict__ k_cache, float *__restrict__ v_cache, int32_t n_head, int32_t n_head_kv,
-                      int32_t head_dim, int32_t n_rot, const float *__restrict__ inv_freq,
-                      const int32_t *__restrict__ pos, const int32_t *__restrict__ cell) {
-    __shared__ float cs[ROPE_MAX_PAIRS][2];
-    const int32_t t = blockIdx.x, half = head_dim / 2, n_pair_rot = n_rot / 2;
-    const int64_t n_q = (int64_t)n_head * head_dim, n_kv = (int64_t)n_head_kv * head_dim;
-    const float p = (float)pos[t];
-    for (int i = threadIdx.x; i < n_pair_rot; i += blockDim.x) {
-        const float a = p * inv_freq[i];
-        cs[i][0] = cosf(a);
-        cs[i][1] = sinf(a);
+#define ROPE_WARPS 4
+
+struct rope_args {
+    const float *q_in, *k_in, *v_in;
+    float *q_out, *k_out; /* k_out: NULL or k_in (in place) */
+    float *k_cache, *v_cache;
+    int64_t ldq_in, ldq_out, ldk, ldv;
+    int32_t n_head, n_head_kv, hd, n_rot;
+    const float *inv_freq;
+    const int32_t *pos, *cell;
+};
+
+/* One warp per head row of one batch entry (rows: the q heads, then the k
+ * heads, then the v heads), so a decode step runs n_head + 2 n_head_kv
+ * warps side by side. Lane j does pairs j, j + 32, ...: the cos/sin of its
+ * pair as rope_prepare (float angle pos * inv_freq[i], cosf/sinf), the
+ * rotation, and for k and v the copy into the entry's cell. */
+__global__ void __launch_bounds__(ROPE_WARPS * 32) rope_store_kernel(rope_args a) {
+    pdl_begin();
+    const int32_t t = blockIdx.y, lane = threadIdx.x % 32;
+    const int32_t hrow = blockIdx.x * ROPE_WARPS + threadIdx.x / 32;
+    if (hrow >= a.n_head + 2 * a.n_head_kv) return;
+    const int64_t n_kv = (int64_t)a.n_head_kv * a.hd, cell = a.cell[t];
+    if (hrow >= a.n_head + a.n_head_kv) {
+        const int64_t h = hrow - a.n_head - a.n_head_kv;
+        const float *src = a.v_in + t * a.ldv + h * a.hd;
+        float *dst = a.v_cache + cell * n_kv + h * a.hd;
+        for (int i = lane; i < a.hd; i += 32) dst[i] = src[i];
+        return;
     }
-    __syncthreads();
-    float *qt = q + t * n_q, *kt = k + t * n_kv;
-    float *kc = k_cache + (int64_t)cell[t] * n_kv, *vc = v_cache + (int64_t)cell[t] * n_kv;
-    for (int64_t i = threadIdx.x; i < (int64_t)n_head * half; i += blockDim.x) {
-        const int32_t j = (int32_t)(i % half);
-        if (j < n_pair_rot) rope_pair(qt + 2 * i, cs[j][0], cs[j][1], NULL);
-    }
-    for (int64_t i = threadIdx.x; i < (int64_t)n_head_kv * half; i += blockDim.x) {
-        const int32_t j = (int32_t)(i % half);
-        if (j < n_pair_rot) {
-            rope_pair(kt + 2 * i, cs[j][0], cs[j][1], kc + 2 * i);
-        } else {
-            kc[2 * i] = kt[2 * i];
-            kc[2 * i + 1] = kt[2 * i + 1];
+    const bool is_q = hrow < a.n_head;
+    const int64_t h = is_q ? hrow : hrow - a.n_head;
+    const float *src = is_q ? a.q_in + t * a.ldq_in + h * a.hd : a.k_in + t * a.ldk + h * a.hd;
+    float *dst = is_q ? a.q_out + t * a.ldq_out + h * a.hd : (a.k_out ? a.k_out + t * a.ldk + h * a.hd : NULL);
+    float *kc = is_q ? NULL : a.k_cache + cell * n_kv + h * a.hd;
+    const float p = (float)a.pos[t];
+    for (int j = lane; j < a.hd / 2; j += 32) {
+        float r[2] = {src[2 * j], src[2 * j + 1]};
+        if (j < a.n_rot / 2) {
+            const float ang = p * a.inv_freq[j];
+            rope_pair(r, cosf(ang), sinf(ang), NULL);
         }
+        if (dst) dst[2 * j] = r[0], dst[2 * j + 1] = r[1];
+        if (kc) kc[2 * j] = r[0], kc[2 * j + 1] = r[1];
     }
-    const float *vt = v + t * n_kv;
-    for (int64_t i = threadIdx.x; i < n_kv; i += blockDim.x) vc[i] = vt[i];
+}
+
+static optiml_status rope_check(int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim, int32_t n_rot) {
+    if (n_tok < 0 || n_tok > 65535 || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0 || head_dim % 2 != 0 ||
+        head_dim > 2 * ROPE_MAX_PAIRS || n_rot < 0 || n_rot % 2 != 0 || n_rot > head_dim)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG,
+                           "cu_rope_store: bad shape n_tok %d, heads %d/%d, head_dim %d, n_rot %d", n_tok, n_head,
+                           n_head_kv, head_dim, n_rot);
+    return OPTIML_OK;
+}
+
+static optiml_status rope_launch(cu_ctx *cu, const rope_args &a, int32_t n_tok) {
+    if (n_tok == 0) return OPTIML_OK;
+    const unsigned rows = (unsigned)(a.n_head + 2 * a.n_head_kv);
+    const dim3 grid((rows + ROPE_WARPS - 1) / ROPE_WARPS, (unsigned)n_tok);
+    TRY(cu_check(cu_launch(cu, rope_store_kernel, grid, dim3(ROPE_WARPS * 32), 0, a), "rope_store"));
+    return OPTIML_OK;
 }
 
 extern "C" optiml_status cu_rope_store(cu_ctx *cu, float *q, float *k, const float *v, float *k_cache, float *v_cache,
                                        int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
                                        int32_t n_rot, const float *inv_freq, const struct cu_batch *b) {
-    if (n_tok < 0 || n_head <= 0 || n_head_kv <= 0 || head_dim <= 0 || head_dim % 2 != 0 ||
-        head_dim > 2 * ROPE_MAX_PAIRS || n_rot < 0 || n_rot % 2 != 0 || n_rot > head_dim)
-        return optiml_fail(OPTIML_ERR_INVALID_ARG,
-                           "cu_rope_store: bad shape n_tok %d, heads %d/%d, head_dim %d, n_rot %d", n_tok, n_head,
-                           n_head_kv, head_dim, n_rot);
-    if (n_tok == 0) return OPTIML_OK;
-    rope_store_kernel<<<(unsigned)n_tok, ROPE_THREADS, 0, cu->stream>>>(q, k, v, k_cache, v_cache, n_head, n_head_kv,
-                                                                        head_dim, n_rot, inv_freq, b->pos, b->cell);
-    CU_LAUNCHED("rope_store");
-    return OPTIML_OK;
+    TRY(rope_check(n_tok, n_head, n_head_kv, head_dim, n_rot));
+    const int64_t n_q = (int64_t)n_head * head_dim, n_kv = (int64_t)n_head_kv * head_dim;
+    const rope_args a = {q, k, v, q, k, k_cache, v_cache, n_q, n_q, n_kv, n_kv, n_head, n_head_kv, head_dim, n_rot,
+                         inv_freq, b->pos, b->cell};
+    return rope_launch(cu, a, n_tok);
+}
+
+extern "C" optiml_status cu_rope_store_qkv(cu_ctx *cu, const float *qkv, int64_t ld, float *q_out, float *k_cache,
+                                           float *v_cache, int32_t n_tok, int32_t n_head, int32_t n_head_kv,
+                                           int32_t head_dim, int32_t n_rot, const float *inv_freq,
+                                           const struct cu_batch *b) {
+    TRY(rope_check(n_tok, n_head, n_head_kv, head_dim, n_rot));
+    const int64_t n_q = (int64_t)n_head * head_dim, n_kv = (int64_t)n_head_kv * head_dim;
+    if (ld < n_q + 2 * n_kv)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_rope_store_qkv: row stride %lld < %lld", (long long)ld,
+                           (long long)(n_q + 2 * n_kv));
+    const rope_args a = {qkv, qkv + n_q, qkv + n_q + n_kv, q_out, NULL, k_cache, v_cache, ld, n_q, ld, ld,
+                         n_head, n_head_kv, head_dim, n_rot, inv_freq, b->pos, b->cell};
+    return rope_launch(cu, a, n_tok);
 }
 
 /* ---- attention: shared pieces ---------------------------------------------------- */
 
 #define ATT_DEC_MAX_TOK 8   /* n_tok up to this: the decode kernels       */
 #define ATT_DEC_WARPS   4   /* warps of a decode block                    */
-#define ATT_DEC_CPW     4   /* cells a warp has in flight at once          */
+#define ATT_DEC_CPW     8   /* cells a warp has in flight at once          */
 #define ATT_CHUNK_MAX   256 /* cells per decode block, at most...          */
 #define ATT_CHUNK_MIN   64  /* ...and at least (bounds the scratch)       */
 #define ATT_PQ          64  /* prompt: queries per block                   */
@@ -219,7 +255,8 @@ __device__ __forceinline__ uint32_t att_n_used(const att_args &a) {
 static int att_chunk(const cu_ctx *cu, int32_t n_tok, int32_t n_head, uint32_t n_ctx) {
     int chunk = ATT_CHUNK_MAX;
     const int64_t want = 2 * (int64_t)(cu->n_sm > 0 ? cu->n_sm : 132);
-    while (chunk > ATT_CHUNK_MIN && (int64_t)n_tok * n_head * ((n_ctx + chunk - 1) / chunk) < want) chunk /= 2;
+    const int lo = cu->tune.att_chunk_min > ATT_CHUNK_MIN ? cu->tune.att_chunk_min : ATT_CHUNK_MIN;
+    while (chunk > lo && (int64_t)n_tok * n_head * ((n_ctx + chunk - 1) / chunk) < want) chunk /= 2;
     return chunk;
 }
 
@@ -292,13 +329,16 @@ __global__ void __launch_bounds__(ATT_DEC_WARPS * 32)
     for (int i0 = warp * ATT_DEC_CPW; i0 < n_c; i0 += ATT_DEC_WARPS * ATT_DEC_CPW) {
         float dot[ATT_DEC_CPW];
         unsigned vis = 0;
+        /* K rows are loaded before visibility is known (one round trip, not
+         * two); a cell below n_used is allocated memory, and an invisible
+         * cell's score is replaced below whatever its row holds */
 #pragma unroll
         for (int j = 0; j < ATT_DEC_CPW; j++) {
             const int i = i0 + j;
             const int64_t c = c0 + i;
             if (i < n_c && att_visible(a.cell_pos[c], a.cell_seq[c], pos, seq)) vis |= 1u << j;
             dot[j] = 0.0f;
-            if (vis >> j & 1) {
+            if (i < n_c) {
                 const float *kr = k + (int64_t)i * a.n_kv;
 #pragma unroll
                 for (int e = 0; e < E; e++)
@@ -333,11 +373,14 @@ __global__ void __launch_bounds__(ATT_DEC_WARPS * 32)
         for (int j = 0; j < ATT_DEC_CPW; j++) {
             const int i = i0 + j;
             const float w = i < n_c ? sc[i] : 0.0f;
-            if (w != 0.0f) {
+            if (i < n_c) { /* loaded whatever w is; a weight of 0 selects 0 (free cells may hold NaN) */
                 const float *vr = v + (int64_t)i * a.n_kv;
 #pragma unroll
                 for (int e = 0; e < E; e++)
-                    if (lane + 32 * e < a.hd) acc[e] += w * vr[lane + 32 * e];
+                    if (lane + 32 * e < a.hd) {
+                        const float vv = vr[lane + 32 * e];
+                        acc[e] += w != 0.0f ? w * vv : 0.0f;
+                    }
             }
         }
     }
@@ -399,6 +442,179 @@ template <int D> static optiml_status att_decode(cu_ctx *cu, const att_args &a, 
     att_combine_kernel<<<dim3((unsigned)a.n_head, (unsigned)a.n_tok), threads, 0, cu->stream>>>(a, chunk, n_split,
                                                                                                 part_acc, part_ml);
     CU_LAUNCHED("attention (combine)");
+    return OPTIML_OK;
+}
+
+/* ---- attention: decode, kernel 2 (even split, tiles, online softmax) ----------------- */
+
+#define ATT2_THREADS 128 /* threads of a block                                   */
+#define ATT2_TC      64  /* cells per tile: 4 threads per cell, 2 passes of 32    */
+
+/* Splits of the used cells per (token, head): about att_blocks_per_sm
+ * blocks per SM in all, at most one per ATT_CHUNK_MIN cells of n_ctx (the
+ * scratch bound of cu_attention_scratch_bytes). The grid depends on host
+ * values only; each block takes its share of *n_used on the device, so
+ * short contexts in a long cache still spread over every split. */
+static int32_t att2_splits(const cu_ctx *cu, int32_t n_tok, int32_t n_head, uint32_t n_ctx) {
+    const int64_t want = (int64_t)(cu->n_sm > 0 ? cu->n_sm : 132) * cu->tune.att_blocks_per_sm;
+    int64_t n = (want + (int64_t)n_tok * n_head - 1) / ((int64_t)n_tok * n_head);
+    const int64_t cap = att_max_splits(n_ctx);
+    if (n > cap) n = cap;
+    return (int32_t)(n < 1 ? 1 : n);
+}
+
+/* Block (split s, head h, token t) over its share [c0, c1) of the used
+ * cells, cut in multiples of 32, in tiles of ATT2_TC cells:
+ *   scores: 4 neighbouring threads per cell, each reading every 4th float4
+ *     of the K row (a warp's load is 8 cells x 64 contiguous bytes), all
+ *     loads of the tile issued before any sum; two shuffles finish a dot;
+ *   softmax: every warp reads the tile's scores from shared memory and
+ *     computes the same running max and sum (no further barrier);
+ *   V: thread (slot, f) owns float4 f of the head's output and adds cells
+ *     slot, slot + VS, ... of the tile, loads issued together (a cell past
+ *     the tile's end reads the last cell and is weighted 0).
+ * Ends with the slots summed through shared memory and the partial (acc,
+ * max, sum) written as kernel 1 does. Requires head_dim == D and 16-byte
+ * aligned q, K, V rows. */
+template <int D>
+__global__ void __launch_bounds__(ATT2_THREADS)
+    att_decode2_kernel(att_args a, int32_t n_split, float *__restrict__ part_acc, float *__restrict__ part_ml) {
+    constexpr int D4 = D / 4, KF = D4 / 4, KP = ATT2_TC / (ATT2_THREADS / 4), VS = ATT2_THREADS / D4;
+    constexpr int VN = ATT2_TC / VS; /* cells per V slot per tile */
+    __shared__ float sc[ATT2_TC];
+    __shared__ float4 accs[VS][D4];
+    pdl_begin();
+    const int32_t s = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+    const int lane = threadIdx.x % 32;
+    const int64_t p = ((int64_t)t * a.n_head + h) * n_split + s;
+    const int64_t n_used = att_n_used(a);
+    const int64_t per = ((n_used + n_split - 1) / n_split + 31) / 32 * 32;
+    const int64_t c0 = (int64_t)s * per, c1 = min(c0 + per, n_used);
+    if (c0 >= c1) { /* nothing here: an empty partial */
+        if (threadIdx.x == 0) {
+            part_ml[2 * p] = -INFINITY;
+            part_ml[2 * p + 1] = 0.0f;
+        }
+        return;
+    }
+    const int32_t pos = a.pos[t], seq = a.seq[t];
+    const int64_t koff = (int64_t)(h / a.group) * a.hd;
+    const int kc = threadIdx.x >> 2, kq = threadIdx.x & 3; /* score phase: cell kc (+ 32 pass), quarter kq */
+    const int vf = threadIdx.x % D4, vs = threadIdx.x / D4; /* V phase: float4 vf, slot vs */
+    const float4 *qh = (const float4 *)(a.q + t * a.n_q + (int64_t)h * a.hd);
+    float4 qr[KF];
+#pragma unroll
+    for (int f = 0; f < KF; f++) qr[f] = qh[kq + 4 * f];
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t b0 = c0; b0 < c1; b0 += ATT2_TC) {
+        const int nb = (int)min((int64_t)ATT2_TC, c1 - b0);
+        float dot[KP];
+#pragma unroll
+        for (int ps = 0; ps < KP; ps++) {
+            const int ic = min(kc + 32 * ps, nb - 1);
+            const float4 *kr = (const float4 *)(a.k + (b0 + ic) * a.n_kv + koff);
+            float d = 0.0f;
+#pragma unroll
+            for (int f = 0; f < KF; f++) {
+                const float4 kv = __ldg(kr + kq + 4 * f);
+                d = fmaf(qr[f].x, kv.x, d);
+                d = fmaf(qr[f].y, kv.y, d);
+                d = fmaf(qr[f].z, kv.z, d);
+                d = fmaf(qr[f].w, kv.w, d);
+            }
+            dot[ps] = d;
+        }
+#pragma unroll
+        for (int ps = 0; ps < KP; ps++) {
+            float d = dot[ps];
+            d += __shfl_xor_sync(0xffffffffu, d, 1);
+            d += __shfl_xor_sync(0xffffffffu, d, 2);
+            const int i = kc + 32 * ps;
+            if (kq == 0 && i < nb) {
+                const int64_t c = b0 + i;
+                sc[i] = att_visible(a.cell_pos[c], a.cell_seq[c], pos, seq) ? d * a.scale : -INFINITY;
+            }
+        }
+        __syncthreads();
+        /* the tile's max and weights, the same in every warp */
+        const float s0 = lane < nb ? sc[lane] : -INFINITY, s1 = lane + 32 < nb ? sc[lane + 32] : -INFINITY;
+        const float mn = fmaxf(m, warp_max(fmaxf(s0, s1)));
+        const float alpha = m == -INFINITY ? 0.0f : expf(m - mn);
+        const float w0 = s0 == -INFINITY ? 0.0f : expf(s0 - mn), w1 = s1 == -INFINITY ? 0.0f : expf(s1 - mn);
+        l = l * alpha + warp_sum(w0 + w1);
+        m = mn;
+        acc.x *= alpha, acc.y *= alpha, acc.z *= alpha, acc.w *= alpha;
+        float4 vv[VN];
+#pragma unroll
+        for (int j = 0; j < VN; j++) {
+            const int ic = min(vs + VS * j, nb - 1);
+            vv[j] = __ldg((const float4 *)(a.v + (b0 + ic) * a.n_kv + koff) + vf);
+        }
+#pragma unroll
+        for (int j = 0; j < VN; j++) {
+            const int i = vs + VS * j;
+            const float sv = i < nb ? sc[i] : -INFINITY;
+            const float w = sv == -INFINITY ? 0.0f : expf(sv - mn);
+            /* a weight of 0 selects 0: free cells may hold NaN */
+            if (w != 0.0f) {
+                acc.x = fmaf(w, vv[j].x, acc.x);
+                acc.y = fmaf(w, vv[j].y, acc.y);
+                acc.z = fmaf(w, vv[j].z, acc.z);
+                acc.w = fmaf(w, vv[j].w, acc.w);
+            }
+        }
+        __syncthreads(); /* sc is rewritten by the next tile */
+    }
+    accs[vs][vf] = acc;
+    __syncthreads();
+    for (int f = threadIdx.x; f < D4; f += ATT2_THREADS) {
+        float4 r = accs[0][f];
+#pragma unroll
+        for (int j = 1; j < VS; j++) {
+            const float4 o = accs[j][f];
+            r.x += o.x, r.y += o.y, r.z += o.z, r.w += o.w;
+        }
+        ((float4 *)(part_acc + p * a.hd))[f] = r;
+    }
+    if (threadIdx.x == 0) {
+        part_ml[2 * p] = m;
+        part_ml[2 * p + 1] = l;
+    }
+}
+
+/* One block per (head, token), a thread per output value: the partials of
+ * every split merged (empty ones have max -inf and are skipped). */
+__global__ void att_combine2_kernel(att_args a, int32_t n_split, const float *__restrict__ part_acc,
+                                    const float *__restrict__ part_ml) {
+    pdl_begin();
+    const int32_t h = blockIdx.x, t = blockIdx.y;
+    const int64_t p0 = ((int64_t)t * a.n_head + h) * n_split;
+    float mx = -INFINITY;
+    for (int32_t s = 0; s < n_split; s++) mx = fmaxf(mx, part_ml[2 * (p0 + s)]);
+    float l = 0.0f, r = 0.0f;
+    const int d = threadIdx.x;
+    if (mx != -INFINITY)
+        for (int32_t s = 0; s < n_split; s++) {
+            const float ms = part_ml[2 * (p0 + s)];
+            if (ms == -INFINITY) continue;
+            const float e = expf(ms - mx);
+            l += e * part_ml[2 * (p0 + s) + 1];
+            if (d < a.hd) r += e * part_acc[(p0 + s) * a.hd + d];
+        }
+    if (d < a.hd) a.out[t * a.n_q + (int64_t)h * a.hd + d] = l > 0.0f ? r / l : 0.0f;
+}
+
+template <int D> static optiml_status att_decode2(cu_ctx *cu, const att_args &a, void *scratch) {
+    const int32_t n_split = att2_splits(cu, a.n_tok, a.n_head, a.n_ctx);
+    const int64_t n_part = (int64_t)a.n_tok * a.n_head * n_split;
+    float *part_acc = (float *)scratch, *part_ml = part_acc + n_part * a.hd;
+    const dim3 grid((unsigned)n_split, (unsigned)a.n_head, (unsigned)a.n_tok);
+    TRY(cu_check(cu_launch(cu, att_decode2_kernel<D>, grid, dim3(ATT2_THREADS), 0, a, n_split, part_acc, part_ml),
+                 "attention (decode 2)"));
+    TRY(cu_check(cu_launch(cu, att_combine2_kernel, dim3((unsigned)a.n_head, (unsigned)a.n_tok),
+                           dim3(D < 64 ? 64 : D), 0, a, n_split, (const float *)part_acc, (const float *)part_ml),
+                 "attention (combine 2)"));
     return OPTIML_OK;
 }
 
@@ -568,6 +784,170 @@ template <int D> static optiml_status att_prompt(cu_ctx *cu, const att_args &a) 
     return OPTIML_OK;
 }
 
+/* ---- attention: prompt on tensor cores (WMMA f16, f32 accumulation) ------------------- */
+
+#define ATT_T_Q       64  /* queries per block: 4 warps x 16 rows  */
+#define ATT_T_C       64  /* cells per tile                          */
+#define ATT_T_THREADS 128
+
+/* Shared memory of att_tc_kernel<D> (every array a multiple of 32 bytes,
+ * leading dimensions padded against bank conflicts and kept multiples of
+ * 8 halves / 4 floats as WMMA needs). */
+template <int D> struct att_tc_smem {
+    static constexpr int LDH = D + 8, LDS = ATT_T_C + 4, LDP = ATT_T_C + 8, LDO = D + 4;
+    static constexpr size_t q = 0, k = q + 2 * ATT_T_Q * LDH, v = k + 2 * ATT_T_C * LDH;
+    static constexpr size_t s = v + 2 * ATT_T_C * LDH, p = s + 4 * ATT_T_Q * LDS, o = p + 2 * ATT_T_Q * LDP;
+    static constexpr size_t cseq = o + 4 * ATT_T_Q * LDO, cpos = cseq + 8 * ATT_T_C, qpos = cpos + 4 * ATT_T_C;
+    static constexpr size_t qseq = qpos + 4 * ATT_T_Q, bytes = qseq + 4 * ATT_T_Q;
+};
+
+/* Block (64 queries, head h); warp w owns query rows 16w..16w+15. Per tile
+ * of 64 cells: K and V converted to f16 in shared memory (free cells as
+ * zeros), S = Q K^T on tensor cores into shared memory (f32), then two
+ * lanes per query row apply the mask and scale, update the row's running
+ * max and sum (online softmax), write P (f16) and rescale the row's output
+ * O (f32, shared memory), and O += P V on tensor cores (O loaded into the
+ * accumulator fragments and stored back). Tiles no query of the block sees
+ * are skipped. head_dim == D (64 or 128). */
+template <int D> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_kernel(att_args a) {
+    using namespace nvcuda;
+    using L = att_tc_smem<D>;
+    extern __shared__ float4 smem4[];
+    uint8_t *sm = (uint8_t *)smem4;
+    __half *qs = (__half *)(sm + L::q), *ks = (__half *)(sm + L::k), *vs = (__half *)(sm + L::v);
+    float *ss = (float *)(sm + L::s), *os = (float *)(sm + L::o);
+    __half *ps = (__half *)(sm + L::p);
+    uint64_t *cseq = (uint64_t *)(sm + L::cseq);
+    int32_t *cpos = (int32_t *)(sm + L::cpos), *qpos = (int32_t *)(sm + L::qpos), *qseq = (int32_t *)(sm + L::qseq);
+
+    const int32_t h = blockIdx.y, t0 = blockIdx.x * ATT_T_Q;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int n_tq = min(ATT_T_Q, a.n_tok - t0);
+    const int64_t koff = (int64_t)(h / a.group) * a.hd;
+    constexpr int D4 = D / 4;
+    for (int i = tid; i < ATT_T_Q * D4; i += ATT_T_THREADS) {
+        const int r = i / D4, f = i % D4;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r < n_tq) v = *((const float4 *)(a.q + (t0 + r) * a.n_q + (int64_t)h * a.hd) + f);
+        __half2 *d = (__half2 *)(qs + r * L::LDH + 4 * f);
+        d[0] = __floats2half2_rn(v.x, v.y);
+        d[1] = __floats2half2_rn(v.z, v.w);
+    }
+    for (int i = tid; i < ATT_T_Q * D; i += ATT_T_THREADS) os[(i / D) * L::LDO + i % D] = 0.0f;
+    for (int i = tid; i < ATT_T_Q; i += ATT_T_THREADS) {
+        qpos[i] = i < n_tq ? a.pos[t0 + i] : -1; /* padding queries see nothing */
+        qseq[i] = i < n_tq ? a.seq[t0 + i] : 0;
+    }
+    __syncthreads();
+
+    /* softmax mapping: row r = 16 warp + lane / 2, cells 32 (lane & 1) + j */
+    const int r = 16 * warp + lane / 2, half = lane & 1;
+    float m = -INFINITY, l = 0.0f;
+    const int64_t n_used = att_n_used(a);
+    for (int64_t c0 = 0; c0 < n_used; c0 += ATT_T_C) {
+        if (tid < ATT_T_C) {
+            const int64_t c = c0 + tid;
+            cpos[tid] = c < n_used ? a.cell_pos[c] : -1;
+            cseq[tid] = c < n_used ? a.cell_seq[c] : 0;
+        }
+        __syncthreads();
+        uint32_t vis = 0;
+        const int32_t qp = qpos[r], qq = qseq[r];
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            const int c = 32 * half + j;
+            if (att_visible(cpos[c], cseq[c], qp, qq)) vis |= 1u << j;
+        }
+        if (!__syncthreads_or(vis != 0)) continue; /* no query here sees this tile */
+
+        for (int i = tid; i < ATT_T_C * D4; i += ATT_T_THREADS) {
+            const int c = i / D4, f = i % D4;
+            float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
+            if (cpos[c] >= 0) { /* free cells as zeros: their memory may hold anything */
+                kv = __ldg((const float4 *)(a.k + (c0 + c) * a.n_kv + koff) + f);
+                vv = __ldg((const float4 *)(a.v + (c0 + c) * a.n_kv + koff) + f);
+            }
+            __half2 *dk = (__half2 *)(ks + c * L::LDH + 4 * f), *dv = (__half2 *)(vs + c * L::LDH + 4 * f);
+            dk[0] = __floats2half2_rn(kv.x, kv.y);
+            dk[1] = __floats2half2_rn(kv.z, kv.w);
+            dv[0] = __floats2half2_rn(vv.x, vv.y);
+            dv[1] = __floats2half2_rn(vv.z, vv.w);
+        }
+        __syncthreads();
+
+        /* S (16 rows of this warp x 64 cells) = Q K^T */
+#pragma unroll
+        for (int n = 0; n < ATT_T_C / 16; n++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+            for (int k = 0; k < D / 16; k++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+                wmma::load_matrix_sync(fa, qs + 16 * warp * L::LDH + 16 * k, L::LDH);
+                wmma::load_matrix_sync(fb, ks + 16 * n * L::LDH + 16 * k, L::LDH);
+                wmma::mma_sync(acc, fa, fb, acc);
+            }
+            wmma::store_matrix_sync(ss + 16 * warp * L::LDS + 16 * n, acc, L::LDS, wmma::mem_row_major);
+        }
+        __syncwarp();
+        /* online softmax of row r over its 32 cells (the pair of lanes agrees on the max) */
+        float sv[32], mt = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 32; j++) {
+            sv[j] = (vis >> j & 1) ? ss[r * L::LDS + 32 * half + j] * a.scale : -INFINITY;
+            mt = fmaxf(mt, sv[j]);
+        }
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+        const float mn = fmaxf(m, mt);
+        const float alpha = m == -INFINITY ? 0.0f : expf(m - mn);
+        float ls = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 32; j += 2) {
+            const float p0 = sv[j] == -INFINITY ? 0.0f : expf(sv[j] - mn);
+            const float p1 = sv[j + 1] == -INFINITY ? 0.0f : expf(sv[j + 1] - mn);
+            ls += p0 + p1;
+            *(__half2 *)(ps + r * L::LDP + 32 * half + j) = __floats2half2_rn(p0, p1);
+        }
+        l = l * alpha + ls;
+        m = mn;
+        for (int d = half * (D / 2); d < (half + 1) * (D / 2); d++) os[r * L::LDO + d] *= alpha;
+        __syncwarp();
+        /* O (16 rows x D) += P V */
+#pragma unroll
+        for (int j = 0; j < D / 16; j++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::load_matrix_sync(acc, os + 16 * warp * L::LDO + 16 * j, L::LDO, wmma::mem_row_major);
+#pragma unroll
+            for (int k = 0; k < ATT_T_C / 16; k++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+                wmma::load_matrix_sync(fa, ps + 16 * warp * L::LDP + 16 * k, L::LDP);
+                wmma::load_matrix_sync(fb, vs + 16 * k * L::LDH + 16 * j, L::LDH);
+                wmma::mma_sync(acc, fa, fb, acc);
+            }
+            wmma::store_matrix_sync(os + 16 * warp * L::LDO + 16 * j, acc, L::LDO, wmma::mem_row_major);
+        }
+        __syncthreads(); /* before the next tile overwrites K, V and the cell data */
+    }
+    __syncwarp();
+    const float lt = l + __shfl_xor_sync(0xffffffffu, l, 1);
+    if (r < n_tq) {
+        float *orow = a.out + (t0 + r) * a.n_q + (int64_t)h * a.hd;
+        const float inv = lt > 0.0f ? 1.0f / lt : 0.0f; /* no visible cell: zeros */
+        for (int d = half * (D / 2); d < (half + 1) * (D / 2); d++) orow[d] = os[r * L::LDO + d] * inv;
+    }
+}
+
+template <int D> static optiml_status att_prompt_tc(cu_ctx *cu, const att_args &a) {
+    constexpr size_t smem = att_tc_smem<D>::bytes;
+    CU_TRY(cudaFuncSetAttribute(att_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    const dim3 grid((unsigned)((a.n_tok + ATT_T_Q - 1) / ATT_T_Q), (unsigned)a.n_head);
+    att_tc_kernel<D><<<grid, ATT_T_THREADS, smem, cu->stream>>>(a);
+    CU_LAUNCHED("attention (prompt, tensor cores)");
+    return OPTIML_OK;
+}
+
 extern "C" optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k_cache, const float *v_cache,
                                       float *out, int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
                                       uint32_t n_ctx, const struct cu_batch *b, void *scratch) {
@@ -598,6 +978,15 @@ extern "C" optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k
     const int D = head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256;
     if (n_tok <= ATT_DEC_MAX_TOK) {
         if (!scratch) return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_attention: no scratch");
+        const bool al16 = (((uintptr_t)q | (uintptr_t)k_cache | (uintptr_t)v_cache | (uintptr_t)scratch) & 15) == 0;
+        if (cu->tune.att_kernel == 2 && head_dim == D && al16) {
+            switch (D) {
+            case 32: return att_decode2<32>(cu, a, scratch);
+            case 64: return att_decode2<64>(cu, a, scratch);
+            case 128: return att_decode2<128>(cu, a, scratch);
+            default: return att_decode2<256>(cu, a, scratch);
+            }
+        }
         switch (D) {
         case 32:
             return att_decode<32>(cu, a, scratch);
@@ -609,6 +998,9 @@ extern "C" optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k
             return att_decode<256>(cu, a, scratch);
         }
     }
+    const bool al16 = (((uintptr_t)q | (uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0;
+    if (cu->tune.att_prompt == 2 && head_dim == D && (D == 64 || D == 128) && al16)
+        return D == 64 ? att_prompt_tc<64>(cu, a) : att_prompt_tc<128>(cu, a);
     switch (D) {
     case 32:
         return att_prompt<32>(cu, a);

@@ -48,6 +48,12 @@ check model-float "$BIN/test_cuda_model" 1e-2 "$ROOT/models/stories260K.gguf" "$
 # quantized: the GPU's error against the exact product at most 2x the CPU's
 check model-quant "$BIN/test_cuda_model" 2 "${QUANT[@]}"
 check model-nograph env OPTIML_NO_CUDA_GRAPH=1 "$BIN/test_cuda_model" 1e-2 "$ROOT/models/stories260K.gguf" "$M/r-f32.gguf"
+# the non-default kernel choices (OPTIML_CUDA_TUNE, see src/gpu.c) on a few types
+SOME=(); for q in "${QUANT[@]}"; do case $q in *r-q4_0.gguf:*|*r-q4_k.gguf:*|*r-q6_k.gguf:*|*r-q8_0.gguf:*) SOME+=("$q") ;; esac; done
+for v in pdl=0 fused=1 fused=2 mmvk=2 att=1; do
+  check "model-quant-$v" env OPTIML_CUDA_TUNE=$v "$BIN/test_cuda_model" 2 "${SOME[@]}"
+done
+check model-float-attp1 env OPTIML_CUDA_TUNE=attp=1 "$BIN/test_cuda_model" 1e-2 "$M/r-f32.gguf" "$M/r-relu-f16.gguf"
 
 step "stories260K greedy ids vs llama2.c, every -ngl"
 greedy() {
@@ -61,6 +67,17 @@ greedy() {
   return $ok
 }
 for ngl in 0 1 2 3 4 5 6 -1; do check "greedy-ngl$ngl" greedy "$ngl"; done
+
+step "--vram-budget picks the layers that fit"
+budget() {
+  local gib=$1 want=$2 log
+  log=$("$BIN/optiml-cli" -m "$ROOT/models/stories260K.gguf" -p "Once upon a time" --temp 0 -n 16 \
+        --vram-budget "$gib" -v 2>&1 >/dev/null | grep "VRAM budget")
+  echo "$gib GiB: $log"
+  case $log in *"$want"*) return 0 ;; *) return 1 ;; esac
+}
+check budget-all budget 1000 "5 of 5 layers and the output head fit"
+check budget-none budget 0.001 "0 of 5 layers fit"
 
 step "compute-sanitizer"
 if command -v compute-sanitizer >/dev/null; then

@@ -28,8 +28,17 @@
  *                     products, only the f32 summation order differs
  * cu_get_rows must equal the host dequantizer bit for bit.
  *
+ * cu_matmul_ex (fused input steps) on a weight uploaded in 3 stacked parts
+ * (cu_weight_upload_parts): the host reference first applies the CPU's
+ * ops_rmsnorm, or ops_threshold + ops_act_mul, to x rows read with a stride
+ * (padding and the up half of gate|up rows), then the double product; y rows
+ * are written ldy apart and the columns between them must stay poisoned.
+ * Every tuning variant of the fused kernel, the unfused path and the
+ * input-step + quantize kernel with both product kernels are run.
+ *
  * Exit status: 0 all passed, 1 any failure, 77 no CUDA device (skip).
  */
+#include "cpu/ops.h"
 #include "cuda/cuda.h"
 #include "dtype.h"
 #include "quant.h"
@@ -162,7 +171,7 @@ static double rel_error(const float *y, const float *y0, const double *ref, int6
 
 /* ---- device state ------------------------------------------------------------ */
 
-enum { MAX_TOK = 512, MAX_IN = 4096, MAX_OUT = 4096 };
+enum { MAX_TOK = 512, MAX_IN = 14336, MAX_OUT = 4096 }; /* 14336: the FFN rows of 7B and 13B */
 
 struct dev {
     cu_ctx *cu;
@@ -221,16 +230,26 @@ static void test_shape(struct dev *d, uint32_t type, int64_t n_in, int64_t n_out
         MUST(cu_upload(d->cu, d->x, hx, (uint64_t)(n_tok * n_in) * sizeof(float)));
         double s2;
         reference(&h, hx, n_tok, d->ref, &s2);
-        for (int path = 0; path < 2; path++) {
-            const matmul_fn fn = path ? cu_matmul_gemm : cu_matmul_mmv;
+        /* paths: mmv (the warp kernel for quantized types), gemm, mmv with the block kernel */
+        for (int path = 0; path < (is_plain(type) ? 2 : 3); path++) {
+            const matmul_fn fn = path == 1 ? cu_matmul_gemm : cu_matmul_mmv;
             const double tol = tolerance(type, path == 1);
+            if (path == 2) {
+                const struct cu_tuning t = {.mmv_kernel = 1};
+                cu_set_tuning(d->cu, &t);
+            }
             optiml_status st0, st1;
             const double e0 = run_product(d, fn, &w, n_tok, false, s2, &st0);
             const double e1 = run_product(d, fn, &w, n_tok, true, s2, &st1);
+            if (path == 2) {
+                const struct cu_tuning t = {.mmv_kernel = 2};
+                cu_set_tuning(d->cu, &t);
+            }
             const bool ok = st0 == OPTIML_OK && st1 == OPTIML_OK && e0 <= tol && e1 <= tol;
             result(ok, "%-5s %-4s n_in=%-5lld n_out=%-5lld n_tok=%-4lld rel %.2e (accumulate %.2e) tol %.0e%s%s",
-                   dtype_name(type), path ? "gemm" : "mmv", (long long)n_in, (long long)n_out, (long long)n_tok, e0, e1,
-                   tol, st0 || st1 ? ": error " : "", st0 || st1 ? optiml_last_error() : "");
+                   dtype_name(type), path == 1 ? "gemm" : path == 2 ? "mmvb" : "mmv", (long long)n_in,
+                   (long long)n_out, (long long)n_tok, e0, e1, tol, st0 || st1 ? ": error " : "",
+                   st0 || st1 ? optiml_last_error() : "");
         }
         /* cu_matmul picks a path by itself: check it once per token count */
         optiml_status st;
@@ -319,6 +338,145 @@ static void test_graph(struct dev *d, uint32_t type, int64_t n_tok) {
     host_weight_free(&h);
 }
 
+/* ---- fused products (cu_matmul_ex) ------------------------------------------------ */
+
+static const char *const in_names[3] = {"plain", "rmsnorm", "act_mul"};
+
+/* The input rows (n_tok, n_in) the fused product must see, from raw rows
+ * of ld floats (act_mul: gate at 0, up at n_in). */
+static void host_input(int kind, int act, float thr, const float *raw, int64_t ld, const float *norm, int64_t n_tok,
+                       int64_t n_in, float *out) {
+    float *u = xmalloc((size_t)n_in * sizeof(float));
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *r = raw + t * ld;
+        float *o = out + t * n_in;
+        if (kind == CU_IN_RMSNORM) {
+            ops_rmsnorm(o, r, norm, n_in, 1e-5f);
+        } else if (kind == CU_IN_ACT_MUL) {
+            memcpy(o, r, (size_t)n_in * sizeof(float));
+            memcpy(u, r + n_in, (size_t)n_in * sizeof(float));
+            if (thr > 0.0f) ops_threshold(act == FFN_ACT_RELU_NOGATE ? u : o, n_in, thr);
+            ops_act_mul(o, u, n_in, (enum ffn_act)act);
+        } else {
+            memcpy(o, r, (size_t)n_in * sizeof(float));
+        }
+    }
+    free(u);
+}
+
+static void test_fused(struct dev *d, uint32_t type, int64_t n_in, int64_t n_out) {
+    static const int64_t toks[] = {1, 2, 5, 8, 9, 64};
+    struct host_weight h = host_weight_make(type, n_in, n_out);
+    uint64_t row = 0;
+    dtype_row_size(type, (uint64_t)n_in, &row);
+    /* three stacked parts (fewer rows than 3: one part) */
+    const int n_parts = n_out >= 3 ? 3 : 1;
+    int64_t rows[3] = {n_out, 0, 0};
+    if (n_parts == 3) rows[0] = n_out / 3, rows[1] = n_out / 3, rows[2] = n_out - 2 * (n_out / 3);
+    const void *parts[3] = {h.data, (const uint8_t *)h.data + row * (uint64_t)rows[0],
+                            (const uint8_t *)h.data + row * (uint64_t)(rows[0] + rows[1])};
+    cu_weight w;
+    MUST(cu_weight_upload_parts(d->cu, type, n_in, n_parts, parts, rows, NULL, 0, &w));
+    const int64_t ldy = n_out + 3;
+    float *norm = xmalloc((size_t)n_in * sizeof(float)), *dnorm;
+    for (int64_t i = 0; i < n_in; i++) norm[i] = 1.0f + 0.5f * frand();
+    MUST(cu_malloc(d->cu, (uint64_t)n_in * sizeof(float), (void **)&dnorm));
+    MUST(cu_upload(d->cu, dnorm, norm, (uint64_t)n_in * sizeof(float)));
+    const int64_t max_tok = 64, ld_max = 2 * n_in;
+    float *raw = xmalloc((size_t)(max_tok * ld_max) * sizeof(float));
+    float *xin = xmalloc((size_t)(max_tok * n_in) * sizeof(float));
+    float *yg = xmalloc((size_t)(max_tok * ldy) * sizeof(float));
+    float *y0 = xmalloc((size_t)(max_tok * n_out) * sizeof(float));
+    float *yc = xmalloc((size_t)(max_tok * n_out) * sizeof(float));
+    for (size_t ti = 0; ti < sizeof(toks) / sizeof(toks[0]); ti++) {
+        const int64_t n_tok = toks[ti];
+        if (n_tok * n_in * n_out > (1 << 25) && n_tok > 1) continue; /* host reference time */
+        if (n_tok * ldy > MAX_TOK * MAX_OUT) continue;
+        for (int kind = 0; kind < 3; kind++) {
+            /* one line per (n_tok, kind): the worst case over activations,
+             * thresholds, configurations and accumulate */
+            double worst = 0.0;
+            bool ok = true;
+            char worst_what[96] = "", err_text[160] = "";
+            for (int act = 0; act < (kind == CU_IN_ACT_MUL ? 6 : 1); act++)
+                for (int ti2 = 0; ti2 < (kind == CU_IN_ACT_MUL ? 2 : 1); ti2++) {
+                    if (kind == CU_IN_ACT_MUL && n_tok != 1 && act != 0 && act != 5) continue;
+                    const float thr = ti2 ? 0.25f : 0.0f;
+                    const int64_t ld = kind == CU_IN_ACT_MUL ? 2 * n_in : n_in + 4;
+                    for (int64_t i = 0; i < n_tok * ld; i++) raw[i] = 2.0f * frand();
+                    MUST(cu_upload(d->cu, d->x, raw, (uint64_t)(n_tok * ld) * sizeof(float)));
+                    host_input(kind, act, thr, raw, ld, norm, n_tok, n_in, xin);
+                    double s2;
+                    reference(&h, xin, n_tok, d->ref, &s2);
+                    const struct cu_mm_in in = {.kind = kind, .ld = ld, .norm = dnorm, .eps = 1e-5f,
+                                                .up = d->x + n_in, .act = act, .thr = thr};
+                    /* configurations: fused kernel variants 1..3, the unfused path,
+                     * input step + quantization then the warp kernel (variants 1..3),
+                     * then the block kernel */
+                    static const char *cfg_names[] = {"fused-v1",    "fused-v2",    "fused-v3",  "unfused",
+                                                      "inq-warp-v1", "inq-warp-v2", "inq-warp-v3", "inq-block",
+                                                      "inq-warp-pdl"};
+                    for (int cfg = 0; cfg < 9; cfg++) {
+                        if (((cfg > 0 && cfg < 3) || (cfg > 4 && cfg < 7)) && n_tok != 1) continue;
+                        const int var = cfg < 3 ? cfg + 1 : cfg >= 4 && cfg < 7 ? cfg - 3 : 1;
+                        const struct cu_tuning tune = {.mmv_variant = var,
+                                                       .mmv_fused = cfg < 3 ? 1 : cfg == 3 ? 2 : 3,
+                                                       .mmv_kernel = cfg == 7 ? 1 : 2,
+                                                       .pdl = cfg == 8 ? 1 : 2};
+                        cu_set_tuning(d->cu, &tune);
+                        for (int acc = 0; acc < 2; acc++) {
+                            MUST(cu_memset(d->cu, d->y, 0xFF, (uint64_t)(n_tok * ldy) * sizeof(float)));
+                            if (acc) {
+                                for (int64_t i = 0; i < n_tok * n_out; i++) y0[i] = frand();
+                                for (int64_t t = 0; t < n_tok; t++)
+                                    MUST(cu_upload(d->cu, d->y + t * ldy, y0 + t * n_out,
+                                                   (uint64_t)n_out * sizeof(float)));
+                            }
+                            const optiml_status st = cu_matmul_ex(d->cu, &w, d->x, &in, n_tok, d->y, ldy, acc);
+                            double e = NAN;
+                            bool gaps = true;
+                            if (st == OPTIML_OK) {
+                                MUST(cu_download(d->cu, yg, d->y, (uint64_t)(n_tok * ldy) * sizeof(float)));
+                                MUST(cu_sync(d->cu));
+                                for (int64_t t = 0; t < n_tok; t++) {
+                                    memcpy(yc + t * n_out, yg + t * ldy, (size_t)n_out * sizeof(float));
+                                    for (int64_t j = n_out; j < ldy; j++) {
+                                        uint32_t bits;
+                                        memcpy(&bits, &yg[t * ldy + j], 4);
+                                        gaps = gaps && bits == 0xFFFFFFFFu;
+                                    }
+                                }
+                                e = rel_error(yc, acc ? y0 : NULL, d->ref, n_tok * n_out, s2);
+                            } else {
+                                snprintf(err_text, sizeof(err_text), ": error %s", optiml_last_error());
+                            }
+                            const double tol = tolerance(type, n_tok > cu_matmul_mmv_max_tokens());
+                            const bool case_ok = st == OPTIML_OK && e <= tol && gaps;
+                            if (!case_ok || isnan(worst) || e > worst || !worst_what[0]) {
+                                if (!case_ok || !(e <= worst)) worst = e;
+                                snprintf(worst_what, sizeof(worst_what), "act=%d thr=%.2f %s%s%s", act, thr,
+                                         cfg_names[cfg],
+                                         acc ? " acc" : "", gaps ? "" : " (a gap between rows was written)");
+                            }
+                            if (!case_ok && ok) printf("  first failure: %s rel %.2e\n", worst_what, e);
+                            ok = ok && case_ok;
+                        }
+                    }
+                    const struct cu_tuning back = {.mmv_variant = 1, .mmv_fused = 3, .mmv_kernel = 2, .pdl = 2};
+                    cu_set_tuning(d->cu, &back);
+                }
+            const double tol = tolerance(type, n_tok > cu_matmul_mmv_max_tokens());
+            result(ok, "%-5s ex %-7s n_in=%-5lld n_out=%-5lld (3 parts, ldy +3) n_tok=%-3lld worst rel %.2e (%s) tol %.0e%s",
+                   dtype_name(type), in_names[kind], (long long)n_in, (long long)n_out, (long long)n_tok, worst,
+                   worst_what, tol, err_text);
+        }
+    }
+    free(raw), free(xin), free(yg), free(y0), free(yc), free(norm);
+    cu_dfree(dnorm);
+    cu_weight_free(&w);
+    host_weight_free(&h);
+}
+
 static void test_errors(struct dev *d) {
     result(!cu_type_supported(DTYPE_Q8_K) && !cu_type_supported(DTYPE_IQ2_XXS) && !cu_type_supported(DTYPE_COUNT) &&
                cu_type_supported(DTYPE_Q4_0),
@@ -390,9 +548,29 @@ int main(int argc, char **argv) {
         test_get_rows(&d, t, first, 7);
         test_get_rows(&d, t, 512, 300);
     }
+    for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+        const int64_t first = is_plain(types[ti]) ? 64 : (int64_t)dtype_block_size(types[ti]);
+        test_fused(&d, types[ti], first, 7);
+        test_fused(&d, types[ti], 512, 300);
+        if (!quick) test_fused(&d, types[ti], 4096, 257);
+    }
+    if (!quick) { /* long rows: 2..4 register groups per thread in the input + quantize kernel */
+        test_fused(&d, DTYPE_Q4_0, 11008, 40);
+        test_fused(&d, DTYPE_Q4_K, 11008, 40);
+        test_fused(&d, DTYPE_Q6_K, 11008, 40);
+        test_fused(&d, DTYPE_Q4_0, 13824, 20);
+    }
     test_graph(&d, DTYPE_Q4_0, 1);
     test_graph(&d, DTYPE_Q4_K, 3);
     test_graph(&d, DTYPE_F16, 2);
+    { /* the same with programmatic dependent launch */
+        const struct cu_tuning on = {.pdl = 1}, off = {.pdl = 2};
+        cu_set_tuning(d.cu, &on);
+        printf("with programmatic dependent launch (pdl=1):\n");
+        test_graph(&d, DTYPE_Q4_0, 1);
+        test_graph(&d, DTYPE_Q4_K, 3);
+        cu_set_tuning(d.cu, &off);
+    }
     test_errors(&d);
 
     cu_dfree(d.x);

@@ -294,6 +294,56 @@ static void test_rope(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_r
     kv_state_free(&s);
 }
 
+/* cu_rope_store_qkv: q, k, v read from one row of q|k|v (ld with padding),
+ * rotated q written to its own poisoned buffer, k and v to the cache. */
+static void test_rope_qkv(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_rot, int32_t n_tok) {
+    const int32_t n_ctx = n_tok * 2 + 16;
+    const int64_t n_q = (int64_t)n_head * hd, n_kv = (int64_t)n_head_kv * hd, ld = n_q + 2 * n_kv + 6;
+    struct kv_state s;
+    kv_state_init(&s, n_tok, n_ctx, (uint32_t)(n_tok + 8), 2);
+    for (int32_t t = 0; t < n_tok; t++) s.pos[t] = (int32_t)(urand() % 5000);
+    float *qkv = frand_array(n_tok * ld, 1.0f);
+    float *q = malloc((size_t)(n_tok * n_q) * sizeof(float)), *k = malloc((size_t)(n_tok * n_kv) * sizeof(float));
+    float *v = malloc((size_t)(n_tok * n_kv) * sizeof(float));
+    for (int32_t t = 0; t < n_tok; t++) {
+        memcpy(q + t * n_q, qkv + t * ld, (size_t)n_q * sizeof(float));
+        memcpy(k + t * n_kv, qkv + t * ld + n_q, (size_t)n_kv * sizeof(float));
+        memcpy(v + t * n_kv, qkv + t * ld + n_q + n_kv, (size_t)n_kv * sizeof(float));
+    }
+    float *kc = frand_array(n_ctx * n_kv, 1.0f), *vc = frand_array(n_ctx * n_kv, 1.0f);
+    float *kc0 = malloc((size_t)(n_ctx * n_kv) * sizeof(float)), *vc0 = malloc((size_t)(n_ctx * n_kv) * sizeof(float));
+    memcpy(kc0, kc, (size_t)(n_ctx * n_kv) * sizeof(float));
+    memcpy(vc0, vc, (size_t)(n_ctx * n_kv) * sizeof(float));
+    for (int32_t t = 0; t < n_tok; t++)
+        for (int64_t i = 0; i < n_kv; i++) kc0[s.cell[t] * n_kv + i] = vc0[s.cell[t] * n_kv + i] = NAN;
+    float *f = inv_freq_make(n_rot);
+    float *dqkv = dup_to_dev(qkv, n_tok * ld * sizeof(float)), *df = dup_to_dev(f, (n_rot / 2 + 1) * sizeof(float));
+    float *dq = dalloc(n_tok * n_q * sizeof(float));
+    poison(dq, n_tok * n_q * sizeof(float));
+    float *dkc = dup_to_dev(kc0, n_ctx * n_kv * sizeof(float)), *dvc = dup_to_dev(vc0, n_ctx * n_kv * sizeof(float));
+    struct dev_batch db;
+    dev_batch_init(&db, n_tok, n_ctx);
+    dev_batch_upload(&db, &s);
+    CU_OK(cu_rope_store_qkv(cu, dqkv, ld, dq, dkc, dvc, n_tok, n_head, n_head_kv, hd, n_rot, df, &db.b));
+    rope_store_ref(q, k, v, kc, vc, &s, n_head, n_head_kv, hd, n_rot, f);
+    float *got = malloc((size_t)(n_ctx * n_kv > n_tok * n_q ? n_ctx * n_kv : n_tok * n_q) * sizeof(float));
+    char what[160];
+    const char *parts[] = {"q", "k cache", "v cache"};
+    const float *refs[] = {q, kc, vc};
+    const void *devs[] = {dq, dkc, dvc};
+    const int64_t ns[] = {n_tok * n_q, n_ctx * n_kv, n_ctx * n_kv};
+    for (int i = 0; i < 3; i++) {
+        fetch(got, devs[i], ns[i] * sizeof(float));
+        snprintf(what, sizeof(what), "rope_store_qkv %s hd=%d heads=%d/%d n_rot=%d n_tok=%d ld=%lld", parts[i], hd,
+                 n_head, n_head_kv, n_rot, n_tok, (long long)ld);
+        report(what, rel_err_f(got, refs[i], ns[i]), 1e-5);
+    }
+    dev_batch_free(&db);
+    cu_dfree(dqkv), cu_dfree(dq), cu_dfree(df), cu_dfree(dkc), cu_dfree(dvc);
+    free(qkv), free(q), free(k), free(v), free(kc), free(vc), free(kc0), free(vc0), free(f), free(got);
+    kv_state_free(&s);
+}
+
 /* ---- attention ---------------------------------------------------------------------- */
 
 /* softmax(q K^T / sqrt(hd)) V in double over the visible cells (the CPU's
@@ -341,6 +391,11 @@ static float *cache_make(const struct kv_state *s, int64_t n_kv) {
     return c;
 }
 
+/* f32 kernels: 1e-4; the tensor-core prompt kernel rounds Q, K, P and V
+ * to f16 (4 roundings of relative 2^-11 = 4.9e-4 each, on scores of up
+ * to about +-5 after scaling): 2e-3 */
+static double att_tol = 1e-4;
+
 static void test_attention(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_tok, int32_t n_ctx, uint32_t n_used,
                            int32_t n_seq, int blind_last) {
     const int64_t n_q = (int64_t)n_head * hd, n_kv = (int64_t)n_head_kv * hd;
@@ -366,7 +421,7 @@ static void test_attention(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_
     char what[200];
     snprintf(what, sizeof(what), "attention hd=%d heads=%d/%d n_tok=%d n_ctx=%d n_used=%u seqs=%d%s", hd, n_head,
              n_head_kv, n_tok, n_ctx, n_used, n_seq, blind_last ? " (last token blind)" : "");
-    report(what, rel_err_d(got, ref, n_tok * n_q), 1e-4);
+    report(what, rel_err_d(got, ref, n_tok * n_q), att_tol);
     dev_batch_free(&db);
     cu_dfree(dq), cu_dfree(dkc), cu_dfree(dvc), cu_dfree(dout), cu_dfree(scratch);
     free(q), free(kc), free(vc), free(ref), free(got);
@@ -489,6 +544,12 @@ int main(int argc, char **argv) {
     }
     CU_OK(cu_init(0, &cu));
     printf("device: %s\n", cu_device_name(cu));
+    {
+        /* the f32 prompt attention first (tolerance 1e-4); the default
+         * tensor-core kernel has its own cases below at 2e-3 */
+        const struct cu_tuning f32_attention = {.att_prompt = 1};
+        cu_set_tuning(cu, &f32_attention);
+    }
 
     test_rmsnorm(64, 1, 0, 1e-5f);
     test_rmsnorm(288, 7, 1, 1e-6f);
@@ -508,6 +569,11 @@ int main(int argc, char **argv) {
     test_rope(64, 8, 8, 32, 17); /* partial rotation */
     test_rope(128, 32, 8, 128, 512);
     test_rope(128, 32, 32, 128, 1);
+    test_rope_qkv(8, 8, 4, 8, 1);
+    test_rope_qkv(64, 8, 8, 32, 17); /* partial rotation */
+    test_rope_qkv(128, 32, 8, 128, 5);
+    test_rope_qkv(128, 32, 32, 128, 1);
+    test_rope_qkv(128, 40, 40, 128, 300);
 
     /* hd, heads, kv heads, n_tok, n_ctx, n_used, sequences, last token blind */
     test_attention(8, 8, 8, 1, 16, 16, 1, 0);
@@ -530,15 +596,84 @@ int main(int argc, char **argv) {
     test_attention(96, 8, 2, 40, 300, 280, 2, 0);
     test_attention(256, 8, 2, 5, 300, 280, 2, 0);
     test_attention(256, 8, 2, 40, 300, 280, 2, 0);
+    /* decode attention with fewer, longer blocks (cu_tuning.att_chunk_min) */
+    for (int cm = 128; cm <= 256; cm *= 2) {
+        const struct cu_tuning t = {.att_chunk_min = cm};
+        cu_set_tuning(cu, &t);
+        printf("att_chunk_min %d:\n", cm);
+        test_attention(128, 32, 8, 1, 4096, 4000, 1, 0);
+        test_attention(128, 8, 8, 8, 4096, 2500, 2, 0);
+        test_attention(64, 32, 8, 3, 300, 300, 3, 1);
+        test_attention(128, 32, 32, 1, 641, 100, 1, 0);
+    }
+    {
+        const struct cu_tuning t = {.att_chunk_min = 64};
+        cu_set_tuning(cu, &t);
+    }
+    /* decode kernel 1 (fixed chunks) and kernel 2 (the default; it takes
+     * head_dim 32/64/128/256, others fall back to kernel 1) with one and
+     * with many blocks per SM */
+    for (int v = 0; v < 4; v++) { /* v 3: kernel 2 with programmatic dependent launch */
+        const struct cu_tuning t = {.att_kernel = v == 0 ? 1 : 2, .att_blocks_per_sm = v == 2 ? 16 : v == 3 ? 4 : 1,
+                                    .pdl = v == 3 ? 1 : 2};
+        cu_set_tuning(cu, &t);
+        printf("decode attention kernel %d, blocks per SM %d%s:\n", t.att_kernel, t.att_blocks_per_sm,
+               v == 3 ? ", pdl" : "");
+        test_attention(32, 16, 4, 1, 300, 37, 2, 0);
+        test_attention(64, 32, 8, 3, 300, 300, 3, 1);
+        test_attention(128, 32, 32, 1, 4096, 100, 1, 0); /* a short context in a long cache */
+        test_attention(128, 32, 8, 1, 4096, 4096, 3, 0);
+        test_attention(128, 8, 8, 8, 4096, 2500, 2, 0);
+        test_attention(128, 40, 40, 2, 2048, 1500, 2, 1);
+        test_attention(256, 8, 2, 5, 300, 280, 2, 0);
+        test_graph(128, 32, 8, 300);
+    }
+    {
+        const struct cu_tuning t = {.att_kernel = 2, .att_blocks_per_sm = 4, .pdl = 2};
+        cu_set_tuning(cu, &t);
+    }
+    /* prompt attention on tensor cores (head_dim 64 and 128; others and
+     * decode batches take the f32 kernels, checked at the f32 tolerance) */
+    {
+        const struct cu_tuning t = {.att_prompt = 2};
+        cu_set_tuning(cu, &t);
+        printf("prompt attention on tensor cores (att_prompt=2), tolerance 2e-3:\n");
+        att_tol = 2e-3;
+        test_attention(64, 32, 8, 512, 1024, 900, 4, 0);
+        test_attention(64, 8, 8, 17, 300, 250, 3, 1);
+        test_attention(128, 8, 8, 9, 300, 280, 2, 1);
+        test_attention(128, 32, 8, 17, 300, 200, 3, 0);
+        test_attention(128, 32, 32, 512, 1024, 1024, 1, 0);
+        test_attention(128, 8, 8, 512, 4096, 2100, 3, 0);
+        test_attention(128, 40, 40, 100, 700, 650, 2, 1);
+        att_tol = 1e-4;
+        test_attention(96, 8, 2, 40, 300, 280, 2, 0); /* falls back to the f32 kernel */
+        test_attention(128, 8, 8, 8, 4096, 2500, 2, 0);
+        const struct cu_tuning back = {.att_prompt = 1};
+        cu_set_tuning(cu, &back);
+    }
 
     test_graph(8, 8, 4, 64);
     test_graph(128, 32, 8, 300);
 
     if (!quick) {
+        for (int k = 1; k <= 2; k++) { /* decode: kernel 1, then kernel 2 (the default, left set) */
+            const struct cu_tuning t = {.att_kernel = k};
+            cu_set_tuning(cu, &t);
+            printf("decode attention kernel %d:\n", k);
+            time_attention(128, 32, 1, 128, 200);
+            time_attention(128, 32, 1, 512, 200);
+            time_attention(128, 32, 1, 1024, 100);
+        }
         time_attention(128, 32, 1, 4096, 50);
         time_attention(128, 32, 1, 32768, 10);
-        time_attention(128, 32, 512, 512, 10);
-        time_attention(128, 32, 512, 4096, 5);
+        for (int k = 1; k <= 2; k++) { /* prompt: f32, then tensor cores */
+            const struct cu_tuning t = {.att_prompt = k};
+            cu_set_tuning(cu, &t);
+            printf("prompt attention att_prompt=%d:\n", k);
+            time_attention(128, 32, 512, 512, 10);
+            time_attention(128, 32, 512, 4096, 5);
+        }
     }
 
     cu_free(cu);

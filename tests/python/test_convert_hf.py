@@ -564,7 +564,7 @@ def test_convert_py_errors(tmp_path):
     out = tmp_path / "x.gguf"
     r = convert_py("--outfile", str(out), str(MODELS / "stories260K.bin"), "predictor.bin")
     assert r.returncode == 2
-    assert "predictor conversion arrives with the activation-locality work (issue 5)" in r.stderr
+    assert "a predictor directory goes with a Hugging Face model directory" in r.stderr
     lone = tmp_path / "lone.bin"
     shutil.copy(MODELS / "stories260K.bin", lone)
     r = convert_py("--outfile", str(out), str(lone))

@@ -1,0 +1,283 @@
+/*
+ * ops_avx512.c - AVX-512 (F, BW, VL) + VNNI variants of the hot quantized
+ * dots: q4_0 and q8_0 (vpdpbusd on 256-bit vectors: one instruction for
+ * the 32-byte integer dot of a block), q4_k and q6_k (512-bit vectors: 64
+ * values, two or four scales, per step). This file alone is compiled with
+ * -mavx512f -mavx512bw -mavx512vl -mavx512vnni (plus AVX2, FMA, F16C);
+ * cpu_kernels_avx512vnni() checks cpuid and XCR0 first (dispatch.c).
+ *
+ * As in ops_avx2.c, one template per type gives dot_q (1x1), dot_q_x4
+ * (1x4) and the 2x1 and 2x4 tiles; every (row, input) pair has one
+ * accumulator taking the blocks in order through the same operations in
+ * every shape, so the shapes agree bit for bit (tests/test_ops.c checks
+ * them, and each against the scalar reference, on any CPU that runs them).
+ */
+#include "cpu/ops.h"
+
+#include "quant.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+#define TILE_INLINE static inline __attribute__((always_inline))
+#define FOR_R for (int r = 0; r < R; r++)
+#define FOR_T for (int t = 0; t < T; t++)
+
+static inline float hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    lo = _mm_add_ps(lo, _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+/* 16 lanes to 8, then as above (fixed order: the same in every shape). */
+static inline float hsum512(__m512 v) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+}
+
+/* Broadcast f32 of an f16 in memory. */
+static inline __m256 f16_bcast256(const uint16_t *h) { return _mm256_cvtph_ps(_mm_set1_epi16((short)*h)); }
+static inline __m512 f16_bcast512(const uint16_t *h) { return _mm512_cvtph_ps(_mm256_set1_epi16((short)*h)); }
+
+/* ---- q4_0, q8_0 against q8_0 inputs ----------------------------------------
+ * q4_0: the weights' unsigned nibbles go straight into vpdpbusd (unsigned
+ * x signed bytes, 4 products summed into each int32 lane); the -8 offset
+ * starts each lane at -8 * (its 4 input bytes), computed once per input
+ * block. q8_0: |w| (unsigned) times x with w's sign (|w| = 128 for -128 is
+ * right as unsigned; inputs never hold -128). vpdpbusd does not saturate. */
+TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool Q8, int64_t n, const void *w, uint64_t w_stride,
+                                const void *xq, uint64_t xq_stride, float *out) {
+    const int64_t nb = n / 32;
+    const __m256i m4 = _mm256_set1_epi8(0xF), eights = _mm256_set1_epi8(8), zero = _mm256_setzero_si256();
+    const __m256i shift = _mm256_setr_epi64x(0, 0, 4, 4);
+    __m256 acc[2][4];
+    FOR_R FOR_T acc[r][t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i xv[4], base[4];
+        __m256 dx[4];
+#pragma GCC unroll 4
+        FOR_T {
+            const block_q8_0 *b = (const block_q8_0 *)((const char *)xq + t * xq_stride) + i;
+            xv[t] = _mm256_loadu_si256((const __m256i *)b->qs);
+            base[t] = Q8 ? zero : _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, eights, xv[t]));
+            dx[t] = f16_bcast256(&b->d);
+        }
+#pragma GCC unroll 2
+        FOR_R {
+            __m256i wv;
+            __m256 dw;
+            if (Q8) {
+                const block_q8_0 *a = (const block_q8_0 *)((const char *)w + r * w_stride) + i;
+                wv = _mm256_loadu_si256((const __m256i *)a->qs);
+                dw = f16_bcast256(&a->d);
+            } else {
+                /* low nibbles (values 0..15) in the low 128 bits, high in the high */
+                const block_q4_0 *a = (const block_q4_0 *)((const char *)w + r * w_stride) + i;
+                const __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)a->qs));
+                wv = _mm256_and_si256(_mm256_srlv_epi64(q, shift), m4);
+                dw = f16_bcast256(&a->d);
+            }
+            const __m256i wu = Q8 ? _mm256_sign_epi8(wv, wv) : wv;
+#pragma GCC unroll 4
+            FOR_T {
+                const __m256i xs = Q8 ? _mm256_sign_epi8(xv[t], wv) : xv[t];
+                const __m256i p = _mm256_dpbusd_epi32(base[t], wu, xs);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx[t]), _mm256_cvtepi32_ps(p), acc[r][t]);
+            }
+        }
+    }
+    FOR_R FOR_T out[r * T + t] = hsum256(acc[r][t]);
+}
+
+/* ---- q4_k against q8_k inputs ------------------------------------------------
+ * Chunk c of 64 values: sub-block 2c (low nibbles of 32 bytes) in the low
+ * 256 bits of a 512-bit vector, 2c + 1 (high nibbles) in the high 256, the
+ * 64 input bytes in one load; int16 pair sums times the sub-block's scale
+ * (vpermw picks it per half). The mins go through the input's 16-value
+ * sums, as in ops_avx2.c. */
+
+/* The 8 scales (bytes 0..7) and 8 mins (bytes 8..15) of a q4_k block. */
+static inline __m128i k4_scales_mins(const uint8_t *s) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+    const uint32_t mins_lo = u[1] & m1;
+    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+    u[2] = mins_lo;
+    u[0] &= m1;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
+/* vpermw index: int16 lanes 0..15 take lane a, lanes 16..31 lane b. */
+static inline __m512i perm_halves(int a, int b) {
+    return _mm512_inserti64x4(_mm512_set1_epi16((short)a), _mm256_set1_epi16((short)b), 1);
+}
+
+TILE_INLINE void tile_q4_K(const int R, const int T, int64_t n, const void *w, uint64_t w_stride, const void *xq,
+                           uint64_t xq_stride, float *out) {
+    const int64_t nb = n / QK_K;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m512 acc[2][4];
+    FOR_R FOR_T acc[r][t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m512i bsp[4]; /* 8 sums of 32 inputs (int16) in the low 128 bits, zeros above */
+        __m512 dx[4];
+#pragma GCC unroll 4
+        FOR_T {
+            const block_q8_K *b = (const block_q8_K *)((const char *)xq + t * xq_stride) + i;
+            const __m128i s0 = _mm_loadu_si128((const __m128i *)b->bsums);
+            const __m128i s1 = _mm_loadu_si128((const __m128i *)(b->bsums + 8));
+            bsp[t] = _mm512_zextsi128_si512(_mm_hadd_epi16(s0, s1));
+            dx[t] = _mm512_set1_ps(b->d);
+        }
+#pragma GCC unroll 2
+        FOR_R {
+            const block_q4_K *a = (const block_q4_K *)((const char *)w + r * w_stride) + i;
+            const __m128i sm = k4_scales_mins(a->scales);
+            const __m512i sc = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(sm)); /* int16 lanes 0..7 */
+            const __m512i mins = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
+            const __m512 dw = f16_bcast512(&a->d), dmin = f16_bcast512(&a->dmin);
+            __m512i isum[4];
+            FOR_T isum[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * c));
+                const __m512i qq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, m4)),
+                                                      _mm256_and_si256(_mm256_srli_epi16(q, 4), m4), 1);
+                const __m512i s = _mm512_permutexvar_epi16(perm_halves(2 * c, 2 * c + 1), sc);
+#pragma GCC unroll 4
+                FOR_T {
+                    const int8_t *x = ((const block_q8_K *)((const char *)xq + t * xq_stride) + i)->qs + 64 * c;
+                    const __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(qq, _mm512_loadu_si512(x)), s);
+                    isum[t] = _mm512_add_epi32(isum[t], p);
+                }
+            }
+#pragma GCC unroll 4
+            FOR_T {
+                const __m512i msum = _mm512_madd_epi16(mins, bsp[t]);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx[t]), _mm512_cvtepi32_ps(isum[t]), acc[r][t]);
+                acc[r][t] = _mm512_fnmadd_ps(_mm512_mul_ps(dmin, dx[t]), _mm512_cvtepi32_ps(msum), acc[r][t]);
+            }
+        }
+    }
+    FOR_R FOR_T out[r * T + t] = hsum512(acc[r][t]);
+}
+
+/* ---- q6_k against q8_k inputs ------------------------------------------------
+ * Half h of 128 values; group s of 32 takes nibble s / 2 of ql bytes
+ * 64h + 32(s % 2) + l and bits 2s of qh bytes 32h + l. Groups 2p and
+ * 2p + 1 share a 512-bit step (their 64 inputs are contiguous); scales per
+ * 16 values: 128-bit quarter k of the step takes scale 8h + 4p + k. The
+ * -32 offset goes through the input's 16-value sums. */
+TILE_INLINE void tile_q6_K(const int R, const int T, int64_t n, const void *w, uint64_t w_stride, const void *xq,
+                           uint64_t xq_stride, float *out) {
+    const int64_t nb = n / QK_K;
+    const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
+    /* vpermw indices: int16 lane l of the step takes scale base + l / 8 */
+    const __m512i quarter = _mm512_srli_epi16(
+        _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9,
+                         8, 7, 6, 5, 4, 3, 2, 1, 0),
+        3);
+    __m256 acc[2][4];
+    FOR_R FOR_T acc[r][t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i bs[4];
+        __m256 dx[4];
+#pragma GCC unroll 4
+        FOR_T {
+            const block_q8_K *b = (const block_q8_K *)((const char *)xq + t * xq_stride) + i;
+            bs[t] = _mm256_loadu_si256((const __m256i *)b->bsums);
+            dx[t] = _mm256_set1_ps(b->d);
+        }
+#pragma GCC unroll 2
+        FOR_R {
+            const block_q6_K *a = (const block_q6_K *)((const char *)w + r * w_stride) + i;
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a->scales));
+            const __m512i sc = _mm512_zextsi256_si512(sc16); /* scales in int16 lanes 0..15 */
+            const __m256 dw = f16_bcast256(&a->d);
+            __m512i isum[4];
+#pragma GCC unroll 4
+            FOR_T {
+                const __m256i o = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs[t]), 5); /* 32 sum sc bsum */
+                isum[t] = _mm512_zextsi256_si512(_mm256_sub_epi32(_mm256_setzero_si256(), o));
+            }
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h + 32));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(a->qh + 32 * h));
+                const __m256i q[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                                      _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                      _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+                __m256i g[4]; /* the 6-bit values of group s */
+#pragma GCC unroll 4
+                for (int s = 0; s < 4; s++)
+                    g[s] = _mm256_or_si256(q[s], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * s), m2), 4));
+#pragma GCC unroll 2
+                for (int p = 0; p < 2; p++) {
+                    const __m512i qq = _mm512_inserti64x4(_mm512_castsi256_si512(g[2 * p]), g[2 * p + 1], 1);
+                    const __m512i s =
+                        _mm512_permutexvar_epi16(_mm512_add_epi16(quarter, _mm512_set1_epi16((short)(8 * h + 4 * p))), sc);
+#pragma GCC unroll 4
+                    FOR_T {
+                        const int8_t *x = ((const block_q8_K *)((const char *)xq + t * xq_stride) + i)->qs + 128 * h + 64 * p;
+                        const __m512i pr = _mm512_madd_epi16(_mm512_maddubs_epi16(qq, _mm512_loadu_si512(x)), s);
+                        isum[t] = _mm512_add_epi32(isum[t], pr);
+                    }
+                }
+            }
+#pragma GCC unroll 4
+            FOR_T {
+                const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(isum[t]), _mm512_extracti64x4_epi64(isum[t], 1));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx[t]), _mm256_cvtepi32_ps(s8), acc[r][t]);
+            }
+        }
+    }
+    FOR_R FOR_T out[r * T + t] = hsum256(acc[r][t]);
+}
+
+/* ---- instances and the table ----------------------------------------------- */
+
+#define TILE_INSTANCES(NAME, CALL)                                                                               \
+    static float dot_##NAME##_avx512(int64_t n, const void *w, const void *xq) {                                \
+        float o;                                                                                                 \
+        CALL(1, 1, n, w, 0, xq, 0, &o);                                                                          \
+        return o;                                                                                                \
+    }                                                                                                            \
+    static void dot_##NAME##_x4_avx512(int64_t n, const void *w, const void *xq, uint64_t xs, float out[4]) {   \
+        CALL(1, 4, n, w, 0, xq, xs, out);                                                                        \
+    }                                                                                                            \
+    static void dot_##NAME##_2x1_avx512(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,     \
+                                        float *out) {                                                            \
+        CALL(2, 1, n, w, ws, xq, xs, out);                                                                       \
+    }                                                                                                            \
+    static void dot_##NAME##_2x4_avx512(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,     \
+                                        float *out) {                                                            \
+        CALL(2, 4, n, w, ws, xq, xs, out);                                                                       \
+    }
+
+#define CALL_Q4_0(R, T, ...) tile_q4_0_q8_0(R, T, false, __VA_ARGS__)
+#define CALL_Q8_0(R, T, ...) tile_q4_0_q8_0(R, T, true, __VA_ARGS__)
+TILE_INSTANCES(q4_0, CALL_Q4_0)
+TILE_INSTANCES(q8_0, CALL_Q8_0)
+TILE_INSTANCES(q4_K, tile_q4_K)
+TILE_INSTANCES(q6_K, tile_q6_K)
+
+#define ENTRIES(NAME)                                                                                           \
+    [DTYPE_Q4_0] = dot_q4_0##NAME##_avx512, [DTYPE_Q8_0] = dot_q8_0##NAME##_avx512,                              \
+    [DTYPE_Q4_K] = dot_q4_K##NAME##_avx512, [DTYPE_Q6_K] = dot_q6_K##NAME##_avx512
+
+static const struct cpu_kernels kernels_avx512 = {
+    .name = "avx512vnni",
+    .dot_q = {ENTRIES()},
+    .dot_q_x4 = {ENTRIES(_x4)},
+    .dot_q_2x1 = {ENTRIES(_2x1)},
+    .dot_q_2x4 = {ENTRIES(_2x4)},
+};
+
+const struct cpu_kernels *cpu_kernels_avx512vnni(void) {
+    return cpu_has_avx2_fma_f16c() && cpu_has_avx512vnni() ? &kernels_avx512 : NULL;
+}

@@ -1,0 +1,421 @@
+/*
+ * test_cats.c - training-free sparsity of SiLU-gated models (CATS, sparse
+ * mode 4, src/sparse.c) against a scalar reference.
+ *
+ * Small SiLU Llama models are written here with the GGUF writer, with
+ * optiml.sparse.kind "cats" and a gate threshold per layer that drops
+ * about 40% of the neurons (gate rows of norm 1.5 over unit inputs).
+ *   - One layer: sparse_layer_ffn on one token against a scalar FFN in
+ *     double from the dequantized weights (g = x Wgate; h_i = silu(g_i) u_i
+ *     where |silu(g_i)| > t, else 0; y = Wdown h): |diff| <= tol * max(1,
+ *     max|y|), and the neurons it counts active match the reference's
+ *     within 1% (neurons at the threshold may flip with float rounding);
+ *     with ffn_down_t (f16, exact transposition) and without (the dense
+ *     down matmul on the sparse h); f32, q8_0 and q4_1 gate/up.
+ *   - The whole model: token by token (the sparse path) against one batch
+ *     (more tokens than the sparse path takes: the dense FFN with the same
+ *     cut) gives the same logits within tol; the dense model (mode 1)
+ *     differs by more than 10x tol (the cut matters: negative control);
+ *     with thresholds 0 (only exact zeros dropped) mode 4 matches dense.
+ *   - The FFN observer's g is x Wgate (scalar reference), in dense mode.
+ *   - Load and init errors of the new keys.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "gguf.h"
+#include "model.h"
+#include "optiml.h"
+#include "quant.h"
+#include "sparse.h"
+#include "test.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define N_EMBD 256
+#define N_FF 512
+#define N_LAYER 2
+#define N_HEAD 4
+#define N_VOCAB 300
+#define N_TOK 6
+
+struct opts {
+    uint32_t type; /* gate, up, attention, output */
+    bool down_t;
+    float thr;     /* every layer's gate threshold */
+    /* error injection */
+    const char *kind; /* NULL: "cats" */
+    bool no_thr, bad_count, negative;
+};
+
+static uint64_t rng_state;
+static float rnd(void) { /* uniform in [-1, 1) */
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)(rng_state >> 40) / 8388608.0f - 1.0f;
+}
+static float gauss(void) {
+    float s = 0;
+    for (int i = 0; i < 4; i++) s += rnd();
+    return s * 0.866f;
+}
+
+/* ---- model writer ------------------------------------------------------ */
+
+static void *bufs[256];
+static int n_bufs;
+
+static void *keep(void *p) {
+    bufs[n_bufs++] = p;
+    return p;
+}
+
+static void add(gguf_writer *w, const char *name, uint32_t type, int64_t ne0, int64_t ne1, const float *v) {
+    uint64_t ne[2] = {(uint64_t)ne0, (uint64_t)ne1}, row;
+    dtype_row_size(type, (uint64_t)ne0, &row);
+    void *dst = keep(malloc(row * (uint64_t)ne1));
+    if (type == DTYPE_F32) memcpy(dst, v, (size_t)(ne0 * ne1) * sizeof(float));
+    else if (type == DTYPE_F16)
+        for (int64_t i = 0; i < ne0 * ne1; i++) ((f16_t *)dst)[i] = f32_to_f16(v[i]);
+    else quant_quantizer(type)(ne0 * ne1, v, dst);
+    CHECK(gguf_writer_add_tensor(w, name, type, ne1 > 1 ? 2 : 1, ne, dst) == OPTIML_OK, "%s", optiml_last_error());
+}
+
+static float *randm(int64_t n, float scale) {
+    float *v = keep(malloc((size_t)n * sizeof(float)));
+    for (int64_t i = 0; i < n; i++) v[i] = gauss() * scale;
+    return v;
+}
+
+static void vocab_keys(gguf_writer *w) {
+    static char store[N_VOCAB][16];
+    const char *pieces[N_VOCAB];
+    float scores[N_VOCAB];
+    int32_t types[N_VOCAB];
+    for (int i = 0; i < N_VOCAB; i++) {
+        if (i < 3) snprintf(store[i], 16, "%s", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>");
+        else if (i < 259) snprintf(store[i], 16, "<0x%02X>", (unsigned)(i - 3));
+        else snprintf(store[i], 16, "\xe2\x96\x81t%d", i);
+        pieces[i] = store[i];
+        scores[i] = -(float)i;
+        types[i] = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1;
+    }
+    gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
+    gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", pieces, NULL, N_VOCAB);
+    gguf_writer_set_arr(w, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, scores, N_VOCAB);
+    gguf_writer_set_arr(w, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, types, N_VOCAB);
+    gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1);
+    gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2);
+}
+
+static void write_model(const char *path, const struct opts *o) {
+    rng_state = 0x9876543ull;
+    n_bufs = 0;
+    gguf_writer *w = gguf_writer_init();
+    gguf_writer_set_str(w, "general.architecture", "llama");
+    gguf_writer_set_u32(w, "llama.context_length", 64);
+    gguf_writer_set_u32(w, "llama.embedding_length", N_EMBD);
+    gguf_writer_set_u32(w, "llama.block_count", N_LAYER);
+    gguf_writer_set_u32(w, "llama.feed_forward_length", N_FF);
+    gguf_writer_set_u32(w, "llama.attention.head_count", N_HEAD);
+    gguf_writer_set_u32(w, "optiml.sparse.version", 1);
+    gguf_writer_set_str(w, "optiml.sparse.kind", o->kind ? o->kind : "cats");
+    float thr[N_LAYER + 1];
+    for (int i = 0; i <= N_LAYER; i++) thr[i] = o->negative ? -0.1f : o->thr;
+    if (!o->no_thr)
+        gguf_writer_set_arr(w, "optiml.sparse.gate_threshold", GGUF_TYPE_FLOAT32, thr,
+                            o->bad_count ? N_LAYER + 1 : N_LAYER);
+    vocab_keys(w);
+    add(w, "token_embd.weight", DTYPE_F32, N_EMBD, N_VOCAB, randm(N_VOCAB * N_EMBD, 1.0f));
+    float *ones = keep(malloc(N_EMBD * sizeof(float)));
+    for (int i = 0; i < N_EMBD; i++) ones[i] = 1.0f;
+    add(w, "output_norm.weight", DTYPE_F32, N_EMBD, 1, ones);
+    add(w, "output.weight", o->type, N_EMBD, N_VOCAB, randm(N_VOCAB * N_EMBD, 0.1f));
+    const float s = 1.0f / sqrtf(N_EMBD), sf = 1.0f / sqrtf(N_FF);
+    for (int il = 0; il < N_LAYER; il++) {
+        char name[64];
+#define NAME(x) (snprintf(name, sizeof(name), "blk.%d." x, il), name)
+        add(w, NAME("attn_norm.weight"), DTYPE_F32, N_EMBD, 1, ones);
+        add(w, NAME("ffn_norm.weight"), DTYPE_F32, N_EMBD, 1, ones);
+        add(w, NAME("attn_q.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, s));
+        add(w, NAME("attn_k.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, s));
+        add(w, NAME("attn_v.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, s));
+        add(w, NAME("attn_output.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.3f * s));
+        /* gate ~ N(0, 1.5^2) over unit-RMS inputs */
+        add(w, NAME("ffn_gate.weight"), o->type, N_EMBD, N_FF, randm(N_FF * N_EMBD, 1.5f * s));
+        add(w, NAME("ffn_up.weight"), o->type, N_EMBD, N_FF, randm(N_FF * N_EMBD, s));
+        float *down = randm(N_FF * N_EMBD, sf);
+        add(w, NAME("ffn_down.weight"), DTYPE_F16, N_FF, N_EMBD, down);
+        if (o->down_t) {
+            float *dt = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
+            for (int64_t r = 0; r < N_EMBD; r++)
+                for (int64_t c = 0; c < N_FF; c++) dt[c * N_EMBD + r] = down[r * N_FF + c];
+            add(w, NAME("ffn_down_t.weight"), DTYPE_F16, N_EMBD, N_FF, dt);
+        }
+#undef NAME
+    }
+    CHECK(gguf_writer_write(w, path) == OPTIML_OK, "%s", optiml_last_error());
+    gguf_writer_free(w);
+    for (int i = 0; i < n_bufs; i++) free(bufs[i]);
+}
+
+/* ---- scalar reference --------------------------------------------------- */
+
+static double dot_ref(const struct tensor *w, int64_t r, const double *x) {
+    float row[N_FF > N_EMBD ? N_FF : N_EMBD];
+    cpu_kernels_ref()->to_f32[w->type](w->ne[0], tensor_row(w, r), row);
+    double sum = 0;
+    for (int64_t j = 0; j < w->ne[0]; j++) sum += (double)row[j] * x[j];
+    return sum;
+}
+
+static double silu(double g) { return g / (1.0 + exp(-g)); }
+
+/* y = FFN(x) of layer il with the cut; returns the neurons kept. */
+static int64_t ffn_ref(const optiml_model *m, int32_t il, const float *xf, double *y) {
+    const struct layer *l = &m->layers[il];
+    const double t = m->sparse.gate_threshold[il];
+    double x[N_EMBD], h[N_FF];
+    int64_t kept = 0;
+    for (int j = 0; j < N_EMBD; j++) x[j] = xf[j];
+    for (int64_t i = 0; i < N_FF; i++) {
+        const double a = silu(dot_ref(&l->ffn_gate, i, x));
+        h[i] = fabs(a) > t ? a * dot_ref(&l->ffn_up, i, x) : 0.0;
+        kept += fabs(a) > t;
+    }
+    for (int64_t r = 0; r < N_EMBD; r++) y[r] = dot_ref(&l->ffn_down, r, h);
+    return kept;
+}
+
+/* sparse_layer_ffn on one random token against ffn_ref. */
+static void check_layer(const char *label, const char *path, double tol) {
+    optiml_model *m = NULL;
+    if (optiml_model_load(path, NULL, &m) != OPTIML_OK) {
+        CHECK(false, "%s: %s", label, optiml_last_error());
+        return;
+    }
+    optiml_context_params p = optiml_context_default_params();
+    p.n_ctx = 16;
+    p.n_threads = 2;
+    p.sparse_mode = 4;
+    optiml_context *ctx = NULL;
+    CHECK(optiml_context_init(m, &p, &ctx) == OPTIML_OK, "%s", optiml_last_error());
+    for (int32_t il = 0; ctx && il < N_LAYER; il++) {
+        float x0[N_EMBD];
+        double y[N_EMBD];
+        for (int j = 0; j < N_EMBD; j++) {
+            ctx->xb[j] = gauss();
+            ctx->x[j] = x0[j] = gauss();
+        }
+        const int64_t kept = ffn_ref(m, il, ctx->xb, y);
+        const bool ran = sparse_layer_ffn(ctx, 1, il);
+        uint64_t n_active, n_total;
+        optiml_context_ffn_stats(ctx, &n_active, &n_total);
+        double ymax = 1.0, d = 0.0;
+        for (int j = 0; j < N_EMBD; j++) ymax = fmax(ymax, fabs(y[j]));
+        for (int j = 0; j < N_EMBD; j++) {
+            const double e = fabs((double)(ctx->x[j] - x0[j]) - y[j]);
+            d = isnan(e) ? INFINITY : fmax(d, e);
+        }
+        d /= ymax;
+        /* the stats restart at layer 0: layer 1 adds its own */
+        static uint64_t prev;
+        const uint64_t act = il == 0 ? n_active : n_active - prev;
+        prev = n_active;
+        const bool ok = ran && d <= tol && llabs((long long)act - (long long)kept) <= N_FF / 100 &&
+                        kept > N_FF / 5 && kept < N_FF * 4 / 5;
+        printf("%s layer: %-28s layer %d: max diff %.3g (tol %.0e), active %llu, reference %lld of %d\n",
+               ok ? "PASS" : "FAIL", label, il, d, tol, (unsigned long long)act, (long long)kept, N_FF);
+        CHECK(ok, "%s layer %d", label, il);
+    }
+    optiml_context_free(ctx);
+    optiml_model_free(m);
+}
+
+/* ---- whole model ----------------------------------------------------------- */
+
+static const optiml_token toks[N_TOK] = {1, 300 - 7, 261, 45, 280, 99};
+
+static bool run(const optiml_model *m, int mode, bool batched, float *out, double *share) {
+    optiml_context_params p = optiml_context_default_params();
+    p.n_ctx = 32;
+    p.n_threads = 2;
+    p.sparse_mode = mode;
+    optiml_context *ctx = NULL;
+    if (optiml_context_init(m, &p, &ctx) != OPTIML_OK) {
+        CHECK(false, "mode %d: %s", mode, optiml_last_error());
+        return false;
+    }
+    optiml_batch b = optiml_batch_init(N_TOK);
+    uint64_t act_sum = 0, tot_sum = 0;
+    for (int i = 0; i < N_TOK; i += batched ? N_TOK : 1) {
+        b.n_tokens = 0;
+        for (int j = i; j < (batched ? N_TOK : i + 1); j++) {
+            b.token[b.n_tokens] = toks[j];
+            b.pos[b.n_tokens] = j;
+            b.seq_id[b.n_tokens] = 0;
+            b.logits[b.n_tokens++] = 1;
+        }
+        CHECK(optiml_decode(ctx, &b) == OPTIML_OK, "%s", optiml_last_error());
+        for (int j = 0; j < b.n_tokens; j++) memcpy(out + (i + j) * N_VOCAB, optiml_get_logits_ith(ctx, j), N_VOCAB * 4);
+        uint64_t a, t;
+        optiml_context_ffn_stats(ctx, &a, &t);
+        act_sum += a;
+        tot_sum += t;
+    }
+    *share = tot_sum ? (double)act_sum / (double)tot_sum : -1.0;
+    optiml_batch_free(b);
+    optiml_context_free(ctx);
+    return true;
+}
+
+static double rel_diff(const float *a, const float *b) {
+    double d = 0;
+    for (int i = 0; i < N_TOK * N_VOCAB; i++) {
+        double e = fabs((double)a[i] - b[i]) / fmax(1.0, fabs((double)b[i]));
+        if (isnan(e)) return INFINITY;
+        if (e > d) d = e;
+    }
+    return d;
+}
+
+static float one_by_one[N_TOK * N_VOCAB], batch[N_TOK * N_VOCAB], dense[N_TOK * N_VOCAB];
+
+/* want_drop: the thresholds drop neurons (the dense model must differ). */
+static void check_model(const char *label, const char *path, double tol, bool want_drop) {
+    optiml_model *m = NULL;
+    if (optiml_model_load(path, NULL, &m) != OPTIML_OK) {
+        CHECK(false, "%s: %s", label, optiml_last_error());
+        return;
+    }
+    for (int i = 0; i < N_TOK * N_VOCAB; i++) one_by_one[i] = batch[i] = dense[i] = NAN; /* poison */
+    double s1, sb, sd;
+    if (run(m, 4, false, one_by_one, &s1) && run(m, 4, true, batch, &sb) && run(m, 1, true, dense, &sd)) {
+        const double d = rel_diff(one_by_one, batch), dd = rel_diff(one_by_one, dense);
+        const bool ok = d <= tol && (want_drop ? dd > 10 * tol && s1 < 0.8 : dd <= tol) && sd == -1.0 &&
+                        fabs(s1 - sb) < 0.02;
+        printf("%s model: %-28s 1 by 1 vs batch %.3g (tol %.0e), vs dense %.3g (%s), active %.1f%% / %.1f%%\n",
+               ok ? "PASS" : "FAIL", label, d, tol, dd, want_drop ? "must exceed 10x tol" : "within tol",
+               100 * s1, 100 * sb);
+        CHECK(ok, "%s", label);
+    }
+    optiml_model_free(m);
+}
+
+/* ---- the observer's g -------------------------------------------------------- */
+
+struct obs {
+    const optiml_model *m;
+    double max_err;
+    int calls;
+};
+
+static void observe(void *user, int32_t il, int64_t n_tok, const float *x, const float *g, const float *h) {
+    struct obs *o = user;
+    (void)h;
+    o->calls++;
+    if (!g) {
+        o->max_err = INFINITY;
+        return;
+    }
+    for (int64_t t = 0; t < n_tok; t++) {
+        double xd[N_EMBD];
+        for (int j = 0; j < N_EMBD; j++) xd[j] = x[t * N_EMBD + j];
+        for (int64_t i = 0; i < N_FF; i++) {
+            const double r = dot_ref(&o->m->layers[il].ffn_gate, i, xd);
+            o->max_err = fmax(o->max_err, fabs(g[t * N_FF + i] - r) / fmax(1.0, fabs(r)));
+        }
+    }
+}
+
+static void check_observer(const char *path) {
+    optiml_model *m = NULL;
+    CHECK(optiml_model_load(path, NULL, &m) == OPTIML_OK, "%s", optiml_last_error());
+    optiml_context_params p = optiml_context_default_params();
+    p.n_ctx = 16;
+    p.sparse_mode = 1;
+    optiml_context *ctx = NULL;
+    CHECK(m && optiml_context_init(m, &p, &ctx) == OPTIML_OK, "%s", optiml_last_error());
+    if (!ctx) return;
+    struct obs o = {.m = m};
+    CHECK(context_set_ffn_observer(ctx, observe, &o) == OPTIML_OK);
+    optiml_batch b = optiml_batch_init(N_TOK);
+    for (int j = 0; j < N_TOK; j++) {
+        b.token[j] = toks[j];
+        b.pos[j] = j;
+        b.seq_id[j] = 0;
+        b.logits[j] = j == N_TOK - 1;
+    }
+    b.n_tokens = N_TOK;
+    CHECK(optiml_decode(ctx, &b) == OPTIML_OK, "%s", optiml_last_error());
+    const bool ok = o.calls == N_LAYER && o.max_err < 1e-4;
+    printf("%s observer: g = x Wgate (f32): %d calls, max rel err %.3g (tol 1e-4)\n", ok ? "PASS" : "FAIL", o.calls,
+           o.max_err);
+    CHECK(ok);
+    optiml_batch_free(b);
+    optiml_context_free(ctx);
+    optiml_model_free(m);
+}
+
+static void expect_load_error(const char *label, const char *path, optiml_status want, const char *needle) {
+    optiml_model *m = NULL;
+    optiml_status st = optiml_model_load(path, NULL, &m);
+    const bool ok = st == want && strstr(optiml_last_error(), needle);
+    printf("%s error: %s: status %d: %s\n", ok ? "PASS" : "FAIL", label, (int)st, optiml_last_error());
+    CHECK(ok, "%s: want status %d with \"%s\"", label, (int)want, needle);
+    optiml_model_free(m);
+}
+
+int main(void) {
+    char path[64];
+    snprintf(path, sizeof(path), "/tmp/test_cats_%d.gguf", (int)getpid());
+    const float thr = 0.25f; /* |silu(g)| <= 0.25 for about 40% of g ~ N(0, 1.5^2) */
+    const uint32_t types[] = {DTYPE_F32, DTYPE_Q8_0, DTYPE_Q4_1};
+    for (size_t k = 0; k < sizeof(types) / sizeof(types[0]); k++)
+        for (int down_t = 1; down_t >= 0; down_t--) {
+            char label[64];
+            snprintf(label, sizeof(label), "silu %s%s", dtype_name(types[k]), down_t ? ", down_t f16" : ", no down_t");
+            write_model(path, &(struct opts){.type = types[k], .down_t = down_t, .thr = thr});
+            /* scalar reference in double on f32 inputs; the kernels
+             * quantize x to 8 bits for quantized weights (and h to the
+             * down matmul's input type without down_t) */
+            check_layer(label, path, types[k] == DTYPE_F32 && down_t ? 1e-4 : 2e-2);
+            /* the sparse path sums down in another order (and, without
+             * down_t, on f32 h against the dense path's 8-bit h) */
+            check_model(label, path, types[k] == DTYPE_F32 && down_t ? 1e-4 : 2e-2, true);
+        }
+    write_model(path, &(struct opts){.type = DTYPE_F32, .down_t = true, .thr = 0.0f});
+    check_model("silu f32, thresholds 0", path, 1e-4, false);
+    check_observer(path);
+
+    /* errors */
+    write_model(path, &(struct opts){.type = DTYPE_F32, .no_thr = true});
+    expect_load_error("cats without thresholds", path, OPTIML_ERR_FORMAT, "without optiml.sparse.gate_threshold");
+    write_model(path, &(struct opts){.type = DTYPE_F32, .bad_count = true, .thr = thr});
+    expect_load_error("threshold count", path, OPTIML_ERR_FORMAT, "gate_threshold has 3 values");
+    write_model(path, &(struct opts){.type = DTYPE_F32, .negative = true});
+    expect_load_error("negative threshold", path, OPTIML_ERR_FORMAT, "gate_threshold[0]");
+    write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "teal", .thr = thr});
+    expect_load_error("unknown kind", path, OPTIML_ERR_UNSUPPORTED, "optiml.sparse.kind 'teal'");
+    write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "relu", .thr = thr});
+    expect_load_error("thresholds of kind relu", path, OPTIML_ERR_FORMAT, "needs optiml.sparse.kind 'cats'");
+    /* mode 4 on a model without thresholds */
+    write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "relu", .no_thr = true});
+    optiml_model *m = NULL;
+    CHECK(optiml_model_load(path, NULL, &m) == OPTIML_OK, "%s", optiml_last_error());
+    optiml_context_params p = optiml_context_default_params();
+    p.n_ctx = 16;
+    p.sparse_mode = 4;
+    optiml_context *ctx = NULL;
+    const optiml_status st = m ? optiml_context_init(m, &p, &ctx) : OPTIML_ERR_INVALID_ARG;
+    const bool ok = st == OPTIML_ERR_INVALID_ARG && !ctx && strstr(optiml_last_error(), "gate_threshold");
+    printf("%s error: sparse_mode 4 without thresholds: %s\n", ok ? "PASS" : "FAIL", optiml_last_error());
+    CHECK(ok);
+    optiml_context_free(ctx);
+    optiml_model_free(m);
+    unlink(path);
+    return test_summary("test_cats");
+}
