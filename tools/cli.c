@@ -23,6 +23,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "chat.h"
 #include "optiml.h"
+#include "read_file.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -187,30 +188,6 @@ static int parse_args(int argc, char **argv, struct cli_args *a) {
 
 /* ---- prompt and output ---------------------------------------------------- */
 
-static char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0;
-    char *buf = malloc(cap + 1);
-    while (buf) {
-        size_t r = fread(buf + n, 1, cap - n, f);
-        n += r;
-        if (r == 0) break;
-        if (n == cap) {
-            char *nb = realloc(buf, 2 * cap + 1);
-            if (!nb) { free(buf); buf = NULL; break; }
-            buf = nb;
-            cap *= 2;
-        }
-    }
-    bool err = ferror(f);
-    fclose(f);
-    if (!buf || err) { free(buf); return NULL; }
-    buf[n] = '\0';
-    *len = n;
-    return buf;
-}
-
 /* Streams token text to stdout, holding back an incomplete UTF-8 sequence
  * until the token that completes it arrives. */
 struct utf8_out {
@@ -374,7 +351,7 @@ static const char *chat_pick_template(const struct cli_args *a, const optiml_mod
     if (a->chat_template) {
         if (chat_builtin_template(a->chat_template)) return a->chat_template;
         size_t len;
-        *owned = read_file(a->chat_template, &len);
+        *owned = tool_read_file(a->chat_template, &len);
         if (!*owned)
             fprintf(stderr, "optiml-cli: --chat-template '%s' is neither a built-in format nor a readable file\n",
                     a->chat_template);
@@ -553,7 +530,7 @@ int main(int argc, char **argv) {
     char *prompt_buf = NULL;
     size_t prompt_len = strlen(a.prompt);
     if (a.prompt_file) {
-        prompt_buf = read_file(a.prompt_file, &prompt_len);
+        prompt_buf = tool_read_file(a.prompt_file, &prompt_len);
         if (!prompt_buf) {
             fprintf(stderr, "optiml-cli: cannot read prompt file '%s': %s\n", a.prompt_file, strerror(errno));
             return 1;

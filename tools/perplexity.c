@@ -20,36 +20,13 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "optiml.h"
+#include "read_file.h"
 
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n == cap) {
-            cap = cap ? 2 * cap : 1 << 16;
-            char *nb = realloc(buf, cap + 1);
-            if (!nb) { free(buf); fclose(f); return NULL; }
-            buf = nb;
-        }
-        size_t r = fread(buf + n, 1, cap - n, f);
-        if (r == 0) break;
-        n += r;
-    }
-    bool err = ferror(f);
-    fclose(f);
-    if (err) { free(buf); return NULL; }
-    buf[n] = '\0';
-    *len = n;
-    return buf;
-}
 
 /* log softmax(logits)[tok] in double. */
 static double log_prob(const float *logits, int32_t n_vocab, optiml_token tok) {
@@ -108,7 +85,7 @@ int main(int argc, char **argv) {
     }
     optiml_log_set(NULL, NULL, OPTIML_LOG_LEVEL_WARN);
     size_t text_len = 0;
-    char *text = read_all(text_path, &text_len);
+    char *text = tool_read_file(text_path, &text_len);
     if (!text) {
         fprintf(stderr, "optiml-perplexity: cannot read '%s': %s\n", text_path, strerror(errno));
         return 1;

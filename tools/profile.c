@@ -66,6 +66,7 @@
 #include "gguf.h"
 #include "model.h"
 #include "quant.h"
+#include "read_file.h"
 #include "sparse_util.h"
 
 #include <errno.h>
@@ -164,41 +165,10 @@ static int parse_args(int argc, char **argv, struct opts *o) {
 
 /* ---- the calibration tokens ------------------------------------------- */
 
-static char *read_all(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n == cap) {
-            cap = cap ? 2 * cap : 1 << 16;
-            char *nb = realloc(buf, cap + 1);
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                return NULL;
-            }
-            buf = nb;
-        }
-        size_t r = fread(buf + n, 1, cap - n, f);
-        if (r == 0) break;
-        n += r;
-    }
-    bool err = ferror(f);
-    fclose(f);
-    if (err) {
-        free(buf);
-        return NULL;
-    }
-    buf[n] = '\0';
-    *len = n;
-    return buf;
-}
-
 /* Token ids of the text without BOS; NULL with a message on failure. */
 static optiml_token *tokenize_file(const optiml_model *model, const char *path, int32_t *n_out) {
     size_t len = 0;
-    char *text = read_all(path, &len);
+    char *text = tool_read_file(path, &len);
     if (!text) {
         fprintf(stderr, "optiml-profile: cannot read '%s': %s\n", path, strerror(errno));
         return NULL;

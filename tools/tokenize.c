@@ -17,6 +17,7 @@
  * model loader.
  */
 #include "gguf.h"
+#include "read_file.h"
 #include "vocab.h"
 
 #include <stdio.h>
@@ -74,36 +75,6 @@ static int parse_args(int argc, char **argv, struct opts *o) {
     return -1;
 }
 
-/* The whole file, malloc'd and NUL-terminated; NULL on failure. */
-static char *read_file(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    size_t cap = 0, len = 0, got;
-    do {
-        if (len + 65536 + 1 > cap) {
-            char *nb = realloc(buf, cap = 2 * cap + 65536 + 1);
-            if (!nb) {
-                free(buf);
-                fclose(f);
-                return NULL;
-            }
-            buf = nb;
-        }
-        got = fread(buf + len, 1, cap - len - 1, f);
-        len += got;
-    } while (got > 0);
-    bool err = ferror(f);
-    fclose(f);
-    if (err) {
-        free(buf);
-        return NULL;
-    }
-    buf[len] = '\0';
-    *n = len;
-    return buf;
-}
-
 /* Tokenize text[0..n) into a malloc'd array; the count in *n_tok. */
 static optiml_token *tokenize(const struct vocab *v, const char *text, size_t n,
                               const struct opts *o, int32_t *n_tok) {
@@ -157,7 +128,7 @@ static int print_tokens(const struct vocab *v, const char *text, size_t n, const
 
 static int run_cases(const struct vocab *v, const struct opts *o) {
     size_t n = 0;
-    char *all = read_file(o->cases, &n);
+    char *all = tool_read_file(o->cases, &n);
     if (!all) {
         fprintf(stderr, "optiml-tokenize: cannot read %s\n", o->cases);
         return 1;
@@ -190,7 +161,7 @@ int main(int argc, char **argv) {
         rc = run_cases(v, &o);
     } else if (o.file) {
         size_t n = 0;
-        char *text = read_file(o.file, &n);
+        char *text = tool_read_file(o.file, &n);
         if (!text) {
             fprintf(stderr, "optiml-tokenize: cannot read %s\n", o.file);
             rc = 1;
