@@ -9,8 +9,10 @@
 #include "model.h"
 #include "threadpool.h"
 
-/* Called after the FFN activation of every layer (observers: the profiler
- * and the predictor-sample dump): x is the normed FFN input (n_tok, n_embd),
+/* Called after the FFN activation of every layer that runs on the CPU
+ * (observers: the profiler and the predictor-sample dump; layers offloaded
+ * to the GPU are not observed, so the profiler loads with -ngl 0): x is
+ * the normed FFN input (n_tok, n_embd),
  * g = x Wgate before the activation (n_tok, n_ff; NULL without a gate, or
  * when a predictor picked the neurons and the gate is partly unknown),
  * h = act(x Wgate) * (x Wup) (n_tok, n_ff), the input of Wdown. */
