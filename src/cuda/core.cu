@@ -42,6 +42,7 @@ extern "C" optiml_status cu_init(int device, cu_ctx **out) {
         cu->tune.att_blocks_per_sm = 4;
         cu->tune.att_prompt = 2; /* tensor cores: pp512 22.5k vs 18.8k tok/s (7B, H200) */
         cu->tune.pdl = 1;        /* 411 vs 398 tok/s */
+        cu->tune.mmv_block_rows = 4; /* 7B q4_0 decode 515 vs 500 (2 rows) and 492 (8), H200 */
         st = cu_check(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking), "cudaStreamCreate");
     }
     if (st == OPTIML_OK) st = cublas_check(cublasCreate(&cu->cublas), "cublasCreate");
@@ -75,6 +76,8 @@ extern "C" void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t) {
     if (t->att_kernel == 1 || t->att_kernel == 2) cu->tune.att_kernel = t->att_kernel;
     if (t->att_prompt == 1 || t->att_prompt == 2) cu->tune.att_prompt = t->att_prompt;
     if (t->pdl == 1 || t->pdl == 2) cu->tune.pdl = t->pdl;
+    if (t->mmv_block_rows == 2 || t->mmv_block_rows == 4 || t->mmv_block_rows == 8)
+        cu->tune.mmv_block_rows = t->mmv_block_rows;
     if (t->att_blocks_per_sm >= 1 && t->att_blocks_per_sm <= 16) cu->tune.att_blocks_per_sm = t->att_blocks_per_sm;
     if (t->gemm_chunk_elems > 0) cu->tune.gemm_chunk_elems = t->gemm_chunk_elems;
     if (t->att_chunk_min >= 64 && t->att_chunk_min <= 256 && (t->att_chunk_min & (t->att_chunk_min - 1)) == 0)

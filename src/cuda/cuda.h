@@ -186,6 +186,8 @@ struct cu_tuning {
                               * kernels (input+quantize, warp mmv, rope, attention
                               * kernel 2): a kernel's launch overlaps the previous
                               * one's end; 2: off                                       */
+    int mmv_block_rows;      /* block kernel (mmv_kernel 1), one token: rows per block,
+                              * 2, 4 (default) or 8                                     */
 };
 void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t);
 void cu_get_tuning(const cu_ctx *cu, struct cu_tuning *t);

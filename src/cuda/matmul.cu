@@ -1118,8 +1118,16 @@ template <int T, int NT>
 static void launch_mmv_q(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y, int64_t ldy,
                          int64_t n_in, int64_t n_out, bool acc) {
     constexpr int R = mmv_rows<NT>();
-    mmv_q_kernel<T, NT, R><<<cu_blocks(n_out, R), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, ldy, n_in, n_out,
-                                                                                 (int)(n_in / 32), acc);
+    const int nc = (int)(n_in / 32);
+    if (NT == 1 && cu->tune.mmv_block_rows == 4)
+        mmv_q_kernel<T, NT, 4><<<cu_blocks(n_out, 4), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, ldy, n_in, n_out, nc,
+                                                                                     acc);
+    else if (NT == 1 && cu->tune.mmv_block_rows == 8)
+        mmv_q_kernel<T, NT, 8><<<cu_blocks(n_out, 8), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, ldy, n_in, n_out, nc,
+                                                                                     acc);
+    else
+        mmv_q_kernel<T, NT, R><<<cu_blocks(n_out, R), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, ldy, n_in, n_out, nc,
+                                                                                     acc);
 }
 
 template <int T, int NT, int V>
