@@ -67,6 +67,7 @@
 #include "model.h"
 #include "quant.h"
 #include "read_file.h"
+#include "parse_num.h"
 #include "sparse_util.h"
 
 #include <errno.h>
@@ -107,15 +108,6 @@ static int die(const char *what, const char *detail) {
     return 1;
 }
 
-static bool parse_num(const char *s, double lo, double hi, double *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi)) return false;
-    *out = v;
-    return true;
-}
-
 static int parse_args(int argc, char **argv, struct opts *o) {
     *o = (struct opts){.n_ctx = 512, .sample_rate = 0.05, .mag = true, .max_tokens = -1, .seed = 1,
                        .down_t_type = DTYPE_Q8_0};
@@ -141,18 +133,18 @@ static int parse_args(int argc, char **argv, struct opts *o) {
         else if (!strcmp(a, "-f") || !strcmp(a, "--file")) o->text = v;
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) o->out = v;
         else if (!strcmp(a, "--dump-samples")) o->samples = v;
-        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) ok = parse_num(v, 2, 1 << 20, &d), o->n_ctx = (long)d;
-        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) ok = parse_num(v, 1, 1024, &d), o->n_threads = (long)d;
-        else if (!strcmp(a, "--max-tokens")) ok = parse_num(v, 1, 1e15, &d), o->max_tokens = (long long)d;
-        else if (!strcmp(a, "--sample-rate")) ok = parse_num(v, 0, 1, &d), o->sample_rate = d;
-        else if (!strcmp(a, "--seed")) ok = parse_num(v, 0, 1e15, &d), o->seed = (uint64_t)d;
-        else if (!strcmp(a, "--calibrate-sparsity")) ok = parse_num(v, 1e-6, 1 - 1e-6, &d), o->calib = d;
+        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx-size")) ok = tool_parse_double(v, 2, 1 << 20, &d), o->n_ctx = (long)d;
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) ok = tool_parse_double(v, 1, 1024, &d), o->n_threads = (long)d;
+        else if (!strcmp(a, "--max-tokens")) ok = tool_parse_double(v, 1, 1e15, &d), o->max_tokens = (long long)d;
+        else if (!strcmp(a, "--sample-rate")) ok = tool_parse_double(v, 0, 1, &d), o->sample_rate = d;
+        else if (!strcmp(a, "--seed")) ok = tool_parse_double(v, 0, 1e15, &d), o->seed = (uint64_t)d;
+        else if (!strcmp(a, "--calibrate-sparsity")) ok = tool_parse_double(v, 1e-6, 1 - 1e-6, &d), o->calib = d;
         else if (!strcmp(a, "--down-t-type")) {
             const int t = dtype_from_name(v);
             ok = t >= 0 && (t == DTYPE_F32 || t == DTYPE_F16 || quant_quantizer((uint32_t)t));
             o->down_t_type = (uint32_t)t;
         } else if (!strcmp(a, "--act-threshold")) {
-            ok = parse_num(v, 0, 1e30, &d);
+            ok = tool_parse_double(v, 0, 1e30, &d);
             o->act_thr = (float)d;
             o->act_thr_set = true;
         } else return die("unknown option: ", a);

@@ -70,6 +70,7 @@
 #include "cpu/ops.h"
 #include "dtype.h"
 #include "gguf.h"
+#include "parse_num.h"
 #include "sparse_util.h"
 #include "threadpool.h"
 
@@ -104,15 +105,6 @@ static int die(const char *what, const char *detail) {
     return 1;
 }
 
-static bool parse_num(const char *s, double lo, double hi, double *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi)) return false;
-    *out = v;
-    return true;
-}
-
 static int parse_args(int argc, char **argv, struct opts *o) {
     *o = (struct opts){.epochs = 10, .batch = 256, .holdout_every = 10, .recall = 0.99, .lr = 3e-3,
                        .pos_weight = 3.0, .type = DTYPE_F16, .seed = 1};
@@ -137,15 +129,15 @@ static int parse_args(int argc, char **argv, struct opts *o) {
         if (!strcmp(a, "-m") || !strcmp(a, "--model")) o->model = v;
         else if (!strcmp(a, "--samples")) o->samples = v;
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) o->out = v;
-        else if (!strcmp(a, "--rank")) ok = parse_num(v, 1, 1 << 16, &d), o->rank = (long)d;
-        else if (!strcmp(a, "--epochs")) ok = parse_num(v, 1, 1e6, &d), o->epochs = (long)d;
-        else if (!strcmp(a, "--batch")) ok = parse_num(v, 1, 1 << 16, &d), o->batch = (long)d;
-        else if (!strcmp(a, "--holdout-every")) ok = parse_num(v, 2, 1e9, &d), o->holdout_every = (long)d;
-        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) ok = parse_num(v, 1, 1024, &d), o->n_threads = (long)d;
-        else if (!strcmp(a, "--seed")) ok = parse_num(v, 0, 1e15, &d), o->seed = (uint64_t)d;
-        else if (!strcmp(a, "--recall")) ok = parse_num(v, 0, 1, &d), o->recall = d;
-        else if (!strcmp(a, "--lr")) ok = parse_num(v, 1e-9, 10, &d), o->lr = d;
-        else if (!strcmp(a, "--pos-weight")) ok = parse_num(v, 1e-3, 1e6, &d), o->pos_weight = d;
+        else if (!strcmp(a, "--rank")) ok = tool_parse_double(v, 1, 1 << 16, &d), o->rank = (long)d;
+        else if (!strcmp(a, "--epochs")) ok = tool_parse_double(v, 1, 1e6, &d), o->epochs = (long)d;
+        else if (!strcmp(a, "--batch")) ok = tool_parse_double(v, 1, 1 << 16, &d), o->batch = (long)d;
+        else if (!strcmp(a, "--holdout-every")) ok = tool_parse_double(v, 2, 1e9, &d), o->holdout_every = (long)d;
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) ok = tool_parse_double(v, 1, 1024, &d), o->n_threads = (long)d;
+        else if (!strcmp(a, "--seed")) ok = tool_parse_double(v, 0, 1e15, &d), o->seed = (uint64_t)d;
+        else if (!strcmp(a, "--recall")) ok = tool_parse_double(v, 0, 1, &d), o->recall = d;
+        else if (!strcmp(a, "--lr")) ok = tool_parse_double(v, 1e-9, 10, &d), o->lr = d;
+        else if (!strcmp(a, "--pos-weight")) ok = tool_parse_double(v, 1e-3, 1e6, &d), o->pos_weight = d;
         else if (!strcmp(a, "--recall-of")) {
             ok = !strcmp(v, "mass") || !strcmp(v, "count");
             o->recall_count = !strcmp(v, "count");

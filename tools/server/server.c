@@ -13,6 +13,7 @@
  * finish for a grace period, cancels the rest, and exits 0.
  */
 #define _POSIX_C_SOURCE 200809L
+#include "../parse_num.h"
 #include "server_http.h"
 
 #include <errno.h>
@@ -65,15 +66,6 @@ static bool parse_int(const char *s, long lo, long hi, long *out) {
     return true;
 }
 
-static bool parse_double(const char *s, double lo, double hi, double *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi)) return false;
-    *out = v;
-    return true;
-}
-
 static int parse_args(int argc, char **argv, server_args *a) {
     memset(a, 0, sizeof(*a));
     a->host = "127.0.0.1";
@@ -113,19 +105,19 @@ static int parse_args(int argc, char **argv, server_args *a) {
         else if (!strcmp(f, "-ngl") || !strcmp(f, "--n-gpu-layers"))
             ok = parse_int(v, -1, 1 << 20, &n), a->n_gpu_layers = (int32_t)n;
         else if (!strcmp(f, "--vram-budget"))
-            ok = parse_double(v, 1e-3, 1e6, &a->vram_budget);
+            ok = tool_parse_double(v, 1e-3, 1e6, &a->vram_budget);
         else if (!strcmp(f, "--api-key"))
             a->api_key = v;
         else if (!strcmp(f, "--chat-template"))
             a->chat_template = v;
         else if (!strcmp(f, "--timeout"))
-            ok = parse_double(v, 0, 1e7, &a->sp.timeout_s);
+            ok = tool_parse_double(v, 0, 1e7, &a->sp.timeout_s);
         else if (!strcmp(f, "--queue"))
             ok = parse_int(v, 0, 100000, &n), a->sp.queue_max = (int32_t)n;
         else if (!strcmp(f, "--body-limit"))
             ok = parse_int(v, 1024, 1L << 30, &n), a->body_max = (size_t)n;
         else if (!strcmp(f, "--grace"))
-            ok = parse_double(v, 0, 3600, &d), a->grace_s = d;
+            ok = tool_parse_double(v, 0, 3600, &d), a->grace_s = d;
         else if (!strcmp(f, "--alias"))
             a->alias = v;
         else {
