@@ -9,9 +9,13 @@
  *         positions and sequences, n_used) written to a pinned buffer
  *   GPU:  step arrays uploaded (one copy); x uploaded from the CPU layers'
  *         output (or the embedding looked up on the GPU in a full offload);
- *         per layer (7 kernels): rmsnorm + q|k|v (one fused product on the
- *         stacked weight), rope + KV store, attention (2), wo (+=), rmsnorm
- *         + gate|up, act*up + down (+=); then either the output norm and head
+ *         per layer: rmsnorm + q|k|v (one fused product on the stacked
+ *         weight), rope + KV store, attention (decode: one kernel whose
+ *         last block per head merges the splits and, for a quantized wo,
+ *         writes wo's 8-bit input), wo (+=), rmsnorm + gate|up, act*up +
+ *         down (+=); 9 launches per layer for a quantized model (the input
+ *         steps are a small kernel before each product); then either the
+ *         output norm and head
  *         (logits rows downloaded) or x downloaded for the CPU head
  * Stacked weights: wq|wk|wv and ffn_gate|ffn_up are uploaded as one weight
  * each when their types match (else separately, writing the same output
@@ -129,7 +133,7 @@ static uint64_t ctx_scratch_bytes(const struct hparams *hp, uint64_t n_batch, ui
     return n;
 }
 
-/* OPTIML_CUDA_TUNE="fused=3,mmvk=1,brows=4,var=1,bps=2,att=2,attbps=4,attp=2,pdl=1,chunk=N"
+/* OPTIML_CUDA_TUNE="fused=3,mmvk=1,brows=4,bthr=1,var=1,bps=2,att=3,attbps=4,attp=2,pdl=1,chunk=N"
  * (the defaults shown; pdl=0 turns it off): the kernels' tuning knobs
  * (struct cu_tuning) for benchmarks and tests; unknown keys are reported
  * and skipped. */
@@ -156,6 +160,7 @@ static void tuning_from_env(cu_ctx *cu) {
         else if (strcmp(key, "attp") == 0) t.att_prompt = (int)v;
         else if (strcmp(key, "pdl") == 0) t.pdl = v ? 1 : 2;
         else if (strcmp(key, "brows") == 0) t.mmv_block_rows = (int)v;
+        else if (strcmp(key, "bthr") == 0) t.mmv_block_threads = (int)v;
         else if (strcmp(key, "chunk") == 0) t.gemm_chunk_elems = v;
         else LOG_WARN("OPTIML_CUDA_TUNE: unknown key %s", key);
         p += n;
@@ -503,9 +508,17 @@ static optiml_status gpu_layer(optiml_context *ctx, int32_t il, int32_t n) {
     }
     OP(OP_ROPE, cu_rope_store_qkv(cu, gc->qkv, ld_qkv, gc->q, kv_k, kv_v, n, hp->n_head, hp->n_head_kv, hp->head_dim,
                                   hp->n_rot, gc->inv_freq, &gc->batch));
-    OP(OP_ATTN, cu_attention(cu, gc->q, kv_k, kv_v, gc->att, n, hp->n_head, hp->n_head_kv, hp->head_dim,
-                             ctx->params.n_ctx, &gc->batch, gc->att_scratch));
-    OP(OP_O, cu_matmul_ex(cu, &l->wo, gc->att, NULL, n, gc->x, 0, true));
+    /* a quantized wo and few tokens: the attention kernel can leave its
+     * output quantized for wo's product (one launch fewer) */
+    bool att_q8 = false;
+    if (dtype_block_size(l->wo.type) > 1 && n <= 8)
+        OP(OP_ATTN, cu_attention_q8(cu, gc->q, kv_k, kv_v, gc->att, n, hp->n_head, hp->n_head_kv, hp->head_dim,
+                                    ctx->params.n_ctx, &gc->batch, gc->att_scratch, &att_q8));
+    else
+        OP(OP_ATTN, cu_attention(cu, gc->q, kv_k, kv_v, gc->att, n, hp->n_head, hp->n_head_kv, hp->head_dim,
+                                 ctx->params.n_ctx, &gc->batch, gc->att_scratch));
+    if (att_q8) OP(OP_O, cu_matmul_prequant(cu, &l->wo, n, gc->x, 0, true));
+    else OP(OP_O, cu_matmul_ex(cu, &l->wo, gc->att, NULL, n, gc->x, 0, true));
 
     const struct cu_mm_in norm2 = {.kind = CU_IN_RMSNORM, .norm = l->ffn_norm, .eps = hp->norm_eps};
     if (l->gu.dev) {

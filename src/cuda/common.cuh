@@ -35,7 +35,21 @@ struct cu_ctx {
     void *mm_xf;     /* activations after an input step (f32) */
     uint64_t mm_wh_elems;
     uint64_t mm_bytes;
+    /* decode attention kernel 3: per (token, head) count of finished splits,
+     * zero between calls (the last block resets its counter) */
+    unsigned *att_done;
 };
+
+/* Activations quantized to 8 bits in the matmul scratch (cu_matmul_reserve):
+ * n_tok rows of n_in int8 quants, then per row n_in / 32 (scale, sum of the
+ * quants) pairs. Written by mm_inq_kernel or the decode attention. */
+static inline void cu_mm_q8_ptrs(const cu_ctx *cu, int64_t n_tok, int64_t n_in, int8_t **xq, float2 **xs) {
+    *xq = (int8_t *)cu->mm_xq;
+    *xs = (float2 *)((uint8_t *)cu->mm_xq + (((uint64_t)(n_tok * n_in) + 15) & ~(uint64_t)15));
+}
+
+/* (token, head) pairs att_done has room for: 8 tokens x 1024 heads. */
+#define CU_ATT_DONE_MAX (8 * 1024)
 
 /* f16 values of a dequantized weight chunk for the prompt GEMM, by default:
  * 128 Mi values (256 MiB), a whole stacked q|k|v or gate|up of 7B/13B in one

@@ -38,13 +38,16 @@ extern "C" optiml_status cu_init(int device, cu_ctx **out) {
         cu->tune.gemm_chunk_elems = CU_GEMM_CHUNK_DEFAULT;
         cu->tune.att_chunk_min = 64;
         cu->tune.mmv_kernel = 1; /* H200, 7B q4_0 decode: 491 tok/s vs 398 for the warp kernel */
-        cu->tune.att_kernel = 2;
+        cu->tune.att_kernel = 3; /* 2 with the merge in its last block: one launch fewer */
         cu->tune.att_blocks_per_sm = 4;
         cu->tune.att_prompt = 2; /* tensor cores: pp512 22.5k vs 18.8k tok/s (7B, H200) */
         cu->tune.pdl = 1;        /* 411 vs 398 tok/s */
         cu->tune.mmv_block_rows = 4; /* 7B q4_0 decode 515 vs 500 (2 rows) and 492 (8), H200 */
+        cu->tune.mmv_block_threads = 1; /* chosen per shape: matmul.cu mmv_threads */
         st = cu_check(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking), "cudaStreamCreate");
     }
+    if (st == OPTIML_OK) st = cu_check(cudaMalloc((void **)&cu->att_done, CU_ATT_DONE_MAX * sizeof(unsigned)), "cudaMalloc");
+    if (st == OPTIML_OK) st = cu_check(cudaMemset(cu->att_done, 0, CU_ATT_DONE_MAX * sizeof(unsigned)), "cudaMemset");
     if (st == OPTIML_OK) st = cublas_check(cublasCreate(&cu->cublas), "cublasCreate");
     if (st == OPTIML_OK) st = cublas_check(cublasSetStream(cu->cublas, cu->stream), "cublasSetStream");
     if (st != OPTIML_OK) {
@@ -63,6 +66,7 @@ extern "C" void cu_free(cu_ctx *cu) {
     cudaFree(cu->mm_xh);
     cudaFree(cu->mm_wh);
     cudaFree(cu->mm_xf);
+    cudaFree(cu->att_done);
     if (cu->cublas) cublasDestroy(cu->cublas);
     if (cu->stream) cudaStreamDestroy(cu->stream);
     free(cu);
@@ -72,12 +76,15 @@ extern "C" void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t) {
     if (t->mmv_variant >= 1 && t->mmv_variant <= 3) cu->tune.mmv_variant = t->mmv_variant;
     if (t->mmv_blocks_per_sm > 0) cu->tune.mmv_blocks_per_sm = t->mmv_blocks_per_sm;
     if (t->mmv_fused >= 1 && t->mmv_fused <= 3) cu->tune.mmv_fused = t->mmv_fused;
-    if (t->mmv_kernel == 1 || t->mmv_kernel == 2) cu->tune.mmv_kernel = t->mmv_kernel;
-    if (t->att_kernel == 1 || t->att_kernel == 2) cu->tune.att_kernel = t->att_kernel;
+    if (t->mmv_kernel >= 1 && t->mmv_kernel <= 3) cu->tune.mmv_kernel = t->mmv_kernel;
+    if (t->att_kernel >= 1 && t->att_kernel <= 3) cu->tune.att_kernel = t->att_kernel;
     if (t->att_prompt == 1 || t->att_prompt == 2) cu->tune.att_prompt = t->att_prompt;
     if (t->pdl == 1 || t->pdl == 2) cu->tune.pdl = t->pdl;
     if (t->mmv_block_rows == 2 || t->mmv_block_rows == 4 || t->mmv_block_rows == 8)
         cu->tune.mmv_block_rows = t->mmv_block_rows;
+    if (t->mmv_block_threads == 1 ||
+        (t->mmv_block_threads >= 32 && t->mmv_block_threads <= 512 && t->mmv_block_threads % 32 == 0))
+        cu->tune.mmv_block_threads = t->mmv_block_threads;
     if (t->att_blocks_per_sm >= 1 && t->att_blocks_per_sm <= 16) cu->tune.att_blocks_per_sm = t->att_blocks_per_sm;
     if (t->gemm_chunk_elems > 0) cu->tune.gemm_chunk_elems = t->gemm_chunk_elems;
     if (t->att_chunk_min >= 64 && t->att_chunk_min <= 256 && (t->att_chunk_min & (t->att_chunk_min - 1)) == 0)

@@ -173,11 +173,16 @@ struct cu_tuning {
     int mmv_kernel;          /* matrix-vector product over pre-quantized x: 1 (default)
                               * = a block of 128 threads per R rows; 2 = a warp per R
                               * rows, U 16-byte loads per lane in flight (mmv_variant
-                              * picks R x U as for the fused kernel)                   */
+                              * picks R x U as for the fused kernel); 3 = one token:
+                              * a persistent grid (what is resident at once) looping
+                              * over row groups, a thread per chunk, next loads issued
+                              * before the reduction (other token counts: kernel 1)    */
     int att_kernel;          /* decode attention: 1 = fixed chunks per block (cells
                               * scanned a warp per cell); 2 (default) = the used cells
                               * split evenly over att_blocks_per_sm * SMs blocks, tiles
-                              * of 64 cells, 4 threads per cell, online softmax         */
+                              * of 64 cells, 4 threads per cell, online softmax; 3 =
+                              * kernel 2 whose last block per (token, head) merges the
+                              * splits (no second launch)                              */
     int att_blocks_per_sm;   /* decode attention kernel 2: blocks per SM wanted (1..16) */
     int att_prompt;          /* prompt attention: 1 = f32 CUDA cores; 2 (default) = f16
                               * tensor cores (WMMA, f32 accumulation; head_dim 64 or
@@ -188,6 +193,9 @@ struct cu_tuning {
                               * one's end; 2: off                                       */
     int mmv_block_rows;      /* block kernel (mmv_kernel 1), one token: rows per block,
                               * 2, 4 (default) or 8                                     */
+    int mmv_block_threads;   /* block kernel threads: 1 (default) = chosen per shape
+                              * from the kernel's occupancy (matmul.cu mmv_threads);
+                              * 32..512 = a thread per chunk up to this many          */
 };
 void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t);
 void cu_get_tuning(const cu_ctx *cu, struct cu_tuning *t);
@@ -249,6 +257,18 @@ uint64_t cu_attention_scratch_bytes(int32_t n_batch, int32_t n_head, int32_t hea
 optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k_cache, const float *v_cache, float *out,
                            int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim, uint32_t n_ctx,
                            const struct cu_batch *b, void *scratch);
+/* cu_attention that, where it can do so inside its kernel (decode kernel 3,
+ * at most 8 tokens, head_dim a multiple of 32, matmul scratch reserved for
+ * n_tok x n_head * head_dim), also leaves out quantized to 8 bits in the
+ * matmul scratch, as cu_matmul_ex would quantize it, and sets *quantized;
+ * cu_matmul_prequant then multiplies it (one launch fewer per layer). */
+optiml_status cu_attention_q8(cu_ctx *cu, const float *q, const float *k_cache, const float *v_cache, float *out,
+                              int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim, uint32_t n_ctx,
+                              const struct cu_batch *b, void *scratch, bool *quantized);
+/* y (+)= w . x for the x cu_attention_q8 left quantized (n_tok <= 8 rows of
+ * w->n_in values; quantized weight types). */
+optiml_status cu_matmul_prequant(cu_ctx *cu, const cu_weight *w, int64_t n_tok, float *y, int64_t ldy,
+                                 bool accumulate);
 
 #ifdef __cplusplus
 }

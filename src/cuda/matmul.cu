@@ -43,11 +43,14 @@
  */
 #include "common.cuh"
 
+#include <atomic>
 #include <limits.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 static constexpr int MMV_THREADS = 128;                 /* threads of a matrix-vector block   */
+static constexpr int MMV_THREADS_MAX = 512;             /* ... of the block kernel at most     */
 static constexpr int64_t MMV_MAX_TOKENS = 8;             /* tokens of one matrix-vector pass   */
 
 /* ---- layouts -------------------------------------------------------------- */
@@ -382,12 +385,13 @@ template <int T> __device__ __forceinline__ void plain_load8(const void *w, int6
 
 /* ---- matrix-vector kernels ------------------------------------------------- */
 
-/* Sums acc over the block's threads and writes y[t * n_out + row0 + r]. */
+/* Sums acc over the block's threads (whole warps, at most MMV_THREADS_MAX)
+ * and writes y[t * n_out + row0 + r]. */
 template <int R, int NT>
 __device__ __forceinline__ void mmv_store(float (&acc)[R][NT], float *y, int64_t ldy, int64_t row0, int64_t n_out,
                                           bool accumulate) {
-    __shared__ float red[MMV_THREADS / 32][R * NT];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __shared__ float red[MMV_THREADS_MAX / 32][R * NT];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -400,7 +404,7 @@ __device__ __forceinline__ void mmv_store(float (&acc)[R][NT], float *y, int64_t
         const int r = threadIdx.x / NT, t = threadIdx.x % NT;
         float v = 0.0f;
 #pragma unroll
-        for (int i = 0; i < MMV_THREADS / 32; i++) v += red[i][threadIdx.x];
+        for (int i = 0; i < n_warps; i++) v += red[i][threadIdx.x];
         const int64_t row = row0 + r;
         if (row < n_out) {
             float *p = y + t * ldy + row;
@@ -425,10 +429,57 @@ __global__ void quantize_x_kernel(const float *__restrict__ x, int8_t *__restric
     if (lane == 0) xs[blk] = make_float2(d, (float)sum);
 }
 
-/* y[t, row] (+)= sum over chunks of dot(chunk, x block); R rows per block,
- * NT tokens: each weight chunk is loaded once and used for every token. */
+/* acc[r][t] += chunk k[r] . x block c of token t, for R rows and NT tokens. */
 template <int T, int NT, int R>
-__global__ void __launch_bounds__(MMV_THREADS, 2)
+__device__ __forceinline__ void mmv_chunk_acc(const chunk (&k)[R], const int8_t *__restrict__ xq,
+                                              const float2 *__restrict__ xs, int64_t n_in, int nc, int c,
+                                              float (&acc)[R][NT]) {
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const uint4 *xp = (const uint4 *)(xq + t * n_in + (int64_t)c * 32);
+        const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
+        const float2 s = __ldg(&xs[(int64_t)t * nc + c]);
+        const int xw[8] = {(int)xa.x, (int)xa.y, (int)xa.z, (int)xa.w, (int)xb.x, (int)xb.y, (int)xb.z, (int)xb.w};
+        float sx0 = 0.0f, sx1 = 0.0f; /* sums of x quants per half (q2_k's mins) */
+        if (qtraits<T>::MIN && qtraits<T>::NS == 2) {
+            int a = 0, b = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                a = __dp4a(xw[i], 0x01010101, a);
+                b = __dp4a(xw[4 + i], 0x01010101, b);
+            }
+            sx0 = (float)a, sx1 = (float)b;
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            int s0 = 0, s1 = 0;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                s0 = __dp4a(k[r].q[i], xw[i], s0);
+                s1 = __dp4a(k[r].q[4 + i], xw[4 + i], s1);
+            }
+            float f;
+            if (qtraits<T>::NS == 1) {
+                f = k[r].a[0] * (float)(s0 + s1);
+                if (qtraits<T>::MIN) f += k[r].b[0] * s.y;
+            } else {
+                f = k[r].a[0] * (float)s0 + k[r].a[1] * (float)s1;
+                if (qtraits<T>::MIN) f += k[r].b[0] * sx0 + k[r].b[1] * sx1;
+            }
+            acc[r][t] += s.x * f;
+        }
+    }
+}
+
+/* y[t, row] (+)= sum over chunks of dot(chunk, x block); R rows per block,
+ * NT tokens: each weight chunk is loaded once and used for every token.
+ * Threads: mmv_threads() (a thread per chunk, or fewer that loop).
+ * Launched with programmatic dependent launch (cu_launch): the weights do
+ * not depend on the kernel before, so each thread loads its first chunks
+ * before pdl_begin() and that DRAM latency overlaps the previous kernel's
+ * tail; x and y are touched only after it. */
+template <int T, int NT, int R>
+__global__ void __launch_bounds__(MMV_THREADS_MAX)
     mmv_q_kernel(wq w, const int8_t *__restrict__ xq, const float2 *__restrict__ xs, float *__restrict__ y,
                  int64_t ldy, int64_t n_in, int64_t n_out, int nc, bool accumulate) {
     const int64_t row0 = (int64_t)blockIdx.x * R;
@@ -438,45 +489,18 @@ __global__ void __launch_bounds__(MMV_THREADS, 2)
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
 
-    for (int c = threadIdx.x; c < nc; c += MMV_THREADS) {
-        chunk k[R];
+    chunk k[R];
+    int c = threadIdx.x;
+    if (c < nc)
 #pragma unroll
         for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c, k[r]); /* extra rows: discarded */
+    pdl_begin();
+    while (c < nc) {
+        mmv_chunk_acc<T, NT, R>(k, xq, xs, n_in, nc, c, acc);
+        c += blockDim.x;
+        if (c >= nc) break;
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            const uint4 *xp = (const uint4 *)(xq + t * n_in + (int64_t)c * 32);
-            const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
-            const float2 s = __ldg(&xs[(int64_t)t * nc + c]);
-            const int xw[8] = {(int)xa.x, (int)xa.y, (int)xa.z, (int)xa.w, (int)xb.x, (int)xb.y, (int)xb.z, (int)xb.w};
-            float sx0 = 0.0f, sx1 = 0.0f; /* sums of x quants per half (q2_k's mins) */
-            if (qtraits<T>::MIN && qtraits<T>::NS == 2) {
-                int a = 0, b = 0;
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    a = __dp4a(xw[i], 0x01010101, a);
-                    b = __dp4a(xw[4 + i], 0x01010101, b);
-                }
-                sx0 = (float)a, sx1 = (float)b;
-            }
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                int s0 = 0, s1 = 0;
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    s0 = __dp4a(k[r].q[i], xw[i], s0);
-                    s1 = __dp4a(k[r].q[4 + i], xw[4 + i], s1);
-                }
-                float f;
-                if (qtraits<T>::NS == 1) {
-                    f = k[r].a[0] * (float)(s0 + s1);
-                    if (qtraits<T>::MIN) f += k[r].b[0] * s.y;
-                } else {
-                    f = k[r].a[0] * (float)s0 + k[r].a[1] * (float)s1;
-                    if (qtraits<T>::MIN) f += k[r].b[0] * sx0 + k[r].b[1] * sx1;
-                }
-                acc[r][t] += s.x * f;
-            }
-        }
+        for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c, k[r]);
     }
     mmv_store<R, NT>(acc, y, ldy, row0, n_out, accumulate);
 }
@@ -708,6 +732,62 @@ __device__ __forceinline__ float chunk_dot(const chunk &k, const int *xw, float2
         if (qtraits<T>::MIN) f += k.b[0] * sx0 + k.b[1] * sx1;
     }
     return s.x * f;
+}
+
+/* One token, persistent (cu_tuning.mmv_kernel 3): the grid is what fits on
+ * the GPU at once, block b takes row groups b, b + grid, ... of R rows. The
+ * block has a thread per chunk of the row (n_in <= 32 * MMV_THREADS_MAX), so
+ * the x chunk stays in registers, and each thread issues the loads of its
+ * next row group before the current group is reduced: every resident
+ * thread keeps R 16-byte loads in flight from the start to the end, where
+ * short-lived blocks of the block kernel leave DRAM idle between waves.
+ * The warps' partial sums meet in shared memory (double-buffered: one
+ * barrier per group). Same sums in the same order as mmv_q_kernel with a
+ * thread per chunk. */
+template <int T, int R>
+__global__ void __launch_bounds__(MMV_THREADS_MAX)
+    mmv_q_persist_kernel(wq w, const int8_t *__restrict__ xq, const float2 *__restrict__ xs, float *__restrict__ y,
+                         int64_t n_out, int nc, bool accumulate) {
+    __shared__ float red[2][MMV_THREADS_MAX / 32][R];
+    const int c = threadIdx.x, warp = c >> 5, lane = c & 31, n_warps = blockDim.x >> 5;
+    const bool on = c < nc;
+    const int64_t n_groups = (n_out + R - 1) / R;
+    int64_t g = blockIdx.x;
+    chunk k[R];
+    if (on && g < n_groups)
+#pragma unroll
+        for (int r = 0; r < R; r++) unpack<T>(w, min(g * R + r, n_out - 1), c, k[r]); /* before the wait: PDL */
+    pdl_begin();
+    int xw[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float2 s = make_float2(0.0f, 0.0f);
+    if (on) {
+        const uint4 *xp = (const uint4 *)(xq + (int64_t)c * 32);
+        const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
+        s = __ldg(&xs[c]);
+        xw[0] = (int)xa.x, xw[1] = (int)xa.y, xw[2] = (int)xa.z, xw[3] = (int)xa.w;
+        xw[4] = (int)xb.x, xw[5] = (int)xb.y, xw[6] = (int)xb.z, xw[7] = (int)xb.w;
+    }
+    for (int buf = 0; g < n_groups; g += gridDim.x, buf ^= 1) {
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r] = on ? 0.0f + chunk_dot<T>(k[r], xw, s) : 0.0f;
+        const int64_t gn = g + gridDim.x;
+        if (on && gn < n_groups)
+#pragma unroll
+            for (int r = 0; r < R; r++) unpack<T>(w, min(gn * R + r, n_out - 1), c, k[r]);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float v = warp_sum(acc[r]);
+            if (lane == 0) red[buf][warp][r] = v;
+        }
+        __syncthreads();
+        if (c < R && g * R + c < n_out) {
+            float v = 0.0f;
+            for (int i = 0; i < n_warps; i++) v += red[buf][i][c];
+            float *p = y + g * R + c;
+            *p = accumulate ? *p + v : v;
+        }
+    }
 }
 
 /* y[t * ldy + row] (+)= in(x)[t] . W[row] for NT tokens. The block first
@@ -1114,20 +1194,58 @@ static optiml_status matmul_check(const cu_ctx *cu, const cu_weight *w, const fl
  * tokens); few rows keep enough blocks in flight for one token. */
 template <int NT> constexpr int mmv_rows() { return NT <= 2 ? 2 : 4; }
 
-template <int T, int NT>
-static void launch_mmv_q(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y, int64_t ldy,
-                         int64_t n_in, int64_t n_out, bool acc) {
-    constexpr int R = mmv_rows<NT>();
+/* Threads of a block kernel for rows of nc chunks in n_blocks blocks. A
+ * thread per chunk costs waves (blocks beyond what is resident at once, from
+ * the kernel's occupancy: its registers), fewer threads cost chunks per
+ * thread in turn; the cost is waves x chunks per thread, ties go to fewer
+ * waves, and at least min(nc, 128) threads. This picks what measured best
+ * on an H200 (bench/RESULTS.md): 128 threads for 7B rows of 128 and 344
+ * chunks, 160 for 13B's 160, 224 for 13B's down rows of 432.
+ * cu_tuning.mmv_block_threads > 1 overrides it. occ[w]: blocks per SM with
+ * w warps (0: not asked yet; the same for every call of this kernel). */
+template <typename K>
+static int mmv_threads(const cu_ctx *cu, K kernel, std::atomic<int> *occ, int nc, int64_t n_blocks) {
+    const int w_all = (nc + 31) / 32, w_top = w_all < MMV_THREADS_MAX / 32 ? w_all : MMV_THREADS_MAX / 32;
+    if (cu->tune.mmv_block_threads > 1) {
+        const int cap = cu->tune.mmv_block_threads / 32;
+        return 32 * (w_top < cap ? w_top : cap);
+    }
+    const int64_t n_sm = cu->n_sm > 0 ? cu->n_sm : 132;
+    int best = w_top;
+    int64_t best_cost = INT64_MAX, best_waves = INT64_MAX;
+    for (int wv = w_top < 4 ? w_top : 4; wv <= w_top; wv++) {
+        int o = occ[wv].load(std::memory_order_relaxed);
+        if (o == 0) {
+            if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, kernel, 32 * wv, 0) != cudaSuccess || o < 1) o = 1;
+            occ[wv].store(o, std::memory_order_relaxed);
+        }
+        const int64_t slots = n_sm * o, waves = (n_blocks + slots - 1) / slots;
+        const int64_t cost = waves * ((nc + 32 * wv - 1) / (32 * wv));
+        if (cost < best_cost || (cost == best_cost && waves < best_waves))
+            best = wv, best_cost = cost, best_waves = waves;
+    }
+    return 32 * best;
+}
+
+template <int T, int NT, int R>
+static cudaError_t launch_mmv_q_rows(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y,
+                                     int64_t ldy, int64_t n_in, int64_t n_out, bool acc) {
+    static std::atomic<int> occ[MMV_THREADS_MAX / 32 + 1];
     const int nc = (int)(n_in / 32);
+    const unsigned blocks = cu_blocks(n_out, R);
+    const int threads = mmv_threads(cu, mmv_q_kernel<T, NT, R>, occ, nc, blocks);
+    return cu_launch(cu, mmv_q_kernel<T, NT, R>, dim3(blocks), dim3(threads), 0, w, xq, xs, y, ldy, n_in, n_out, nc,
+                     acc);
+}
+
+template <int T, int NT>
+static cudaError_t launch_mmv_q(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y, int64_t ldy,
+                                int64_t n_in, int64_t n_out, bool acc) {
     if (NT == 1 && cu->tune.mmv_block_rows == 4)
-        mmv_q_kernel<T, NT, 4><<<cu_blocks(n_out, 4), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, ldy, n_in, n_out, nc,
-                                                                                     acc);
-    else if (NT == 1 && cu->tune.mmv_block_rows == 8)
-        mmv_q_kernel<T, NT, 8><<<cu_blocks(n_out, 8), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, ldy, n_in, n_out, nc,
-                                                                                     acc);
-    else
-        mmv_q_kernel<T, NT, R><<<cu_blocks(n_out, R), MMV_THREADS, 0, cu->stream>>>(w, xq, xs, y, ldy, n_in, n_out, nc,
-                                                                                     acc);
+        return launch_mmv_q_rows<T, NT, 4>(cu, w, xq, xs, y, ldy, n_in, n_out, acc);
+    if (NT == 1 && cu->tune.mmv_block_rows == 8)
+        return launch_mmv_q_rows<T, NT, 8>(cu, w, xq, xs, y, ldy, n_in, n_out, acc);
+    return launch_mmv_q_rows<T, NT, mmv_rows<NT>()>(cu, w, xq, xs, y, ldy, n_in, n_out, acc);
 }
 
 template <int T, int NT, int V>
@@ -1138,24 +1256,47 @@ static void launch_mmv_plain(cu_ctx *cu, const void *w, const float *x, float *y
                                                                                         acc);
 }
 
+/* The persistent kernel: a thread per chunk, as many blocks as are resident
+ * at once (the occupancy API: it depends on the kernel's registers). */
+template <int T, int R>
+static cudaError_t launch_mmv_persist(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y,
+                                      int64_t n_in, int64_t n_out, bool acc) {
+    const int nc = (int)(n_in / 32), threads = 32 * ((nc + 31) / 32);
+    int occ = 0;
+    const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, mmv_q_persist_kernel<T, R>, threads, 0);
+    if (e != cudaSuccess) return e;
+    const int64_t groups = (n_out + R - 1) / R;
+    int64_t grid = (int64_t)(cu->n_sm > 0 ? cu->n_sm : 132) * (occ > 0 ? occ : 1);
+    if (grid > groups) grid = groups;
+    return cu_launch(cu, mmv_q_persist_kernel<T, R>, dim3((unsigned)grid), dim3(threads), 0, w, xq, xs, y, n_out, nc,
+                     acc);
+}
+
 /* Up to 8 tokens of a quantized weight (x already quantized). */
 template <int T>
 static optiml_status mmv_q(cu_ctx *cu, const cu_weight *w, const int8_t *xq, const float2 *xs, int64_t nt, float *y,
                            int64_t ldy, bool acc) {
     const wq v = wq_of(w);
     const int64_t n_in = w->n_in, n_out = w->n_out;
-    switch (nt) {
-    case 1: launch_mmv_q<T, 1>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
-    case 2: launch_mmv_q<T, 2>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
-    case 3: launch_mmv_q<T, 3>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
-    case 4: launch_mmv_q<T, 4>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
-    case 5: launch_mmv_q<T, 5>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
-    case 6: launch_mmv_q<T, 6>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
-    case 7: launch_mmv_q<T, 7>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
-    default: launch_mmv_q<T, 8>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    cudaError_t e;
+    if (nt == 1 && cu->tune.mmv_kernel == 3 && n_in / 32 <= MMV_THREADS_MAX) {
+        const int rows = cu->tune.mmv_block_rows;
+        e = rows == 2   ? launch_mmv_persist<T, 2>(cu, v, xq, xs, y, n_in, n_out, acc)
+            : rows == 8 ? launch_mmv_persist<T, 8>(cu, v, xq, xs, y, n_in, n_out, acc)
+                        : launch_mmv_persist<T, 4>(cu, v, xq, xs, y, n_in, n_out, acc);
+        return cu_check(e, "mmv_q_persist_kernel");
     }
-    CU_LAUNCHED("mmv_q_kernel");
-    return OPTIML_OK;
+    switch (nt) {
+    case 1: e = launch_mmv_q<T, 1>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 2: e = launch_mmv_q<T, 2>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 3: e = launch_mmv_q<T, 3>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 4: e = launch_mmv_q<T, 4>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 5: e = launch_mmv_q<T, 5>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 6: e = launch_mmv_q<T, 6>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    case 7: e = launch_mmv_q<T, 7>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    default: e = launch_mmv_q<T, 8>(cu, v, xq, xs, y, ldy, n_in, n_out, acc); break;
+    }
+    return cu_check(e, "mmv_q_kernel");
 }
 
 template <int T, int V>
@@ -1386,8 +1527,9 @@ static optiml_status mmw_type(cu_ctx *cu, const cu_weight *w, const int8_t *xq, 
  * kernel (then the caller takes the f32 input step). */
 static optiml_status mm_inq_run(cu_ctx *cu, const float *x, const mm_in_dev &in, int64_t n_tok, int64_t n_in,
                                 int8_t **xq_out, float2 **xs_out) {
-    int8_t *xq = (int8_t *)cu->mm_xq;
-    float2 *xs = (float2 *)((uint8_t *)cu->mm_xq + align_up_u64((uint64_t)(n_tok * n_in), 16));
+    int8_t *xq;
+    float2 *xs;
+    cu_mm_q8_ptrs(cu, n_tok, n_in, &xq, &xs);
     const int g = (int)((n_in + 8 * INQ_THREADS - 1) / (8 * INQ_THREADS));
     const dim3 grid((unsigned)n_tok), block(INQ_THREADS);
     const int ni = (int)n_in;
@@ -1414,6 +1556,20 @@ static optiml_status mm_in_run(cu_ctx *cu, const float *x, const mm_in_dev &in, 
     else mm_in_kernel<float><<<(unsigned)n_tok, 256, 0, cu->stream>>>(x, in, n_in, (float *)cu->mm_xf);
     CU_LAUNCHED("mm_in_kernel");
     return OPTIML_OK;
+}
+
+extern "C" optiml_status cu_matmul_prequant(cu_ctx *cu, const cu_weight *w, int64_t n_tok, float *y, int64_t ldy,
+                                            bool accumulate) {
+    TRY(matmul_check(cu, w, (const float *)cu->mm_xq, n_tok, y));
+    if (type_is_plain(w->type) || n_tok > MMV_MAX_TOKENS || w->n_in % 32 != 0)
+        return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_matmul_prequant: %s weight, %lld tokens: not supported",
+                           dtype_name(w->type), (long long)n_tok);
+    if (ldy == 0) ldy = w->n_out;
+    if (ldy < w->n_out) return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_matmul_prequant: ldy %lld", (long long)ldy);
+    int8_t *xq;
+    float2 *xs;
+    cu_mm_q8_ptrs(cu, n_tok, w->n_in, &xq, &xs);
+    return mmv_q_type(cu, w, xq, xs, n_tok, y, ldy, accumulate);
 }
 
 extern "C" optiml_status cu_matmul_ex(cu_ctx *cu, const cu_weight *w, const float *x, const struct cu_mm_in *in_host,

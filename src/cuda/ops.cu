@@ -230,6 +230,8 @@ extern "C" optiml_status cu_rope_store_qkv(cu_ctx *cu, const float *qkv, int64_t
 struct att_args {
     const float *q, *k, *v;
     float *out;
+    int8_t *out_q;  /* decode kernel 3 with Q8: out quantized (cu_mm_q8_ptrs) */
+    float2 *out_s;
     int32_t n_tok, n_head, group, hd;
     int64_t n_q, n_kv; /* row lengths of q/out and of the cache */
     uint32_t n_ctx;
@@ -463,6 +465,61 @@ static int32_t att2_splits(const cu_ctx *cu, int32_t n_tok, int32_t n_head, uint
     return (int32_t)(n < 1 ? 1 : n);
 }
 
+/* The partials of every split of (token t, head h) merged into a.out (empty
+ * ones have max -inf and are skipped); the block's threads take the output
+ * values in turn. Loads bypass L1 (__ldcg): in kernel 3 other blocks wrote
+ * the partials during this kernel. */
+template <bool Q8>
+__device__ __forceinline__ void att2_merge(const att_args &a, int32_t n_split, const float *part_acc,
+                                           const float *part_ml, int32_t t, int32_t h) {
+    const int64_t p0 = ((int64_t)t * a.n_head + h) * n_split;
+    float mx = -INFINITY;
+    for (int32_t s = 0; s < n_split; s++) mx = fmaxf(mx, __ldcg(&part_ml[2 * (p0 + s)]));
+    for (int d = threadIdx.x; d < a.hd; d += blockDim.x) {
+        float l = 0.0f, r = 0.0f;
+        if (mx != -INFINITY)
+            for (int32_t s = 0; s < n_split; s++) {
+                const float ms = __ldcg(&part_ml[2 * (p0 + s)]);
+                if (ms == -INFINITY) continue;
+                const float e = expf(ms - mx);
+                l += e * __ldcg(&part_ml[2 * (p0 + s) + 1]);
+                r += e * __ldcg(&part_acc[(p0 + s) * a.hd + d]);
+            }
+        const float v = l > 0.0f ? r / l : 0.0f;
+        const int64_t j = (int64_t)h * a.hd + d;
+        a.out[t * a.n_q + j] = v;
+        if constexpr (Q8) { /* a warp holds one block of 32 (hd % 32 == 0): mm_inq_kernel's rounding */
+            const float amax = warp_max(fabsf(v));
+            const float ds = amax / 127.0f, id = ds > 0.0f ? 1.0f / ds : 0.0f;
+            const int qv = __float2int_rn(v * id);
+            a.out_q[t * a.n_q + j] = (int8_t)qv;
+            const int sum = __reduce_add_sync(0xffffffffu, qv);
+            if ((d & 31) == 0) a.out_s[t * (a.n_q / 32) + j / 32] = make_float2(ds, (float)sum);
+        }
+    }
+}
+
+/* Kernel 3: after a block has written its partial it counts itself done for
+ * (t, h); the last of the n_split blocks merges them (the threadfence +
+ * atomic counter pattern) and resets the counter to 0 for the next call or
+ * graph replay. */
+template <bool Q8>
+__device__ __forceinline__ void att2_merge_if_last(const att_args &a, int32_t n_split, const float *part_acc,
+                                                   const float *part_ml, unsigned *done, int32_t t, int32_t h) {
+    __shared__ bool last;
+    __threadfence(); /* this block's partial is visible before it is counted */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned *c = done + (int64_t)t * a.n_head + h;
+        last = atomicAdd(c, 1u) == (unsigned)n_split - 1;
+        if (last) *c = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    att2_merge<Q8>(a, n_split, part_acc, part_ml, t, h);
+}
+
 /* Block (split s, head h, token t) over its share [c0, c1) of the used
  * cells, cut in multiples of 32, in tiles of ATT2_TC cells:
  *   scores: 4 neighbouring threads per cell, each reading every 4th float4
@@ -476,9 +533,10 @@ static int32_t att2_splits(const cu_ctx *cu, int32_t n_tok, int32_t n_head, uint
  * Ends with the slots summed through shared memory and the partial (acc,
  * max, sum) written as kernel 1 does. Requires head_dim == D and 16-byte
  * aligned q, K, V rows. */
-template <int D>
+template <int D, bool FOLD, bool Q8>
 __global__ void __launch_bounds__(ATT2_THREADS)
-    att_decode2_kernel(att_args a, int32_t n_split, float *__restrict__ part_acc, float *__restrict__ part_ml) {
+    att_decode2_kernel(att_args a, int32_t n_split, float *__restrict__ part_acc, float *__restrict__ part_ml,
+                       unsigned *__restrict__ done) {
     constexpr int D4 = D / 4, KF = D4 / 4, KP = ATT2_TC / (ATT2_THREADS / 4), VS = ATT2_THREADS / D4;
     constexpr int VN = ATT2_TC / VS; /* cells per V slot per tile */
     __shared__ float sc[ATT2_TC];
@@ -495,6 +553,7 @@ __global__ void __launch_bounds__(ATT2_THREADS)
             part_ml[2 * p] = -INFINITY;
             part_ml[2 * p + 1] = 0.0f;
         }
+        if constexpr (FOLD) att2_merge_if_last<Q8>(a, n_split, part_acc, part_ml, done, t, h);
         return;
     }
     const int32_t pos = a.pos[t], seq = a.seq[t];
@@ -581,36 +640,34 @@ __global__ void __launch_bounds__(ATT2_THREADS)
         part_ml[2 * p] = m;
         part_ml[2 * p + 1] = l;
     }
+    if constexpr (FOLD) att2_merge_if_last<Q8>(a, n_split, part_acc, part_ml, done, t, h);
 }
 
-/* One block per (head, token), a thread per output value: the partials of
- * every split merged (empty ones have max -inf and are skipped). */
+/* One block per (head, token): the partials of every split merged. */
 __global__ void att_combine2_kernel(att_args a, int32_t n_split, const float *__restrict__ part_acc,
                                     const float *__restrict__ part_ml) {
     pdl_begin();
-    const int32_t h = blockIdx.x, t = blockIdx.y;
-    const int64_t p0 = ((int64_t)t * a.n_head + h) * n_split;
-    float mx = -INFINITY;
-    for (int32_t s = 0; s < n_split; s++) mx = fmaxf(mx, part_ml[2 * (p0 + s)]);
-    float l = 0.0f, r = 0.0f;
-    const int d = threadIdx.x;
-    if (mx != -INFINITY)
-        for (int32_t s = 0; s < n_split; s++) {
-            const float ms = part_ml[2 * (p0 + s)];
-            if (ms == -INFINITY) continue;
-            const float e = expf(ms - mx);
-            l += e * part_ml[2 * (p0 + s) + 1];
-            if (d < a.hd) r += e * part_acc[(p0 + s) * a.hd + d];
-        }
-    if (d < a.hd) a.out[t * a.n_q + (int64_t)h * a.hd + d] = l > 0.0f ? r / l : 0.0f;
+    att2_merge<false>(a, n_split, part_acc, part_ml, blockIdx.y, blockIdx.x);
 }
 
-template <int D> static optiml_status att_decode2(cu_ctx *cu, const att_args &a, void *scratch) {
+template <int D> static optiml_status att_decode2(cu_ctx *cu, const att_args &a, void *scratch, bool q8) {
     const int32_t n_split = att2_splits(cu, a.n_tok, a.n_head, a.n_ctx);
     const int64_t n_part = (int64_t)a.n_tok * a.n_head * n_split;
     float *part_acc = (float *)scratch, *part_ml = part_acc + n_part * a.hd;
     const dim3 grid((unsigned)n_split, (unsigned)a.n_head, (unsigned)a.n_tok);
-    TRY(cu_check(cu_launch(cu, att_decode2_kernel<D>, grid, dim3(ATT2_THREADS), 0, a, n_split, part_acc, part_ml),
+    if (cu->tune.att_kernel == 3 && (int64_t)a.n_tok * a.n_head <= CU_ATT_DONE_MAX) {
+        if (q8)
+            TRY(cu_check(cu_launch(cu, att_decode2_kernel<D, true, true>, grid, dim3(ATT2_THREADS), 0, a, n_split,
+                                   part_acc, part_ml, cu->att_done),
+                         "attention (decode 3, quantized out)"));
+        else
+            TRY(cu_check(cu_launch(cu, att_decode2_kernel<D, true, false>, grid, dim3(ATT2_THREADS), 0, a, n_split,
+                                   part_acc, part_ml, cu->att_done),
+                         "attention (decode 3)"));
+        return OPTIML_OK;
+    }
+    TRY(cu_check(cu_launch(cu, att_decode2_kernel<D, false, false>, grid, dim3(ATT2_THREADS), 0, a, n_split, part_acc,
+                           part_ml, (unsigned *)NULL),
                  "attention (decode 2)"));
     TRY(cu_check(cu_launch(cu, att_combine2_kernel, dim3((unsigned)a.n_head, (unsigned)a.n_tok),
                            dim3(D < 64 ? 64 : D), 0, a, n_split, (const float *)part_acc, (const float *)part_ml),
@@ -948,9 +1005,11 @@ template <int D> static optiml_status att_prompt_tc(cu_ctx *cu, const att_args &
     return OPTIML_OK;
 }
 
-extern "C" optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k_cache, const float *v_cache,
-                                      float *out, int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
-                                      uint32_t n_ctx, const struct cu_batch *b, void *scratch) {
+/* cu_attention; q8: the caller checked that decode kernel 3 runs and that
+ * the matmul scratch holds n_tok x n_head * head_dim quants. */
+static optiml_status att_run(cu_ctx *cu, const float *q, const float *k_cache, const float *v_cache, float *out,
+                             int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim, uint32_t n_ctx,
+                             const struct cu_batch *b, void *scratch, bool q8) {
     if (n_tok < 0 || n_head <= 0 || n_head_kv <= 0 || n_head % n_head_kv != 0 || head_dim <= 0 || head_dim > 256 ||
         n_ctx == 0 || n_head > 65535)
         return optiml_fail(OPTIML_ERR_INVALID_ARG,
@@ -962,6 +1021,9 @@ extern "C" optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k
     a.k = k_cache;
     a.v = v_cache;
     a.out = out;
+    a.out_q = NULL;
+    a.out_s = NULL;
+    if (q8) cu_mm_q8_ptrs(cu, n_tok, (int64_t)n_head * head_dim, &a.out_q, &a.out_s);
     a.n_tok = n_tok;
     a.n_head = n_head;
     a.group = n_head / n_head_kv;
@@ -979,12 +1041,12 @@ extern "C" optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k
     if (n_tok <= ATT_DEC_MAX_TOK) {
         if (!scratch) return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_attention: no scratch");
         const bool al16 = (((uintptr_t)q | (uintptr_t)k_cache | (uintptr_t)v_cache | (uintptr_t)scratch) & 15) == 0;
-        if (cu->tune.att_kernel == 2 && head_dim == D && al16) {
+        if (cu->tune.att_kernel >= 2 && head_dim == D && al16) {
             switch (D) {
-            case 32: return att_decode2<32>(cu, a, scratch);
-            case 64: return att_decode2<64>(cu, a, scratch);
-            case 128: return att_decode2<128>(cu, a, scratch);
-            default: return att_decode2<256>(cu, a, scratch);
+            case 32: return att_decode2<32>(cu, a, scratch, q8);
+            case 64: return att_decode2<64>(cu, a, scratch, q8);
+            case 128: return att_decode2<128>(cu, a, scratch, q8);
+            default: return att_decode2<256>(cu, a, scratch, q8);
             }
         }
         switch (D) {
@@ -1011,4 +1073,24 @@ extern "C" optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k
     default:
         return att_prompt<256>(cu, a);
     }
+}
+
+extern "C" optiml_status cu_attention(cu_ctx *cu, const float *q, const float *k_cache, const float *v_cache,
+                                      float *out, int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
+                                      uint32_t n_ctx, const struct cu_batch *b, void *scratch) {
+    return att_run(cu, q, k_cache, v_cache, out, n_tok, n_head, n_head_kv, head_dim, n_ctx, b, scratch, false);
+}
+
+extern "C" optiml_status cu_attention_q8(cu_ctx *cu, const float *q, const float *k_cache, const float *v_cache,
+                                         float *out, int32_t n_tok, int32_t n_head, int32_t n_head_kv,
+                                         int32_t head_dim, uint32_t n_ctx, const struct cu_batch *b, void *scratch,
+                                         bool *quantized) {
+    /* the conditions under which att_run reaches decode kernel 3 */
+    const int D = head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256;
+    const bool al16 = (((uintptr_t)q | (uintptr_t)k_cache | (uintptr_t)v_cache | (uintptr_t)scratch) & 15) == 0;
+    const int64_t n_q = (int64_t)n_head * head_dim;
+    *quantized = cu->tune.att_kernel == 3 && n_tok >= 1 && n_tok <= ATT_DEC_MAX_TOK && head_dim == D &&
+                 head_dim % 32 == 0 && al16 && (int64_t)n_tok * n_head <= CU_ATT_DONE_MAX && cu->mm_xq &&
+                 n_tok <= cu->mm_batch && n_q <= cu->mm_in_max;
+    return att_run(cu, q, k_cache, v_cache, out, n_tok, n_head, n_head_kv, head_dim, n_ctx, b, scratch, *quantized);
 }

@@ -28,6 +28,7 @@
 #include "cuda/cuda.h"
 #include "dtype.h"
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -263,9 +264,11 @@ static void layer_new(struct bench *B, int c, int32_t n) {
     MUST(cu_matmul_ex(cu, &L->qkv, B->x, &n1, n, B->qkv, ld, false));
     MUST(cu_rope_store_qkv(cu, B->qkv, ld, B->qr, L->kc, L->vc, n, (int32_t)s->n_head, (int32_t)s->n_kv_head,
                            (int32_t)s->hd, (int32_t)s->hd, B->inv_freq, &B->b));
-    MUST(cu_attention(cu, B->qr, L->kc, L->vc, B->att, n, (int32_t)s->n_head, (int32_t)s->n_kv_head, (int32_t)s->hd,
-                      N_CTX, &B->b, B->att_scratch));
-    MUST(cu_matmul_ex(cu, &L->wo, B->att, NULL, n, B->x, 0, true));
+    bool q8 = false; /* as src/gpu.c: the attention leaves wo's 8-bit input where it can */
+    MUST(cu_attention_q8(cu, B->qr, L->kc, L->vc, B->att, n, (int32_t)s->n_head, (int32_t)s->n_kv_head,
+                         (int32_t)s->hd, N_CTX, &B->b, B->att_scratch, &q8));
+    if (q8) MUST(cu_matmul_prequant(cu, &L->wo, n, B->x, 0, true));
+    else MUST(cu_matmul_ex(cu, &L->wo, B->att, NULL, n, B->x, 0, true));
     MUST(cu_matmul_ex(cu, &L->gu, B->x, &n2, n, B->gu, 2 * F, false));
     MUST(cu_matmul_ex(cu, &L->down, B->gu, &act, n, B->x, 0, true));
 }
@@ -500,6 +503,11 @@ static void decode_tables(struct bench *B, double copy_bw, uint32_t n_used) {
         {"att kernel 1 (chunks >= 64)", {.att_kernel = 1}},
         {"att kernel 2, 2 blocks/SM", {.att_kernel = 2, .att_blocks_per_sm = 2}},
         {"att kernel 2, 8 blocks/SM", {.att_kernel = 2, .att_blocks_per_sm = 8}},
+        {"att kernel 3 (merge in the last block)", {.att_kernel = 3}},
+        {"persistent mmv (mmv_kernel=3)", {.mmv_kernel = 3}},
+        {"persistent mmv, att kernel 3", {.mmv_kernel = 3, .att_kernel = 3}},
+        {"block mmv, 128 threads (bthr=128)", {.mmv_block_threads = 128}},
+        {"block mmv, 256 threads (bthr=256)", {.mmv_block_threads = 256}},
         {"programmatic dependent launch (pdl=1)", {.pdl = 1}},
         {"pdl=1, mmv v2", {.pdl = 1, .mmv_variant = 2}},
         {"old everything (fused=1, mmv_kernel=1, att kernel 1)", {.mmv_fused = 1, .mmv_kernel = 1, .att_kernel = 1}},

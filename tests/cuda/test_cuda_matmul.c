@@ -230,24 +230,25 @@ static void test_shape(struct dev *d, uint32_t type, int64_t n_in, int64_t n_out
         MUST(cu_upload(d->cu, d->x, hx, (uint64_t)(n_tok * n_in) * sizeof(float)));
         double s2;
         reference(&h, hx, n_tok, d->ref, &s2);
-        /* paths: mmv (the warp kernel for quantized types), gemm, mmv with the block kernel */
-        for (int path = 0; path < (is_plain(type) ? 2 : 3); path++) {
+        /* paths: mmv (the warp kernel for quantized types), gemm, mmv with the block kernel, the
+         * persistent kernel (one token; other token counts take the block kernel) */
+        for (int path = 0; path < (is_plain(type) ? 2 : 4); path++) {
             const matmul_fn fn = path == 1 ? cu_matmul_gemm : cu_matmul_mmv;
             const double tol = tolerance(type, path == 1);
-            if (path == 2) {
-                const struct cu_tuning t = {.mmv_kernel = 1};
+            if (path >= 2) {
+                const struct cu_tuning t = {.mmv_kernel = path == 2 ? 1 : 3};
                 cu_set_tuning(d->cu, &t);
             }
             optiml_status st0, st1;
             const double e0 = run_product(d, fn, &w, n_tok, false, s2, &st0);
             const double e1 = run_product(d, fn, &w, n_tok, true, s2, &st1);
-            if (path == 2) {
+            if (path >= 2) {
                 const struct cu_tuning t = {.mmv_kernel = 2};
                 cu_set_tuning(d->cu, &t);
             }
             const bool ok = st0 == OPTIML_OK && st1 == OPTIML_OK && e0 <= tol && e1 <= tol;
             result(ok, "%-5s %-4s n_in=%-5lld n_out=%-5lld n_tok=%-4lld rel %.2e (accumulate %.2e) tol %.0e%s%s",
-                   dtype_name(type), path == 1 ? "gemm" : path == 2 ? "mmvb" : "mmv", (long long)n_in,
+                   dtype_name(type), path == 1 ? "gemm" : path == 2 ? "mmvb" : path == 3 ? "mmvp" : "mmv", (long long)n_in,
                    (long long)n_out, (long long)n_tok, e0, e1, tol, st0 || st1 ? ": error " : "",
                    st0 || st1 ? optiml_last_error() : "");
         }
@@ -415,14 +416,14 @@ static void test_fused(struct dev *d, uint32_t type, int64_t n_in, int64_t n_out
                      * then the block kernel */
                     static const char *cfg_names[] = {"fused-v1",    "fused-v2",    "fused-v3",  "unfused",
                                                       "inq-warp-v1", "inq-warp-v2", "inq-warp-v3", "inq-block",
-                                                      "inq-warp-pdl"};
-                    for (int cfg = 0; cfg < 9; cfg++) {
+                                                      "inq-warp-pdl", "inq-persist-pdl"};
+                    for (int cfg = 0; cfg < 10; cfg++) {
                         if (((cfg > 0 && cfg < 3) || (cfg > 4 && cfg < 7)) && n_tok != 1) continue;
                         const int var = cfg < 3 ? cfg + 1 : cfg >= 4 && cfg < 7 ? cfg - 3 : 1;
                         const struct cu_tuning tune = {.mmv_variant = var,
                                                        .mmv_fused = cfg < 3 ? 1 : cfg == 3 ? 2 : 3,
-                                                       .mmv_kernel = cfg == 7 ? 1 : 2,
-                                                       .pdl = cfg == 8 ? 1 : 2};
+                                                       .mmv_kernel = cfg == 7 ? 1 : cfg == 9 ? 3 : 2,
+                                                       .pdl = cfg >= 8 ? 1 : 2};
                         cu_set_tuning(d->cu, &tune);
                         for (int acc = 0; acc < 2; acc++) {
                             MUST(cu_memset(d->cu, d->y, 0xFF, (uint64_t)(n_tok * ldy) * sizeof(float)));

@@ -15,6 +15,8 @@
 
 #include "cpu/ops.h"
 #include "cuda/cuda.h"
+#include "dtype.h"
+#include "quant.h"
 #include "test.h"
 
 #include <math.h>
@@ -428,6 +430,69 @@ static void test_attention(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_
     kv_state_free(&s);
 }
 
+/* cu_attention_q8 (decode kernel 3 leaving its output quantized in the
+ * matmul scratch) then cu_matmul_prequant with a q8_0 weight must equal, bit
+ * for bit, cu_attention's f32 output multiplied by cu_matmul_ex (whose input
+ * kernel quantizes the same values); the f32 output is checked against the
+ * double reference as in test_attention. */
+static void test_attention_q8(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_tok, int32_t n_ctx,
+                              uint32_t n_used, int32_t n_seq) {
+    const int64_t n_q = (int64_t)n_head * hd, n_kv = (int64_t)n_head_kv * hd, n_out = 72;
+    struct kv_state s;
+    kv_state_init(&s, n_tok, n_ctx, n_used, n_seq);
+    float *q = frand_array(n_tok * n_q, 2.0f), *kc = cache_make(&s, n_kv), *vc = cache_make(&s, n_kv);
+    double *ref = malloc((size_t)(n_tok * n_q) * sizeof(double));
+    float *got = malloc((size_t)(n_tok * n_q) * sizeof(float));
+    attention_ref(ref, q, kc, vc, &s, n_head, n_head_kv, hd);
+    /* a q8_0 weight of n_out rows, quantized by src/quant.c */
+    uint64_t rs = 0;
+    if (!dtype_row_size(DTYPE_Q8_0, (uint64_t)n_q, &rs)) abort();
+    float *wf = frand_array(n_out * n_q, 1.0f);
+    uint8_t *wq = malloc((size_t)(rs * (uint64_t)n_out));
+    for (int64_t r = 0; r < n_out; r++) quant_quantizer(DTYPE_Q8_0)(n_q, wf + r * n_q, wq + (uint64_t)r * rs);
+    cu_weight w;
+    CU_OK(cu_weight_upload(cu, DTYPE_Q8_0, n_q, n_out, wq, NULL, 0, &w));
+    CU_OK(cu_matmul_reserve(cu, n_tok, n_q, n_out, NULL));
+    float *dq = dup_to_dev(q, n_tok * n_q * sizeof(float));
+    float *dkc = dup_to_dev(kc, n_ctx * n_kv * sizeof(float)), *dvc = dup_to_dev(vc, n_ctx * n_kv * sizeof(float));
+    float *dout = dalloc(n_tok * n_q * sizeof(float));
+    float *dy1 = dalloc(n_tok * n_out * sizeof(float)), *dy2 = dalloc(n_tok * n_out * sizeof(float));
+    const uint64_t sb = cu_attention_scratch_bytes(n_tok, n_head, hd, (uint32_t)n_ctx);
+    void *scratch = dalloc(sb);
+    poison(scratch, sb);
+    struct dev_batch db;
+    dev_batch_init(&db, n_tok, n_ctx);
+    dev_batch_upload(&db, &s);
+    poison(dout, n_tok * n_q * sizeof(float));
+    poison(dy1, n_tok * n_out * sizeof(float));
+    poison(dy2, n_tok * n_out * sizeof(float));
+    bool quantized = false;
+    CU_OK(cu_attention_q8(cu, dq, dkc, dvc, dout, n_tok, n_head, n_head_kv, hd, (uint32_t)n_ctx, &db.b, scratch,
+                          &quantized));
+    if (quantized) CU_OK(cu_matmul_prequant(cu, &w, n_tok, dy1, 0, false));
+    fetch(got, dout, n_tok * n_q * sizeof(float));
+    char what[200];
+    snprintf(what, sizeof(what), "attention_q8 hd=%d heads=%d/%d n_tok=%d n_ctx=%d n_used=%u seqs=%d", hd, n_head,
+             n_head_kv, n_tok, n_ctx, n_used, n_seq);
+    report(what, rel_err_d(got, ref, n_tok * n_q), att_tol);
+    CU_OK(cu_matmul_ex(cu, &w, dout, NULL, n_tok, dy2, 0, false));
+    float *y1 = malloc((size_t)(n_tok * n_out) * sizeof(float)), *y2 = malloc((size_t)(n_tok * n_out) * sizeof(float));
+    fetch(y1, dy1, n_tok * n_out * sizeof(float));
+    fetch(y2, dy2, n_tok * n_out * sizeof(float));
+    int64_t diff = 0;
+    for (int64_t i = 0; i < n_tok * n_out; i++) diff += dtype_f32_bits(y1[i]) != dtype_f32_bits(y2[i]);
+    test_n_checks++;
+    if (!quantized || diff) test_n_failed++;
+    printf("%s %s: %s, then cu_matmul_prequant vs cu_matmul_ex: %lld of %lld outputs differ\n",
+           quantized && !diff ? "PASS" : "FAIL", what, quantized ? "quantized in the kernel" : "NOT quantized",
+           (long long)diff, (long long)(n_tok * n_out));
+    dev_batch_free(&db);
+    cu_weight_free(&w);
+    cu_dfree(dq), cu_dfree(dkc), cu_dfree(dvc), cu_dfree(dout), cu_dfree(dy1), cu_dfree(dy2), cu_dfree(scratch);
+    free(q), free(kc), free(vc), free(ref), free(got), free(wf), free(wq), free(y1), free(y2);
+    kv_state_free(&s);
+}
+
 /* ---- a captured decode step, replayed ----------------------------------------------------- */
 
 /* Captures rope_store + attention for one token, then replays 3 steps of
@@ -610,15 +675,17 @@ int main(int argc, char **argv) {
         const struct cu_tuning t = {.att_chunk_min = 64};
         cu_set_tuning(cu, &t);
     }
-    /* decode kernel 1 (fixed chunks) and kernel 2 (the default; it takes
-     * head_dim 32/64/128/256, others fall back to kernel 1) with one and
-     * with many blocks per SM */
-    for (int v = 0; v < 4; v++) { /* v 3: kernel 2 with programmatic dependent launch */
-        const struct cu_tuning t = {.att_kernel = v == 0 ? 1 : 2, .att_blocks_per_sm = v == 2 ? 16 : v == 3 ? 4 : 1,
-                                    .pdl = v == 3 ? 1 : 2};
+    /* decode kernel 1 (fixed chunks), kernel 2 (it takes head_dim
+     * 32/64/128/256, others fall back to kernel 1) and kernel 3 (kernel 2
+     * whose last block merges; the graph replays check that its counters
+     * return to 0) with one and with many blocks per SM */
+    for (int v = 0; v < 6; v++) { /* v 3, 4: with programmatic dependent launch */
+        const struct cu_tuning t = {.att_kernel = v == 0 ? 1 : v < 4 ? 2 : 3,
+                                    .att_blocks_per_sm = v == 2 || v == 5 ? 16 : v == 3 || v == 4 ? 4 : 1,
+                                    .pdl = v == 3 || v == 4 ? 1 : 2};
         cu_set_tuning(cu, &t);
         printf("decode attention kernel %d, blocks per SM %d%s:\n", t.att_kernel, t.att_blocks_per_sm,
-               v == 3 ? ", pdl" : "");
+               t.pdl == 1 ? ", pdl" : "");
         test_attention(32, 16, 4, 1, 300, 37, 2, 0);
         test_attention(64, 32, 8, 3, 300, 300, 3, 1);
         test_attention(128, 32, 32, 1, 4096, 100, 1, 0); /* a short context in a long cache */
@@ -629,8 +696,16 @@ int main(int argc, char **argv) {
         test_graph(128, 32, 8, 300);
     }
     {
-        const struct cu_tuning t = {.att_kernel = 2, .att_blocks_per_sm = 4, .pdl = 2};
+        const struct cu_tuning t = {.att_kernel = 3, .att_blocks_per_sm = 4, .pdl = 1};
         cu_set_tuning(cu, &t);
+        printf("decode attention kernel 3 with its output quantized for the next product:\n");
+        test_attention_q8(128, 32, 8, 1, 4096, 4000, 1);
+        test_attention_q8(128, 32, 32, 1, 300, 37, 1);
+        test_attention_q8(64, 32, 8, 3, 300, 300, 3);
+        test_attention_q8(32, 16, 4, 8, 300, 280, 2);
+        test_attention_q8(256, 8, 2, 5, 300, 280, 2);
+        const struct cu_tuning back = {.att_kernel = 2, .att_blocks_per_sm = 4, .pdl = 2};
+        cu_set_tuning(cu, &back);
     }
     /* prompt attention on tensor cores (head_dim 64 and 128; others and
      * decode batches take the f32 kernels, checked at the f32 tolerance) */
@@ -657,7 +732,7 @@ int main(int argc, char **argv) {
     test_graph(128, 32, 8, 300);
 
     if (!quick) {
-        for (int k = 1; k <= 2; k++) { /* decode: kernel 1, then kernel 2 (the default, left set) */
+        for (int k = 1; k <= 3; k++) { /* decode: kernels 1, 2, 3 */
             const struct cu_tuning t = {.att_kernel = k};
             cu_set_tuning(cu, &t);
             printf("decode attention kernel %d:\n", k);
