@@ -18,8 +18,11 @@
  * run them on different devices. Each matrix op is one threadpool_run over
  * the weight rows: every weight row is read once per batch. Quantized
  * weights multiply activations quantized to 8 bits (q8_0 / q8_1 / q8_k,
- * as ggml does), quantized once per matmul before the rows are split. All
- * buffers are allocated in optiml_context_init; decode allocates nothing.
+ * as ggml does), quantized once per matmul before the rows are split;
+ * batches of cpu_gemm_min_tokens(type) or more multiply q4_0, q8_0, q4_k
+ * and q6_k weights through the prompt GEMM (cpu/ops.h: each thread
+ * repacks 8 rows at a time into its own panel). All buffers are allocated
+ * in optiml_context_init; decode allocates nothing.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "context.h"
@@ -51,10 +54,12 @@ static void rope_init(optiml_context *ctx) {
 }
 
 /* Track the largest input row of the matrices, and the activation types
- * their weights need (act_used[t]). */
+ * their weights need (act_used[t]); act_used[DTYPE_COUNT]: some weight
+ * type has a prompt GEMM. */
 static void matrix_note(const struct tensor *w, const struct cpu_kernels *kern, bool *act_used, int64_t *n_in_max) {
     const uint32_t t = kern->vec_dot_type[w->type];
     if (t != DTYPE_F32) act_used[t] = true;
+    if (kern->gemm[w->type]) act_used[DTYPE_COUNT] = true;
     if (w->ne[0] > *n_in_max) *n_in_max = w->ne[0];
 }
 
@@ -69,8 +74,20 @@ static int64_t model_matrix_inputs(const optiml_model *m, const struct cpu_kerne
     return n_in_max;
 }
 
+/* Per-thread panels and the q8_0 inputs' block summaries of the GEMM. */
+static optiml_status context_alloc_gemm(optiml_context *ctx, int64_t n_in_max) {
+    const uint64_t n_threads = (uint64_t)threadpool_n_threads(ctx->pool);
+    ctx->gemm_panel_size = (cpu_gemm_panel_size(n_in_max) + 63) / 64 * 64;
+    ctx->gemm_panel = optiml_alloc_aligned(n_threads * ctx->gemm_panel_size);
+    ctx->gemm_xi = optiml_alloc_aligned((uint64_t)ctx->params.n_batch * (uint64_t)(n_in_max / 32 + 1) *
+                                        sizeof(struct cpu_gemm_xblock));
+    if (!ctx->gemm_panel || !ctx->gemm_xi)
+        return optiml_fail(OPTIML_ERR_NOMEM, "context: cannot allocate the GEMM panels");
+    return OPTIML_OK;
+}
+
 static optiml_status context_alloc_xq(optiml_context *ctx) {
-    bool used[DTYPE_COUNT] = {0};
+    bool used[DTYPE_COUNT + 1] = {0};
     const int64_t n_in_max = model_matrix_inputs(ctx->model, ctx->kern, used);
     for (uint32_t t = 0; t < DTYPE_COUNT; t++) {
         if (!used[t]) continue;
@@ -81,7 +98,7 @@ static optiml_status context_alloc_xq(optiml_context *ctx) {
             return optiml_fail(OPTIML_ERR_NOMEM, "context: cannot allocate %llu bytes of %s activations",
                                (unsigned long long)n, dtype_name(t));
     }
-    return OPTIML_OK;
+    return used[DTYPE_COUNT] ? context_alloc_gemm(ctx, n_in_max) : OPTIML_OK;
 }
 
 static optiml_status context_alloc(optiml_context *ctx) {
@@ -169,6 +186,8 @@ void optiml_context_free(optiml_context *ctx) {
                     ctx->logits, ctx->logits_row, ctx->out_ids, ctx->observer_gate};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) optiml_free_aligned(bufs[i]);
     for (int t = 0; t < DTYPE_COUNT; t++) optiml_free_aligned(ctx->xq[t]);
+    optiml_free_aligned(ctx->gemm_panel);
+    optiml_free_aligned(ctx->gemm_xi);
     free(ctx);
 }
 
@@ -285,16 +304,40 @@ struct matmul_job {
     float *y[3];       /* (n_tok, rows of w[j]) */
     const void *xq[3]; /* (n_tok, xq_row bytes) or NULL: f32 path */
     uint64_t xq_row[3];
+    /* prompt GEMM for weight types that have one (cpu/ops.h), else NULL */
+    const struct cpu_gemm_xblock *gemm_xi; /* (n_tok, n_in / 32) q8_0 inputs */
+    char *gemm_panel;                      /* per thread: gemm_panel_size  */
+    uint64_t gemm_panel_size;
     atomic_int_fast64_t next_chunk; /* matmul_run's work counter, from 0 */
 };
 
-/* Rows [r0, r1) of matrix j for every token. Batches of 4 or more tokens:
- * pairs of rows through the 2-row tiles (2x4 for 4 tokens at a time, 2x1
- * for the rest); otherwise (decode) and for a last odd row, single rows
- * through dot_q_x4 / dot_q (or dot on f32 inputs). All give the same bits
- * (cpu/ops.h), so a row's result does not depend on its tile. */
-static void matmul_rows(const struct matmul_job *job, int j, int64_t r0, int64_t r1) {
+/* Rows [r0, r1) of matrix j by the prompt GEMM, 8 rows per panel. */
+static void matmul_rows_gemm(const struct matmul_job *job, int j, int64_t r0, int64_t r1, int ith) {
     const struct tensor *w = job->w[j];
+    const cpu_gemm_fn gemm = job->kern->gemm[w->type];
+    const int64_t n_out = w->ne[1];
+    const struct cpu_gemm_xblock *xi = job->kern->vec_dot_type[w->type] == DTYPE_Q8_0 ? job->gemm_xi : NULL;
+    void *panel = job->gemm_panel + (uint64_t)ith * job->gemm_panel_size;
+    for (int64_t r = r0; r < r1; r += CPU_GEMM_ROWS) {
+        const int n_rows = r1 - r < CPU_GEMM_ROWS ? (int)(r1 - r) : CPU_GEMM_ROWS;
+        gemm(w->ne[0], tensor_row(w, r), w->row_size, n_rows, job->xq[j], job->xq_row[j], xi, job->n_tok, job->y[j] + r,
+             (uint64_t)n_out, job->accumulate, panel);
+    }
+}
+
+/* Rows [r0, r1) of matrix j for every token (thread ith). The prompt
+ * GEMM where the job has it (equal to dot_q to float rounding only);
+ * else batches of 4 or more tokens: pairs of rows through the 2-row tiles
+ * (2x4 for 4 tokens at a time, 2x1 for the rest); otherwise (decode) and
+ * for a last odd row, single rows through dot_q_x4 / dot_q (or dot on f32
+ * inputs). The tiles give dot_q's bits (cpu/ops.h), so there a row's
+ * result does not depend on its tile. */
+static void matmul_rows(const struct matmul_job *job, int j, int64_t r0, int64_t r1, int ith) {
+    const struct tensor *w = job->w[j];
+    if (job->gemm_panel && job->xq[j] && job->kern->gemm[w->type] && job->n_tok >= cpu_gemm_min_tokens(w->type)) {
+        matmul_rows_gemm(job, j, r0, r1, ith);
+        return;
+    }
     const struct cpu_kernels *kern = job->kern;
     const cpu_dot_fn dot = kern->dot[w->type];
     const cpu_dot_q_fn dot_q = kern->dot_q[w->type];
@@ -359,7 +402,6 @@ static int64_t matmul_chunk_rows(const struct matmul_job *job, int j, int nth) {
  * while (a busy machine) holds up no more than one chunk. */
 static void matmul_run(void *arg, int ith, int nth) {
     struct matmul_job *job = arg;
-    (void)ith;
     for (;;) {
         int64_t c = atomic_fetch_add_explicit(&job->next_chunk, 1, memory_order_relaxed);
         int j = 0;
@@ -371,7 +413,7 @@ static void matmul_run(void *arg, int ith, int nth) {
         }
         if (j == job->n_mat) return;
         const int64_t r0 = c * per, r1 = r0 + per < job->w[j]->ne[1] ? r0 + per : job->w[j]->ne[1];
-        matmul_rows(job, j, r0, r1);
+        matmul_rows(job, j, r0, r1, ith);
     }
 }
 
@@ -384,6 +426,7 @@ struct quantize_job {
     uint32_t type[3];
     void *dst[3];
     uint64_t row[3];
+    struct cpu_gemm_xblock *gemm_xi; /* NULL, or the GEMM's q8_0 block summaries */
 };
 
 static void quantize_run(void *arg, int ith, int nth) {
@@ -391,9 +434,12 @@ static void quantize_run(void *arg, int ith, int nth) {
     int64_t t0, t1;
     threadpool_split(job->n_tok, ith, nth, &t0, &t1);
     for (int k = 0; k < job->n_types; k++)
-        for (int64_t t = t0; t < t1; t++)
-            job->kern->quantize[job->type[k]](job->n_in, job->x + t * job->n_in,
-                                              (char *)job->dst[k] + (uint64_t)t * job->row[k]);
+        for (int64_t t = t0; t < t1; t++) {
+            char *dst = (char *)job->dst[k] + (uint64_t)t * job->row[k];
+            job->kern->quantize[job->type[k]](job->n_in, job->x + t * job->n_in, dst);
+            if (job->gemm_xi && job->type[k] == DTYPE_Q8_0)
+                cpu_gemm_prep_q8_0(job->n_in, dst, job->gemm_xi + t * (job->n_in / 32));
+        }
 }
 
 static void matmul(optiml_context *ctx, const float *x, int64_t n_tok, bool accumulate, int n_mat,
@@ -403,6 +449,11 @@ static void matmul(optiml_context *ctx, const float *x, int64_t n_tok, bool accu
                              .accumulate = accumulate, .w = {w0, w1, w2}, .y = {y0, y1, y2}};
     const int64_t n_in = w0->ne[0];
     struct quantize_job qj = {.kern = ctx->kern, .x = x, .n_tok = n_tok, .n_in = n_in};
+    if (ctx->gemm_panel && n_tok >= CPU_GEMM_MIN_TOKENS) {
+        job.gemm_panel = ctx->gemm_panel;
+        job.gemm_panel_size = ctx->gemm_panel_size;
+        job.gemm_xi = qj.gemm_xi = ctx->gemm_xi;
+    }
     for (int j = 0; j < n_mat; j++) {
         const uint32_t t = ctx->kern->vec_dot_type[job.w[j]->type];
         if (t == DTYPE_F32) continue;

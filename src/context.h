@@ -57,6 +57,12 @@ struct optiml_context {
      * buffer per activation type the weights use (q8_0, q8_1, q8_k),
      * indexed by that type, NULL for the others */
     void *xq[DTYPE_COUNT]; /* (n_batch, row bytes of the largest n_in)  */
+    /* prompt GEMM (cpu/ops.h's gemm, batches of cpu_gemm_min_tokens or
+     * more): each thread's repacked panel of 8 weight rows, and the q8_0
+     * inputs' block scales and sums; NULL when no weight type has a gemm */
+    void *gemm_panel; /* (n_threads, cpu_gemm_panel_size(largest n_in)) */
+    struct cpu_gemm_xblock *gemm_xi; /* (n_batch, largest n_in / 32)   */
+    uint64_t gemm_panel_size;
 
     struct gpu_ctx *gpu; /* device buffers when layers are offloaded (gpu.c) */
     struct sparse_state *sparse; /* sparse FFN (sparse.c), NULL: dense */

@@ -16,8 +16,10 @@
  *      row once for all tokens), or without ffn_down_t, the dense down
  *      matmul on the sparse h (same kernels: its result is the dense one).
  * The dots are the dense matmul's kernels on the same (quantized) inputs,
- * so in oracle mode gate and up are bit for bit the dense ones; only down
- * differs (f32 h against down_t rows instead of q8 h against down rows).
+ * so in oracle mode gate and up are bit for bit the dense ones (batches
+ * below cpu_gemm_min_tokens; larger ones go through the dense GEMM, equal
+ * to float rounding); only down differs (f32 h against down_t rows
+ * instead of q8 h against down rows).
  * Every buffer is allocated in sparse_init. CATS batches of more than
  * SPARSE_CATS_MAX_TOKENS run the dense FFN, which applies the same cut
  * (sparse_gate_cut), so a token's result does not depend on its batch.

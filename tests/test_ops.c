@@ -218,6 +218,84 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
     free(xq2);
 }
 
+/* The prompt GEMM (gemm[t]: 1..8 rows repacked into a panel, times n_tok
+ * inputs) against cpu_gemm_ref (the reference dot_q per pair), ragged
+ * shapes, y = and y +=. Both sum each block's integer products exactly;
+ * they differ in the float rounding of the block scale products (a few
+ * ulp) and the order of the nb block terms, so each result is within
+ * 2 (nb + 4) 2^-24 (sum |w x| + |y0|) of the other (two sums of nb + 4
+ * roundings each, both against the exact value). Unwritten outputs stay
+ * NaN (poison), and the entries beside the tile must stay NaN. */
+static int gemm_case(const struct cpu_kernels *k, uint32_t t, int64_t n, int n_rows, int64_t n_tok, bool acc,
+                     double *worst) {
+    const uint32_t vt = k->vec_dot_type[t];
+    const int64_t bs = dtype_block_size(t), nb = n / 32;
+    const uint64_t wrow = (uint64_t)(n / bs) * dtype_type_size(t), ys = (uint64_t)n_rows + 3;
+    uint64_t xrow;
+    dtype_row_size(vt, (uint64_t)n, &xrow);
+    uint8_t *w = malloc(CPU_GEMM_ROWS * wrow), *xq = malloc((size_t)(n_tok * xrow));
+    float *y = malloc((size_t)((n_tok + 1) * ys) * sizeof(float)), *want = malloc((size_t)(n_tok * ys) * sizeof(float));
+    float *x = malloc((size_t)n * sizeof(float)), *wf = malloc((size_t)(CPU_GEMM_ROWS * n) * sizeof(float)),
+          *xf = malloc((size_t)n * sizeof(float));
+    struct cpu_gemm_xblock *xi = malloc((size_t)(n_tok * nb + 1) * sizeof(*xi));
+    void *panel = aligned_alloc(64, (cpu_gemm_panel_size(n) + 63) / 64 * 64);
+    for (uint64_t i = 0; i < (uint64_t)n_rows * wrow; i++) w[i] = (uint8_t)(frand() * 128.0f + 128.0f);
+    for (int64_t b = 0; b < n_rows * (n / bs); b++) sane_scales(t, w + b * dtype_type_size(t));
+    for (int64_t i = 0; i < n; i++) x[i] = frand();
+    quant_quantizer(t)(n, x, w); /* row 0: a quantized row */
+    for (int r = 0; r < n_rows; r++) cpu_kernels_ref()->to_f32[t](n, w + r * wrow, wf + r * n);
+    for (int64_t i = 0; i < (n_tok + 1) * (int64_t)ys; i++) y[i] = NAN;
+    for (int64_t tk = 0; tk < n_tok; tk++) {
+        for (int64_t i = 0; i < n; i++) x[i] = frand() * (tk % 3 == 2 ? 50.0f : 1.0f);
+        k->quantize[vt](n, x, xq + tk * xrow);
+        if (vt == DTYPE_Q8_0) cpu_gemm_prep_q8_0(n, xq + tk * xrow, xi + tk * nb);
+        for (int r = 0; r < n_rows; r++)
+            if (acc) y[tk * ys + r] = frand() * 10.0f;
+    }
+    memcpy(want, y, (size_t)(n_tok * ys) * sizeof(float));
+    cpu_gemm_ref(t, n, w, wrow, n_rows, xq, xrow, n_tok, want, ys, acc);
+    k->gemm[t](n, w, wrow, n_rows, xq, xrow, vt == DTYPE_Q8_0 ? xi : NULL, n_tok, y, ys, acc, panel);
+    int bad = 0;
+    for (int64_t tk = 0; tk < n_tok; tk++) {
+        cpu_kernels_ref()->to_f32[vt](n, xq + tk * xrow, xf);
+        for (int r = 0; r < (int)ys; r++) {
+            const float got = y[tk * ys + r];
+            if (r >= n_rows) {
+                bad += !isnan(got); /* beside the tile: untouched */
+                continue;
+            }
+            double sum_abs = acc ? fabs((double)want[tk * ys + r]) : 0.0;
+            for (int64_t i = 0; i < n; i++) sum_abs += fabs((double)wf[r * n + i] * xf[i]);
+            const double d = fabs((double)got - want[tk * ys + r]), tol = 2.0 * (nb + 4) * 0x1p-24 * sum_abs;
+            if (!(d <= tol)) bad++;
+            *worst = fmax(*worst, d / (sum_abs > 1e-30 ? sum_abs : 1.0));
+        }
+    }
+    for (uint64_t r = 0; r < ys; r++) bad += !isnan(y[n_tok * ys + r]); /* past the last input */
+    free(w), free(xq), free(y), free(want), free(x), free(wf), free(xf), free(xi), free(panel);
+    return bad;
+}
+
+static void compare_gemm(const char *name, const struct cpu_kernels *k) {
+    static const int64_t sizes[] = {32, 96, 256, 2048, 4096};
+    static const int rows[] = {8, 1, 3, 5, 7};
+    static const int64_t toks[] = {1, 2, 3, 4, 5, 8, 13, 19};
+    for (uint32_t t = 0; t < DTYPE_COUNT; t++) {
+        if (!k->gemm[t]) continue;
+        int bad = 0, cases = 0;
+        double worst = 0.0;
+        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+            if (sizes[si] % dtype_block_size(t)) continue;
+            for (size_t ri = 0; ri < sizeof(rows) / sizeof(rows[0]); ri++)
+                for (size_t ti = 0; ti < sizeof(toks) / sizeof(toks[0]); ti++, cases++)
+                    bad += gemm_case(k, t, sizes[si], rows[ri], toks[ti], (ti + ri) % 2 == 1, &worst);
+        }
+        printf("%s gemm %-4s: %d cases, %d results off (tolerance 2 (nb + 4) 2^-24 of sum |w x|), max relative "
+               "difference %.3g vs reference dot_q\n", name, dtype_name(t), cases, bad, worst);
+        CHECK(cases > 0 && bad == 0, "%s gemm %s", name, dtype_name(t));
+    }
+}
+
 /* axpy (y += a * row): the kernel against y + a * (the row dequantized by
  * quant.c / to_f32) in double; 1e-6 of |y| + |a w| (one float rounding of
  * the product and of the sum). */
@@ -270,6 +348,10 @@ int main(void) {
     compare_quant("best", cpu_kernels_best());
     compare_axpy("ref", cpu_kernels_ref());
     compare_axpy("best", cpu_kernels_best());
+    int n_gemm = 0;
+    for (int t = 0; t < DTYPE_COUNT; t++) n_gemm += cpu_kernels_best()->gemm[t] != NULL;
+    printf("best table: %d weight types with a prompt GEMM\n", n_gemm);
+    compare_gemm("best", cpu_kernels_best());
 #if defined(OPTIML_X86)
     /* every SIMD table this CPU runs, its gaps filled from the reference */
     const struct { const char *name; const struct cpu_kernels *k; } tables[] = {
@@ -291,12 +373,14 @@ int main(void) {
                 k.dot_q_2x1[t] = v->dot_q_2x1[t];
                 k.dot_q_2x4[t] = v->dot_q_2x4[t];
             }
+            if (v->gemm[t]) k.gemm[t] = v->gemm[t];
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];
             if (v->axpy[t]) k.axpy[t] = v->axpy[t];
         }
         compare(tables[i].name, &k);
         compare_quant(tables[i].name, &k);
         compare_axpy(tables[i].name, &k);
+        compare_gemm(tables[i].name, &k);
     }
 #endif
     /* elementwise ops against double-precision formulas */

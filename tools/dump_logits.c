@@ -3,10 +3,11 @@
  * position as raw little-endian float32 (n_tokens x n_vocab), for tests that
  * compare OptiML against a reference implementation.
  *
- *   optiml-dump-logits -m MODEL -o OUT.f32 [--batch | --one-by-one] [-t N] ID ID ...
+ *   optiml-dump-logits -m MODEL -o OUT.f32 [--batch | --one-by-one | --chunk N] [-t N] ID ID ...
  *
  * --batch (default) evaluates all ids in one decode call (the prompt path);
- * --one-by-one decodes them one at a time (the generation path).
+ * --one-by-one decodes them one at a time (the generation path); --chunk N
+ * in decode calls of N ids (the last one may be shorter).
  */
 #include "optiml.h"
 
@@ -16,15 +17,16 @@
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *out_path = NULL;
-    bool one_by_one = false;
+    int32_t chunk = 0; /* 0: all ids at once */
     int n_threads = 0;
     int first_id = argc;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-m") && i + 1 < argc) model_path = argv[++i];
         else if (!strcmp(argv[i], "-o") && i + 1 < argc) out_path = argv[++i];
         else if (!strcmp(argv[i], "-t") && i + 1 < argc) n_threads = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--batch")) one_by_one = false;
-        else if (!strcmp(argv[i], "--one-by-one")) one_by_one = true;
+        else if (!strcmp(argv[i], "--batch")) chunk = 0;
+        else if (!strcmp(argv[i], "--one-by-one")) chunk = 1;
+        else if (!strcmp(argv[i], "--chunk") && i + 1 < argc && atoi(argv[i + 1]) > 0) chunk = atoi(argv[++i]);
         else if (argv[i][0] == '-' && argv[i][1] != '\0' && (argv[i][1] < '0' || argv[i][1] > '9')) {
             fprintf(stderr, "optiml-dump-logits: unknown option '%s'\n", argv[i]);
             return 1;
@@ -35,7 +37,8 @@ int main(int argc, char **argv) {
     }
     int32_t n = argc - first_id;
     if (!model_path || !out_path || n <= 0) {
-        fprintf(stderr, "usage: optiml-dump-logits -m MODEL -o OUT.f32 [--batch|--one-by-one] [-t N] ID ...\n");
+        fprintf(stderr,
+                "usage: optiml-dump-logits -m MODEL -o OUT.f32 [--batch|--one-by-one|--chunk N] [-t N] ID ...\n");
         return 1;
     }
     optiml_model *model = NULL;
@@ -55,8 +58,8 @@ int main(int argc, char **argv) {
         goto done;
     }
     const int32_t n_vocab = optiml_model_n_vocab(model);
-    int32_t step = one_by_one ? 1 : n;
-    for (int32_t i = 0; i < n; i += step) {
+    for (int32_t i = 0; i < n; i += batch.n_tokens) {
+        const int32_t step = chunk == 0 || chunk > n - i ? n - i : chunk;
         batch.n_tokens = step;
         for (int32_t j = 0; j < step; j++) {
             batch.token[j] = atoi(argv[first_id + i + j]);

@@ -238,6 +238,29 @@ static void axpy_q4_0_ref(int64_t n, float a, const void *w, float *y) {
     }
 }
 
+/* ---- prompt GEMM: preparation and the reference twin -------------------- */
+
+void cpu_gemm_prep_q8_0(int64_t n, const void *xq, struct cpu_gemm_xblock *dst) {
+    const block_q8_0 *b = xq;
+    for (int64_t i = 0; i < n / QK8_0; i++) {
+        int32_t s = 0;
+        for (int j = 0; j < QK8_0; j++) s += b[i].qs[j];
+        const float d = f16_to_f32(b[i].d);
+        dst[i] = (struct cpu_gemm_xblock){.d = d, .m8 = -8.0f * d * (float)s};
+    }
+}
+
+void cpu_gemm_ref(uint32_t type, int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq,
+                  uint64_t xq_stride, int64_t n_tok, float *y, uint64_t y_stride, bool accumulate) {
+    const cpu_dot_q_fn dot_q = cpu_kernels_ref()->dot_q[type];
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int r = 0; r < n_rows; r++) {
+            const float s = dot_q(n, (const char *)w + r * w_stride, (const char *)xq + t * xq_stride);
+            float *o = &y[t * y_stride + r];
+            *o = accumulate ? *o + s : s;
+        }
+}
+
 /* ---- the reference table ------------------------------------------------ */
 
 static struct cpu_kernels kernels_ref = {

@@ -3,8 +3,9 @@
  * (reference C and SIMD variants chosen at run time), and the elementwise
  * ops of the Llama forward pass.
  *
- * Every SIMD kernel has a scalar twin in cpu_kernels_ref(); tests/test_ops.c
- * compares them on fresh random inputs.
+ * Every SIMD kernel has a scalar twin in cpu_kernels_ref() (the prompt
+ * GEMM: cpu_gemm_ref); tests/test_ops.c compares them on fresh random
+ * inputs.
  */
 #ifndef OPTIML_CPU_OPS_H
 #define OPTIML_CPU_OPS_H
@@ -33,6 +34,42 @@ typedef void (*cpu_dot_q_x4_fn)(int64_t n, const void *w, const void *xq, uint64
  * once read memory slower, see ops_avx2.c). */
 typedef void (*cpu_dot_q_tile_fn)(int64_t n, const void *w, uint64_t w_stride, const void *xq, uint64_t xq_stride,
                                   float *out);
+/* Prompt GEMM on a repacked panel: 8 weight rows (w, w + w_stride, ...;
+ * n_rows of them, 1..8) are repacked into `panel` (cpu_gemm_panel_size(n)
+ * bytes, 32-byte aligned, the caller's per-thread scratch) so that one
+ * vector holds a few values of all 8 rows, then multiplied with n_tok
+ * quantized input rows (xq + t * xq_stride): y[t * y_stride + r] = (or +=,
+ * with accumulate) dot_q(n, row r, input t). xi: q8_0 inputs' blocks
+ * prepared by cpu_gemm_prep_q8_0 (n_tok rows of n / 32), NULL for the
+ * others. Not bit-identical to dot_q: each block's integer sum is exact,
+ * but the blocks are summed in another order (tests/test_ops.c states the
+ * tolerance). Used for batches of cpu_gemm_min_tokens(T) or more. */
+struct cpu_gemm_xblock {
+    float d;  /* the block's scale as f32 */
+    float m8; /* -8 d (sum of its 32 quants), exact (11 x 12 bits): the
+                 term of q4_0's -8 offset */
+};
+typedef void (*cpu_gemm_fn)(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq,
+                            uint64_t xq_stride, const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y,
+                            uint64_t y_stride, bool accumulate, void *panel);
+#define CPU_GEMM_ROWS 8
+/* The fewest inputs for which gemm[type] beats the tiles: on a 2-core
+ * Zen 3, q4_0 / q8_0 from 4 (1.7x / 1.2x there), q4_k / q6_k from 8
+ * (1.35x; at 4 their repacking, sub-block scales included, cancels the
+ * gain). */
+#define CPU_GEMM_MIN_TOKENS 4
+static inline int64_t cpu_gemm_min_tokens(uint32_t type) {
+    return type == DTYPE_Q4_K || type == DTYPE_Q6_K ? 8 : CPU_GEMM_MIN_TOKENS;
+}
+/* 9 bytes a value for q4_0 / q8_0, 11.25 for q4_k / q6_k (ops_avx2.c) */
+static inline uint64_t cpu_gemm_panel_size(int64_t n) { return 12 * (uint64_t)n + 64; }
+/* The per-block scale and offset term of a q8_0 row of n values. */
+void cpu_gemm_prep_q8_0(int64_t n, const void *xq, struct cpu_gemm_xblock *dst);
+/* The scalar twin of gemm[type] (no panel): dot_q of the reference table
+ * for every (row, input) pair. */
+void cpu_gemm_ref(uint32_t type, int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq,
+                  uint64_t xq_stride, int64_t n_tok, float *y, uint64_t y_stride, bool accumulate);
+
 /* Quantize n activations (a multiple of the block size) into blocks. */
 typedef void (*cpu_quantize_fn)(int64_t n, const float *x, void *dst);
 /* y[i] += a * w[i] for a weight row (or whole blocks of one) of type T:
@@ -54,6 +91,7 @@ struct cpu_kernels {
     cpu_dot_q_x4_fn dot_q_x4[DTYPE_COUNT];  /* optional: NULL = 4 dot_q      */
     cpu_dot_q_tile_fn dot_q_2x1[DTYPE_COUNT]; /* optional: 2 rows x 1 input */
     cpu_dot_q_tile_fn dot_q_2x4[DTYPE_COUNT]; /* optional: 2 rows x 4 inputs */
+    cpu_gemm_fn gemm[DTYPE_COUNT];          /* optional: NULL = the tiles  */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:
                                                to_f32, then a loop         */

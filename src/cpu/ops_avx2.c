@@ -500,6 +500,228 @@ TILE_INSTANCES(q8_0, CALL_Q8_0)
 TILE_INSTANCES(q4_K, tile_q4_K)
 TILE_INSTANCES(q6_K, tile_q6_K)
 
+/* ---- prompt GEMM on repacked panels (gemm_panel.h) ----------------------
+ * q4_0: the nibble products (|p| <= 2 * 15 * 127 per int16 pair) of a
+ * block's 8 groups sum in int16 (<= 30480), one madd per block; q8_0: the
+ * sign trick (dot_i8 above), one madd per group. */
+static inline __m256i gemm_acc(bool q8, __m256i s, __m256i wq, __m256i wa, __m256i xb) {
+    if (q8) return _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(xb, wq)),
+                                                         _mm256_set1_epi16(1)));
+    return _mm256_add_epi16(s, _mm256_maddubs_epi16(wq, xb));
+}
+
+static inline __m256i gemm_block_sum(bool q8, __m256i s) {
+    return q8 ? s : _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+}
+
+#include "cpu/gemm_panel.h"
+
+static void gemm_q4_0_avx2(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                           const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                           void *panel) {
+    gemm_q0(false, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
+}
+
+static void gemm_q8_0_avx2(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                           const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                           void *panel) {
+    gemm_q0(true, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
+}
+
+/* ---- prompt GEMM for q4_k and q6_k (AVX2 only; the avx512 table keeps
+ * these) ----------------------------------------------------------------
+ * Panel per 256-value block of 8 rows: the quants as gemm_panel.h's q[][]
+ * (64 groups of 4 values), and per row, as int32 lanes, the sub-block
+ * scales (an int16 pair (s, s): madd of the int16 sums by it scales both
+ * halves) and the offset weights o of the input's 16-value sums:
+ *   q4_k: value = d sc_j q - dmin m_j (32-value sub-blocks, q 0..15),
+ *         o pair k = (m_k, m_k) against bsums 2k, 2k + 1, times dmin;
+ *   q6_k: value = d sc_j (q - 32) (16-value sub-blocks, q 0..63),
+ *         o pair k = 32 (sc_2k, sc_2k+1), times d. */
+struct gemm_kblock {
+    float d[8], dmin[8];
+    int32_t sc[16][8];
+    int32_t off[8][8];
+    uint8_t q[64][32];
+};
+
+/* 8 int16 as 8 int32 lanes (v, v), for madd. */
+static inline __m256i i16_pairs(__m128i v) {
+    return _mm256_set_m128i(_mm_unpackhi_epi16(v, v), _mm_unpacklo_epi16(v, v));
+}
+
+/* The 256 values of a q4_k block as 8 vectors of 32 bytes, and its scales
+ * (s[0]) and mins (s[2]) as int16 pairs, one sub-block per lane. */
+static inline void gemm_unpack_q4_K(const block_q4_K *a, __m256i *v, __m256i *s) {
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    for (int c = 0; c < 4; c++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(a->qs + 32 * c));
+        v[2 * c] = _mm256_and_si256(q, m4);
+        v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+    }
+    const __m128i sm = k4_scales_mins(a->scales);
+    s[0] = i16_pairs(_mm_cvtepu8_epi16(sm));
+    s[1] = _mm256_setzero_si256();
+    s[2] = i16_pairs(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
+}
+
+/* The same for q6_k (quants 0..63, as tile_q6_K above): scales 0..7 (s[0])
+ * and 8..15 (s[1]), offset weights 32 (sc_2k, sc_2k+1) (s[2]). */
+static inline void gemm_unpack_q6_K(const block_q6_K *a, __m256i *v, __m256i *s) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h));
+        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(a->ql + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(a->qh + 32 * h));
+        const __m256i lo[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                               _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                               _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+        for (int k = 0; k < 4; k++) {
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * k), m2);
+            v[4 * h + k] = _mm256_or_si256(lo[k], _mm256_slli_epi16(hi, 4));
+        }
+    }
+    const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a->scales));
+    s[0] = i16_pairs(_mm256_castsi256_si128(sc));
+    s[1] = i16_pairs(_mm256_extracti128_si256(sc, 1));
+    s[2] = _mm256_slli_epi16(sc, 5);
+}
+
+/* Repack n_rows (1..8) rows of nb blocks; missing rows are zeros. The
+ * rows' scale vectors go through the same transpose as the quants. */
+static void gemm_pack_k(bool q6, int64_t nb, const void *w, uint64_t w_stride, int n_rows, struct gemm_kblock *p) {
+    const uint64_t bsize = q6 ? sizeof(block_q6_K) : sizeof(block_q4_K);
+    for (int64_t i = 0; i < nb; i++) {
+        __m256i v[8][8], s[3][8]; /* [row][32-value vector], [scale vector][row] */
+        for (int r = 0; r < 8; r++) {
+            const char *a = (const char *)w + (uint64_t)r * w_stride + (uint64_t)i * bsize;
+            __m256i sr[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            p[i].d[r] = p[i].dmin[r] = 0.0f;
+            if (r >= n_rows) {
+                for (int k = 0; k < 8; k++) v[r][k] = _mm256_setzero_si256();
+            } else if (q6) {
+                gemm_unpack_q6_K((const block_q6_K *)a, v[r], sr);
+                p[i].d[r] = f16s(((const block_q6_K *)a)->d);
+            } else {
+                gemm_unpack_q4_K((const block_q4_K *)a, v[r], sr);
+                p[i].d[r] = f16s(((const block_q4_K *)a)->d);
+                p[i].dmin[r] = f16s(((const block_q4_K *)a)->dmin);
+            }
+            for (int k = 0; k < 3; k++) s[k][r] = sr[k];
+        }
+        for (int k = 0; k < 3; k++) {
+            gemm_transpose8(s[k]);
+            for (int j = 0; j < 8; j++)
+                _mm256_store_si256((__m256i *)(k == 2 ? p[i].off[j] : p[i].sc[8 * k + j]), s[k][j]);
+        }
+        for (int k = 0; k < 8; k++) {
+            __m256i t[8];
+            for (int r = 0; r < 8; r++) t[r] = v[r][k];
+            gemm_transpose8(t);
+            for (int g = 0; g < 8; g++) _mm256_store_si256((__m256i *)p[i].q[8 * k + g], t[g]);
+        }
+    }
+}
+
+/* 8 rows x T inputs, blocks [i0, i1). Int16 sums of unsigned quants times
+ * inputs: q4_k takes a sub-block's 8 groups (<= 8 * 2 * 15 * 127), q6_k 2
+ * groups (<= 2 * 2 * 63 * 127) before each madd by the scales. */
+TILE_INLINE void gemm_tile_k(const int T, const bool Q6, int64_t i0, int64_t i1, const struct gemm_kblock *p,
+                             const char *xq, uint64_t xs, __m256 *acc) {
+    const int n_sub = Q6 ? 16 : 8, n_half = Q6 ? 2 : 1, n_g = Q6 ? 2 : 8;
+    for (int64_t i = i0; i < i1; i++) {
+        __m256i s32[4], s16[4];
+        FOR_T s32[t] = _mm256_setzero_si256();
+        for (int j = 0; j < n_sub; j++) {
+            const __m256i sc = _mm256_load_si256((const __m256i *)p[i].sc[j]);
+            for (int h = 0; h < n_half; h++) {
+                FOR_T s16[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int gg = 0; gg < n_g; gg++) {
+                    const int g = j * n_half * n_g + h * n_g + gg;
+                    const __m256i wq = _mm256_load_si256((const __m256i *)p[i].q[g]);
+#pragma GCC unroll 4
+                    FOR_T {
+                        int32_t x4;
+                        memcpy(&x4, ((const block_q8_K *)(xq + t * xs) + i)->qs + 4 * g, 4);
+                        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(wq, _mm256_set1_epi32(x4)));
+                        __asm__("" : "+x"(s16[t])); /* a chain, as in gemm_tile_q0 */
+                    }
+                }
+                FOR_T s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(s16[t], sc));
+            }
+        }
+        const __m256 dw = _mm256_load_ps(p[i].d), dm = _mm256_load_ps(p[i].dmin);
+#pragma GCC unroll 4
+        FOR_T {
+            const block_q8_K *b = (const block_q8_K *)(xq + t * xs) + i;
+            __m256i o = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {
+                int32_t b2;
+                memcpy(&b2, b->bsums + 2 * k, 4);
+                o = _mm256_add_epi32(o, _mm256_madd_epi16(_mm256_load_si256((const __m256i *)p[i].off[k]),
+                                                          _mm256_set1_epi32(b2)));
+            }
+            const __m256 dx = _mm256_set1_ps(b->d);
+            if (Q6) {
+                const __m256 v = _mm256_cvtepi32_ps(_mm256_sub_epi32(s32[t], o));
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), v, acc[t]);
+            } else {
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(s32[t]), acc[t]);
+                acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(dm, dx), _mm256_cvtepi32_ps(o), acc[t]);
+            }
+        }
+    }
+}
+
+TILE_INLINE void gemm_tokens_k(const int T, const bool Q6, int64_t i0, int64_t i1, const struct gemm_kblock *p,
+                               const char *xq, uint64_t xs, int64_t t0, float *y, uint64_t ys, int n_rows,
+                               bool load_y) {
+    __m256 acc[4];
+    FOR_T acc[t] = load_y ? gemm_load8(y + (t0 + t) * ys, n_rows) : _mm256_setzero_ps();
+    gemm_tile_k(T, Q6, i0, i1, p, xq + t0 * xs, xs, acc);
+    FOR_T gemm_store8(y + (t0 + t) * ys, acc[t], n_rows);
+}
+
+/* As gemm_q0: chunks of 16 inputs x 4 blocks (18 KiB of inputs, 11 KiB of
+ * panel) stay in L1. */
+#define GEMM_KBLOCKS 4
+static inline void gemm_k(const bool Q6, int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq,
+                          uint64_t xs, int64_t n_tok, float *y, uint64_t ys, bool accumulate, void *panel) {
+    const int64_t nb = n / QK_K;
+    struct gemm_kblock *p = panel;
+    gemm_pack_k(Q6, nb, w, w_stride, n_rows, p);
+    for (int64_t c0 = 0; c0 < n_tok; c0 += GEMM_TOKENS) {
+        const int64_t c1 = c0 + GEMM_TOKENS < n_tok ? c0 + GEMM_TOKENS : n_tok;
+        for (int64_t i0 = 0; i0 < nb; i0 += GEMM_KBLOCKS) {
+            const int64_t i1 = i0 + GEMM_KBLOCKS < nb ? i0 + GEMM_KBLOCKS : nb;
+            const bool load_y = i0 > 0 || accumulate;
+            int64_t t = c0;
+            for (; t + 4 <= c1; t += 4) gemm_tokens_k(4, Q6, i0, i1, p, xq, xs, t, y, ys, n_rows, load_y);
+            switch (c1 - t) {
+            case 3: gemm_tokens_k(3, Q6, i0, i1, p, xq, xs, t, y, ys, n_rows, load_y); break;
+            case 2: gemm_tokens_k(2, Q6, i0, i1, p, xq, xs, t, y, ys, n_rows, load_y); break;
+            case 1: gemm_tokens_k(1, Q6, i0, i1, p, xq, xs, t, y, ys, n_rows, load_y); break;
+            default: break;
+            }
+        }
+    }
+}
+
+static void gemm_q4_K_avx2(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                           const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                           void *panel) {
+    (void)xi;
+    gemm_k(false, n, w, w_stride, n_rows, xq, xs, n_tok, y, ys, accumulate, panel);
+}
+
+static void gemm_q6_K_avx2(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                           const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                           void *panel) {
+    (void)xi;
+    gemm_k(true, n, w, w_stride, n_rows, xq, xs, n_tok, y, ys, accumulate, panel);
+}
+
 /* ---- activation quantizers (bit-identical to quant.c's) ---------------- */
 
 /* Non-finite lanes to 0, as quant.c's block_load. */
@@ -648,6 +870,8 @@ static const struct cpu_kernels kernels_avx2 = {
                   [DTYPE_Q6_K] = dot_q6_K_2x1_avx2},
     .dot_q_2x4 = {[DTYPE_Q4_0] = dot_q4_0_2x4_avx2, [DTYPE_Q8_0] = dot_q8_0_2x4_avx2, [DTYPE_Q4_K] = dot_q4_K_2x4_avx2,
                   [DTYPE_Q6_K] = dot_q6_K_2x4_avx2},
+    .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx2, [DTYPE_Q8_0] = gemm_q8_0_avx2, [DTYPE_Q4_K] = gemm_q4_K_avx2,
+             [DTYPE_Q6_K] = gemm_q6_K_avx2},
     .quantize = {[DTYPE_Q8_0] = quantize_q8_0_avx2, [DTYPE_Q8_K] = quantize_q8_K_avx2},
     .axpy = {[DTYPE_F32] = axpy_f32_avx2, [DTYPE_F16] = axpy_f16_avx2, [DTYPE_Q8_0] = axpy_q8_0_avx2,
              [DTYPE_Q4_0] = axpy_q4_0_avx2},

@@ -2,7 +2,8 @@
  * ops_avx512.c - AVX-512 (F, BW, VL) + VNNI variants of the hot quantized
  * dots: q4_0 and q8_0 (vpdpbusd on 256-bit vectors: one instruction for
  * the 32-byte integer dot of a block), q4_k and q6_k (512-bit vectors: 64
- * values, two or four scales, per step). This file alone is compiled with
+ * values, two or four scales, per step), and the prompt GEMM of q4_0 and
+ * q8_0 (gemm_panel.h, vpdpbusd). This file alone is compiled with
  * -mavx512f -mavx512bw -mavx512vl -mavx512vnni (plus AVX2, FMA, F16C);
  * cpu_kernels_avx512vnni() checks cpuid and XCR0 first (dispatch.c).
  *
@@ -239,6 +240,32 @@ TILE_INLINE void tile_q6_K(const int R, const int T, int64_t n, const void *w, u
     FOR_R FOR_T out[r * T + t] = hsum256(acc[r][t]);
 }
 
+/* ---- prompt GEMM on repacked panels (gemm_panel.h) ------------------------
+ * vpdpbusd on the 8-row panel: one instruction per input and group, into
+ * int32 lanes (no int16 stage, no saturation); q8_0 with the sign trick. */
+static inline __m256i gemm_acc(bool q8, __m256i s, __m256i wq, __m256i wa, __m256i xb) {
+    return q8 ? _mm256_dpbusd_epi32(s, wa, _mm256_sign_epi8(xb, wq)) : _mm256_dpbusd_epi32(s, wq, xb);
+}
+
+static inline __m256i gemm_block_sum(bool q8, __m256i s) {
+    (void)q8;
+    return s;
+}
+
+#include "cpu/gemm_panel.h"
+
+static void gemm_q4_0_avx512(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                             const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                             void *panel) {
+    gemm_q0(false, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
+}
+
+static void gemm_q8_0_avx512(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                             const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                             void *panel) {
+    gemm_q0(true, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
+}
+
 /* ---- instances and the table ----------------------------------------------- */
 
 #define TILE_INSTANCES(NAME, CALL)                                                                               \
@@ -276,6 +303,7 @@ static const struct cpu_kernels kernels_avx512 = {
     .dot_q_x4 = {ENTRIES(_x4)},
     .dot_q_2x1 = {ENTRIES(_2x1)},
     .dot_q_2x4 = {ENTRIES(_2x4)},
+    .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx512, [DTYPE_Q8_0] = gemm_q8_0_avx512},
 };
 
 const struct cpu_kernels *cpu_kernels_avx512vnni(void) {

@@ -109,8 +109,12 @@ def test_quantize_random_model(tmp_path, random_model, qtype):
     err = rel(got, ref)
     print(f"{qtype}: logits relative RMS error {err:.4f} (bound {BOUND[qtype]})")
     assert err <= BOUND[qtype]
+    # quantized: decode (dot_q) and the prompt GEMM sum the same products in
+    # another order; a last-bit difference may move an 8-bit activation of
+    # a later matmul by one step (test_long_batch_matches_decode), ~1-2% here
     one = logits(tmp_path, dst, "--one-by-one")
-    assert np.max(np.abs(one - got)) <= 1e-4 * np.max(np.abs(got)), "decode and prompt paths disagree"
+    tol = 1e-4 if qtype in ("f16", "bf16", "f32") else 5e-2
+    assert np.max(np.abs(one - got)) <= tol * np.max(np.abs(got)), "decode and prompt paths disagree"
     if qtype in ("f16", "bf16", "f32"):
         return
     deq = tmp_path / f"m-{qtype}-f32.gguf"
@@ -169,21 +173,29 @@ def test_bad_input(tmp_path, args):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("qtype", ["q4_k_m"])
+@pytest.mark.parametrize("qtype", ["q4_k_m", "q4_0", "q8_0"])
 def test_long_batch_matches_decode(tmp_path, random_model, qtype):
     """A 300-token batch quantizes its activations on the thread pool (more
-    than 65536 values per matmul); one-at-a-time decode quantizes inline.
-    Each row is quantized the same way, so the logits agree to float
-    summation order."""
+    than 65536 values per matmul); batches of 20 quantize inline. Both go
+    through the prompt GEMM, whose result for a token does not depend on
+    its batch, so they agree to float summation order (1e-4 of the largest
+    logit). One-at-a-time decode takes dot_q instead: the same products
+    summed in another order (last bits); the 8-bit requantization of the
+    next matmul's input turns such a difference into a one-step change of
+    an activation now and then, which this random model's attention
+    carries to all later tokens: about 1-2% of the largest logit here, so
+    that comparison allows 5%."""
     src, _ = random_model
     dst = tmp_path / f"long-{qtype}.gguf"
     quantize(src, dst, qtype)
     ids = [str(3 + (i * 37) % 997) for i in range(300)]
     outs = []
-    for mode in ("--batch", "--one-by-one"):
-        out = tmp_path / f"long{mode}.f32"
-        r = run([tool("optiml-dump-logits"), "-m", str(dst), "-o", str(out), "-t", "2", mode, *ids])
+    for mode in (["--batch"], ["--chunk", "20"], ["--one-by-one"]):
+        out = tmp_path / f"long{mode[0]}.f32"
+        r = run([tool("optiml-dump-logits"), "-m", str(dst), "-o", str(out), "-t", "2", *mode, *ids])
         assert r.returncode == 0, r.stderr
         outs.append(np.fromfile(out, dtype=np.float32))
     assert outs[0].size == 300 * 1000
-    assert np.max(np.abs(outs[0] - outs[1])) <= 1e-4 * np.max(np.abs(outs[1]))
+    top = np.max(np.abs(outs[2]))
+    assert np.max(np.abs(outs[0] - outs[1])) <= 1e-4 * top
+    assert np.max(np.abs(outs[0] - outs[2])) <= 5e-2 * top
