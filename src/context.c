@@ -614,6 +614,7 @@ static void layer_ffn(optiml_context *ctx, const optiml_batch *b, int32_t il) {
     if (cut > 0.0f) ops_threshold(l->ffn_gate.data ? ctx->gate : ctx->up, n * hp->n_ff, cut);
     if (ctx->sparse) sparse_gate_cut(ctx, n, il); /* CATS thresholds */
     ops_act_mul(ctx->gate, ctx->up, n * hp->n_ff, hp->ffn_act);
+    if (ctx->sparse) sparse_h_cut(ctx, n, il); /* CATS product score */
     if (ctx->ffn_observer)
         ctx->ffn_observer(ctx->ffn_observer_user, il, n, ctx->xb, keep_g ? ctx->observer_gate : NULL, ctx->gate);
     matmul(ctx, ctx->gate, n, true, 1, &l->ffn_down, ctx->x, NULL, NULL, NULL, NULL);

@@ -167,8 +167,37 @@ static optiml_status bind_sparse_layer(optiml_model *m, int32_t il) {
     if (l->ffn_down_t.data && !cpu_kernels_best()->to_f32[l->ffn_down_t.type])
         return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s has type %s, which cannot be read yet", name,
                            dtype_name(l->ffn_down_t.type));
+    snprintf(name, sizeof(name), "blk.%d.ffn_gate_thr", il);
+    TRY(bind(m, &l->ffn_gate_thr, name, hp->n_ff, 1, BIND_NORM, false));
     snprintf(name, sizeof(name), "blk.%d.ffn_act_freq", il);
     return bind(m, &l->ffn_act_freq, name, hp->n_ff, 1, BIND_NORM, false);
+}
+
+/* blk.N.ffn_gate_thr, CATS thresholds per neuron: in every layer or none,
+ * with optiml.sparse.kind "cats" or "cats_product", values >= 0 (+inf:
+ * never computed). */
+static optiml_status check_neuron_thr(optiml_model *m, bool cats) {
+    const int32_t n_layer = m->hp.n_layer;
+    int32_t n = 0, missing = -1;
+    for (int32_t il = 0; il < n_layer; il++) {
+        if (m->layers[il].ffn_gate_thr.data) n++;
+        else if (missing < 0) missing = il;
+    }
+    if (n == 0) return OPTIML_OK;
+    if (!cats)
+        return optiml_fail(OPTIML_ERR_FORMAT, "blk.N.ffn_gate_thr needs optiml.sparse.kind 'cats' or 'cats_product'");
+    if (n < n_layer)
+        return optiml_fail(OPTIML_ERR_FORMAT, "blk.N.ffn_gate_thr in %d of %d layers (blk.%d has none): it must be in "
+                                              "every layer or none", n, n_layer, missing);
+    for (int32_t il = 0; il < n_layer; il++) {
+        const float *t = m->layers[il].ffn_gate_thr.data;
+        for (int64_t i = 0; i < m->hp.n_ff; i++)
+            if (!(t[i] >= 0.0f))
+                return optiml_fail(OPTIML_ERR_FORMAT, "blk.%d.ffn_gate_thr[%lld] = %g must be >= 0", il, (long long)i,
+                                   (double)t[i]);
+    }
+    m->sparse.has_neuron_thr = true;
+    return OPTIML_OK;
 }
 
 /* optiml.sparse.kind "cats" and its optiml.sparse.gate_threshold (CATS:
@@ -180,16 +209,21 @@ static optiml_status load_gate_threshold(optiml_model *m) {
     optiml_status st = gguf_get_str(f, "optiml.sparse.kind", &kind);
     if (st == OPTIML_ERR_INVALID_ARG) kind = (struct gguf_str){.n = 4, .data = "relu"};
     else TRY(st);
-    const bool cats = kind.n == 4 && !memcmp(kind.data, "cats", 4);
+    /* cats_product: the score is |act(g_i) up_i| (a kind of its own, so
+     * that readers that predate it refuse the file instead of misreading
+     * its thresholds) */
+    m->sparse.cats_product = kind.n == 12 && !memcmp(kind.data, "cats_product", 12);
+    const bool cats = m->sparse.cats_product || (kind.n == 4 && !memcmp(kind.data, "cats", 4));
     if (!cats && !(kind.n == 4 && !memcmp(kind.data, "relu", 4)))
-        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "optiml.sparse.kind '%.*s' is not 'relu' or 'cats'",
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "optiml.sparse.kind '%.*s' is not 'relu', 'cats' or 'cats_product'",
                            (int)(kind.n < 64 ? kind.n : 64), kind.data);
     const struct gguf_value *arr;
     st = gguf_get_arr(f, "optiml.sparse.gate_threshold", GGUF_TYPE_FLOAT32, &arr);
     if (st == OPTIML_ERR_INVALID_ARG) {
         if (cats)
-            return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.kind 'cats' without optiml.sparse.gate_threshold");
-        return OPTIML_OK;
+            return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.kind '%.*s' without optiml.sparse.gate_threshold",
+                               (int)kind.n, kind.data);
+        return check_neuron_thr(m, false);
     }
     TRY(st);
     if (!cats) return optiml_fail(OPTIML_ERR_FORMAT, "optiml.sparse.gate_threshold needs optiml.sparse.kind 'cats'");
@@ -207,7 +241,7 @@ static optiml_status load_gate_threshold(optiml_model *m) {
                                (double)t);
         m->sparse.gate_threshold[il] = t;
     }
-    return OPTIML_OK;
+    return check_neuron_thr(m, true);
 }
 
 static optiml_status load_sparse_info(optiml_model *m) {

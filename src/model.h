@@ -45,6 +45,7 @@ struct layer {
     struct tensor fc2;          /* (r, n_ff) predictor layer 2, or absent   */
     struct tensor ffn_down_t;   /* (n_embd, n_ff) row i = column i of down  */
     struct tensor ffn_act_freq; /* (n_ff) f32 fraction of tokens active     */
+    struct tensor ffn_gate_thr; /* (n_ff) f32 CATS threshold per neuron     */
 };
 
 /* optiml.sparse.* keys; version 0 when the model has none. */
@@ -56,8 +57,12 @@ struct sparse_info {
     float *layer_threshold; /* (n_layer) predictor logit thresholds     */
     uint64_t calib_tokens;
     /* training-free sparsity (optiml.sparse.kind "cats"): neuron i of
-     * layer il is active iff |act(x Wgate)_i| > gate_threshold[il] */
+     * layer il is active iff |act(x Wgate)_i| > gate_threshold[il], or,
+     * when every layer has blk.N.ffn_gate_thr, > ffn_gate_thr[i] */
     float *gate_threshold;  /* (n_layer), or NULL                       */
+    bool has_neuron_thr;    /* every layer has ffn_gate_thr             */
+    bool cats_product;      /* kind "cats_product": the cut is on
+                               |act(g_i) up_i|, not on |act(g_i)|       */
 };
 
 struct optiml_model {

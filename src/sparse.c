@@ -7,7 +7,8 @@
  *      gate > act_threshold); union of the tokens' masks -> index list;
  *      a union above SPARSE_DENSE_FRAC of n_ff hands the layer back to the
  *      dense FFN; in CATS mode the dense gate (mask: |act(gate)| above the
- *      layer's gate_threshold), and no hand-back (the gate is paid for);
+ *      layer's gate_threshold, or the neuron's ffn_gate_thr), and no
+ *      hand-back (the gate is paid for);
  *   2. gate/up rows of the union only (threads split the index list):
  *      h[t][i] = act(gate) * up where token t's mask has i, else 0, written
  *      into ctx->gate (zero elsewhere: the FFN observer sees a dense h);
@@ -20,6 +21,9 @@
  * below cpu_gemm_min_tokens; larger ones go through the dense GEMM, equal
  * to float rounding); only down differs (f32 h against down_t rows
  * instead of q8 h against down rows).
+ * CATS with kind "cats_product" skips steps 1-2: gate and up of every
+ * neuron, h = act(gate) * up, zeroed where |h_i| is at most the neuron's
+ * threshold (sparse_h_cut), then step 3 on the kept neurons.
  * Every buffer is allocated in sparse_init. CATS batches of more than
  * SPARSE_CATS_MAX_TOKENS run the dense FFN, which applies the same cut
  * (sparse_gate_cut), so a token's result does not depend on its batch.
@@ -231,8 +235,8 @@ static inline void prefetch_bytes(const void *p, uint64_t n) {
 
 /* Is a neuron with score v active? v is a predictor logit (thr: the
  * layer's logit threshold), the dense gate (oracle: thr = act_threshold),
- * or in CATS mode the dense gate with thr the layer's gate_threshold. The
- * dense FFN's cut (sparse_gate_cut) asks the same question. */
+ * or in CATS mode the dense gate with thr the neuron's threshold
+ * (cats_thr). The dense FFN's cut (sparse_gate_cut) asks the same question. */
 static inline bool score_on(enum sparse_mode mode, enum ffn_act act, float v, float thr) {
     if (mode != SPARSE_MODE_CATS) return v > thr;
     float a = v;
@@ -244,6 +248,10 @@ static inline bool score_on(enum sparse_mode mode, enum ffn_act act, float v, fl
     return fabsf(a) > thr;
 }
 
+/* CATS: neuron i's threshold, blk.N.ffn_gate_thr[i] when the model has
+ * them (nthr), else the layer's gate_threshold (thr). */
+static inline float cats_thr(const float *nthr, float thr, int64_t i) { return nthr ? nthr[i] : thr; }
+
 /* gate/up of the neurons in idx; h into ctx->gate (n_tok, n_ff). */
 struct ffn_job {
     const struct cpu_kernels *kern;
@@ -254,6 +262,7 @@ struct ffn_job {
     int64_t n_idx, n_tok, n_ff;
     enum ffn_act act;
     float act_threshold, logit_threshold;
+    const float *neuron_thr; /* CATS per-neuron thresholds, or NULL */
     float *h;
 };
 
@@ -276,7 +285,8 @@ static void ffn_run(void *arg, int ith, int nth) {
             /* oracle: lg is the dense gate (up without one), and the
              * threshold act_threshold: h would be exactly 0 */
             const float lg = job->s->logits[t * job->n_ff + i];
-            if (!score_on(mode, job->act, lg, job->logit_threshold)) continue; /* h stays 0 */
+            const float thr = cats_thr(job->neuron_thr, job->logit_threshold, i);
+            if (!score_on(mode, job->act, lg, thr)) continue; /* h stays 0 */
             float g = 0.0f, u;
             if (!nogate) g = oracle ? lg : row_dot(job->kern, &job->l->ffn_gate, i, &job->in_gate, t);
             u = nogate && oracle ? lg : row_dot(job->kern, &job->l->ffn_up, i, &job->in_up, t);
@@ -365,7 +375,7 @@ static void sparse_scores(optiml_context *ctx, const struct layer *l, int64_t n_
 }
 
 /* The union of the tokens' active sets into s->idx; returns its size. */
-static int64_t sparse_union(const optiml_context *ctx, int64_t n_tok, float thr) {
+static int64_t sparse_union(const optiml_context *ctx, int64_t n_tok, float thr, const float *nthr) {
     struct sparse_state *s = ctx->sparse;
     const int64_t n_ff = ctx->model->hp.n_ff;
     /* the oracle of a non-ReLU activation: every neuron is active */
@@ -374,10 +384,31 @@ static int64_t sparse_union(const optiml_context *ctx, int64_t n_tok, float thr)
     int64_t n = 0;
     for (int64_t i = 0; i < n_ff; i++) {
         bool on = all;
-        for (int64_t t = 0; t < n_tok && !on; t++) on = score_on(s->mode, act, s->logits[t * n_ff + i], thr);
+        const float ti = cats_thr(nthr, thr, i);
+        for (int64_t t = 0; t < n_tok && !on; t++) on = score_on(s->mode, act, s->logits[t * n_ff + i], ti);
         if (on) s->idx[n++] = (int32_t)i;
     }
     return n;
+}
+
+static void sparse_down(optiml_context *ctx, const struct layer *l, int64_t n_tok, const int32_t *idx, int64_t n_idx,
+                        bool count);
+
+/* CATS with the product score: gate and up of every neuron (the dense
+ * rows), h = act(g) up, the cut on |h_i| (sparse_h_cut), then only the
+ * kept neurons' rows of ffn_down_t (or the dense down on the sparse h). */
+static void cats_product_ffn(optiml_context *ctx, const struct layer *l, int64_t n_tok, int32_t il, bool *done) {
+    struct sparse_state *s = ctx->sparse;
+    const struct hparams *hp = &ctx->model->hp;
+    const int64_t n_ff = hp->n_ff;
+    sparse_scores(ctx, l, n_tok, done); /* gate into s->logits */
+    struct rows_job uj = {.kern = ctx->kern, .w = &l->ffn_up, .n_tok = n_tok, .y = ctx->up, .y_stride = n_ff};
+    uj.in = row_input_make(ctx, s->xq, done, l->ffn_up.type, ctx->xb, n_tok, hp->n_embd);
+    threadpool_run(ctx->pool, rows_run, &uj);
+    memcpy(ctx->gate, s->logits, (size_t)(n_tok * n_ff) * sizeof(float));
+    ops_act_mul(ctx->gate, ctx->up, n_tok * n_ff, hp->ffn_act);
+    sparse_h_cut(ctx, n_tok, il);
+    if (ctx->ffn_observer) ctx->ffn_observer(ctx->ffn_observer_user, il, n_tok, ctx->xb, s->logits, ctx->gate);
 }
 
 bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
@@ -395,11 +426,17 @@ bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
         return false;
     }
     bool done[DTYPE_COUNT] = {0};
+    if (cats && m->sparse.cats_product) {
+        cats_product_ffn(ctx, l, n_tok, il, done);
+        sparse_down(ctx, l, n_tok, NULL, n_ff, false); /* sparse_h_cut counted */
+        return true;
+    }
     sparse_scores(ctx, l, n_tok, done);
     const float thr = cats                           ? m->sparse.gate_threshold[il]
                       : s->mode == SPARSE_MODE_ORACLE ? m->sparse.act_threshold
                                                       : m->sparse.layer_threshold[il];
-    const int64_t n_idx = sparse_union(ctx, n_tok, thr);
+    const float *nthr = cats && m->sparse.has_neuron_thr ? l->ffn_gate_thr.data : NULL;
+    const int64_t n_idx = sparse_union(ctx, n_tok, thr, nthr);
     if (!cats && (double)n_idx > SPARSE_DENSE_FRAC * (double)n_ff) {
         s->n_active += (uint64_t)(n_tok * n_ff);
         return false;
@@ -409,7 +446,7 @@ bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
     memset(ctx->gate, 0, (size_t)(n_tok * n_ff) * sizeof(float));
     struct ffn_job fj = {.kern = ctx->kern, .l = l, .s = s, .idx = s->idx, .n_idx = n_idx, .n_tok = n_tok,
                          .n_ff = n_ff, .act = hp->ffn_act, .act_threshold = m->sparse.act_threshold,
-                         .logit_threshold = thr, .h = ctx->gate};
+                         .logit_threshold = thr, .neuron_thr = nthr, .h = ctx->gate};
     if (l->ffn_gate.data) fj.in_gate = row_input_make(ctx, s->xq, done, l->ffn_gate.type, ctx->xb, n_tok, hp->n_embd);
     fj.in_up = row_input_make(ctx, s->xq, done, l->ffn_up.type, ctx->xb, n_tok, hp->n_embd);
     threadpool_run(ctx->pool, ffn_run, &fj);
@@ -418,13 +455,23 @@ bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
         ctx->ffn_observer(ctx->ffn_observer_user, il, n_tok, ctx->xb, g_known ? s->logits : NULL, ctx->gate);
     }
 
-    /* neurons with some h != 0 */
+    sparse_down(ctx, l, n_tok, s->idx, n_idx, true);
+    return true;
+}
+
+/* x += h Wdown over the neurons of idx (n_idx; idx NULL: all) with some
+ * h != 0 (count: add them to the FFN statistics). */
+static void sparse_down(optiml_context *ctx, const struct layer *l, int64_t n_tok, const int32_t *idx, int64_t n_idx,
+                        bool count) {
+    struct sparse_state *s = ctx->sparse;
+    const struct hparams *hp = &ctx->model->hp;
+    const int64_t n_ff = hp->n_ff;
     int64_t n_nz = 0;
     for (int64_t k = 0; k < n_idx; k++) {
-        const int32_t i = s->idx[k];
+        const int32_t i = idx ? idx[k] : (int32_t)k;
         int64_t c = 0;
         for (int64_t t = 0; t < n_tok; t++) c += ctx->gate[t * n_ff + i] != 0.0f;
-        s->n_active += (uint64_t)c;
+        if (count) s->n_active += (uint64_t)c;
         if (c) s->idx_nz[n_nz++] = i;
     }
     struct down_job dj = {.kern = ctx->kern, .idx = s->idx_nz, .n_idx = n_nz, .n_tok = n_tok, .n_ff = n_ff,
@@ -439,20 +486,40 @@ bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
         rj.in = row_input_make(ctx, s->dq, hdone, l->ffn_down.type, ctx->gate, n_tok, n_ff);
         threadpool_run(ctx->pool, rows_run, &rj);
     }
-    return true;
 }
 
 void sparse_gate_cut(optiml_context *ctx, int64_t n_tok, int32_t il) {
     struct sparse_state *s = ctx->sparse;
-    if (!s || s->mode != SPARSE_MODE_CATS) return;
+    if (!s || s->mode != SPARSE_MODE_CATS || ctx->model->sparse.cats_product) return;
     const enum ffn_act act = ctx->model->hp.ffn_act;
-    const float thr = ctx->model->sparse.gate_threshold[il];
-    const int64_t n = n_tok * ctx->model->hp.n_ff;
+    const optiml_model *m = ctx->model;
+    const float thr = m->sparse.gate_threshold[il];
+    const float *nthr = m->sparse.has_neuron_thr ? m->layers[il].ffn_gate_thr.data : NULL;
+    const int64_t n_ff = m->hp.n_ff;
     uint64_t kept = 0;
-    for (int64_t k = 0; k < n; k++) {
-        if (score_on(SPARSE_MODE_CATS, act, ctx->gate[k], thr)) kept++;
-        else ctx->gate[k] = 0.0f; /* act(0) = 0 for every gated activation */
-    }
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t i = 0; i < n_ff; i++) {
+            float *g = &ctx->gate[t * n_ff + i];
+            if (score_on(SPARSE_MODE_CATS, act, *g, cats_thr(nthr, thr, i))) kept++;
+            else *g = 0.0f; /* act(0) = 0 for every gated activation */
+        }
+    s->n_active += kept;
+}
+
+void sparse_h_cut(optiml_context *ctx, int64_t n_tok, int32_t il) {
+    struct sparse_state *s = ctx->sparse;
+    const optiml_model *m = ctx->model;
+    if (!s || s->mode != SPARSE_MODE_CATS || !m->sparse.cats_product) return;
+    const float thr = m->sparse.gate_threshold[il];
+    const float *nthr = m->sparse.has_neuron_thr ? m->layers[il].ffn_gate_thr.data : NULL;
+    const int64_t n_ff = m->hp.n_ff;
+    uint64_t kept = 0;
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t i = 0; i < n_ff; i++) {
+            float *h = &ctx->gate[t * n_ff + i];
+            if (fabsf(*h) > cats_thr(nthr, thr, i)) kept++;
+            else *h = 0.0f;
+        }
     s->n_active += kept;
 }
 

@@ -14,7 +14,8 @@
  * Training-free sparsity of SiLU-gated models (CATS, mode 4): the gate is
  * computed for every neuron, and a neuron counts only when
  * |act(gate)| > optiml.sparse.gate_threshold[il] (calibrated per layer by
- * optiml-profile --calibrate-sparsity); only those rows of up and of
+ * optiml-profile --calibrate-sparsity), or > blk.N.ffn_gate_thr[i] when
+ * the model has per-neuron thresholds; only those rows of up and of
  * ffn_down_t are read. The cut changes the model, so it applies to every
  * batch: one too large for the sparse path runs the dense FFN with the
  * same cut (sparse_gate_cut).
@@ -50,6 +51,10 @@ bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il);
  * threshold, and counts the others in optiml_context_ffn_stats. A no-op
  * unless the context runs CATS. */
 void sparse_gate_cut(optiml_context *ctx, int64_t n_tok, int32_t il);
+
+/* The same for a CATS model with the product score: zeroes h = ctx->gate
+ * (after the activation) where |h_i| is at most the neuron's threshold. */
+void sparse_h_cut(optiml_context *ctx, int64_t n_tok, int32_t il);
 
 /* The predictor of layer il alone on one normed input row x (n_embd):
  * logits (n_ff). Scalar and allocation-free but for scratch given by the

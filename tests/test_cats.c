@@ -18,7 +18,11 @@
  *     differs by more than 10x tol (the cut matters: negative control);
  *     with thresholds 0 (only exact zeros dropped) mode 4 matches dense.
  *   - The FFN observer's g is x Wgate (scalar reference), in dense mode.
- *   - Load and init errors of the new keys.
+ *   - The same with per-neuron thresholds (blk.N.ffn_gate_thr; the per-layer
+ *     key then holds 10x the thresholds, so using it would fail), and with
+ *     kind "cats_product" (the cut on |silu(g_i) u_i|: gate and up of every
+ *     neuron, down of the kept ones).
+ *   - Load and init errors of the new keys and tensors.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "gguf.h"
@@ -48,7 +52,17 @@ struct opts {
     /* error injection */
     const char *kind; /* NULL: "cats" */
     bool no_thr, bad_count, negative;
+    /* per-neuron thresholds blk.N.ffn_gate_thr: thr * (0.25 .. 1.75), with
+     * error injection: only in layer 0, n_ff + 1 values, f16, a negative
+     * or a NaN value */
+    bool neuron_thr, nthr_one_layer, nthr_shape, nthr_f16, nthr_negative, nthr_nan;
 };
+
+/* the per-neuron thresholds written (the reference's, not read back) */
+static float neuron_thr[N_LAYER][N_FF];
+static bool use_neuron_thr;
+/* kind "cats_product": the cut is on |silu(g_i) u_i| */
+static bool use_product;
 
 static uint64_t rng_state;
 static float rnd(void) { /* uniform in [-1, 1) */
@@ -124,7 +138,7 @@ static void write_model(const char *path, const struct opts *o) {
     gguf_writer_set_u32(w, "optiml.sparse.version", 1);
     gguf_writer_set_str(w, "optiml.sparse.kind", o->kind ? o->kind : "cats");
     float thr[N_LAYER + 1];
-    for (int i = 0; i <= N_LAYER; i++) thr[i] = o->negative ? -0.1f : o->thr;
+    for (int i = 0; i <= N_LAYER; i++) thr[i] = o->negative ? -0.1f : o->neuron_thr ? 10.0f * o->thr : o->thr;
     if (!o->no_thr)
         gguf_writer_set_arr(w, "optiml.sparse.gate_threshold", GGUF_TYPE_FLOAT32, thr,
                             o->bad_count ? N_LAYER + 1 : N_LAYER);
@@ -155,6 +169,14 @@ static void write_model(const char *path, const struct opts *o) {
                 for (int64_t c = 0; c < N_FF; c++) dt[c * N_EMBD + r] = down[r * N_FF + c];
             add(w, NAME("ffn_down_t.weight"), DTYPE_F16, N_EMBD, N_FF, dt);
         }
+        if (o->neuron_thr && (il == 0 || !o->nthr_one_layer)) {
+            float *t = keep(malloc((N_FF + 1) * sizeof(float)));
+            for (int i = 0; i <= N_FF; i++) t[i] = o->thr * (1.0f + 0.75f * rnd());
+            if (o->nthr_negative) t[7] = -0.5f;
+            if (o->nthr_nan) t[9] = NAN;
+            memcpy(neuron_thr[il], t, sizeof(neuron_thr[il]));
+            add(w, NAME("ffn_gate_thr"), o->nthr_f16 ? DTYPE_F16 : DTYPE_F32, o->nthr_shape ? N_FF + 1 : N_FF, 1, t);
+        }
 #undef NAME
     }
     CHECK(gguf_writer_write(w, path) == OPTIML_OK, "%s", optiml_last_error());
@@ -177,14 +199,15 @@ static double silu(double g) { return g / (1.0 + exp(-g)); }
 /* y = FFN(x) of layer il with the cut; returns the neurons kept. */
 static int64_t ffn_ref(const optiml_model *m, int32_t il, const float *xf, double *y) {
     const struct layer *l = &m->layers[il];
-    const double t = m->sparse.gate_threshold[il];
     double x[N_EMBD], h[N_FF];
     int64_t kept = 0;
     for (int j = 0; j < N_EMBD; j++) x[j] = xf[j];
     for (int64_t i = 0; i < N_FF; i++) {
-        const double a = silu(dot_ref(&l->ffn_gate, i, x));
-        h[i] = fabs(a) > t ? a * dot_ref(&l->ffn_up, i, x) : 0.0;
-        kept += fabs(a) > t;
+        const double t = use_neuron_thr ? neuron_thr[il][i] : m->sparse.gate_threshold[il];
+        const double a = silu(dot_ref(&l->ffn_gate, i, x)), hi = a * dot_ref(&l->ffn_up, i, x);
+        const bool on = fabs(use_product ? hi : a) > t;
+        h[i] = on ? hi : 0.0;
+        kept += on;
     }
     for (int64_t r = 0; r < N_EMBD; r++) y[r] = dot_ref(&l->ffn_down, r, h);
     return kept;
@@ -387,6 +410,37 @@ int main(void) {
              * down_t, on f32 h against the dense path's 8-bit h) */
             check_model(label, path, types[k] == DTYPE_F32 && down_t ? 1e-4 : 2e-2, true);
         }
+    /* per-neuron thresholds (blk.N.ffn_gate_thr; the per-layer key holds
+     * 10x thr: ignored when they are there) */
+    use_neuron_thr = true;
+    for (int down_t = 1; down_t >= 0; down_t--) {
+        const uint32_t type = down_t ? DTYPE_F32 : DTYPE_Q4_1;
+        char label[64];
+        snprintf(label, sizeof(label), "per-neuron %s%s", dtype_name(type), down_t ? ", down_t f16" : ", no down_t");
+        write_model(path, &(struct opts){.type = type, .down_t = down_t, .thr = thr, .neuron_thr = true});
+        check_layer(label, path, down_t ? 1e-4 : 2e-2);
+        check_model(label, path, down_t ? 1e-4 : 2e-2, true);
+    }
+    /* the product score, per-layer and per-neuron thresholds */
+    use_product = true;
+    for (int nt = 0; nt < 2; nt++)
+        for (int down_t = 1; down_t >= 0; down_t--) {
+            const uint32_t type = down_t ? DTYPE_F32 : DTYPE_Q8_0;
+            char label[64];
+            snprintf(label, sizeof(label), "product%s %s%s", nt ? " per-neuron" : "", dtype_name(type),
+                     down_t ? ", down_t" : "");
+            use_neuron_thr = nt;
+            write_model(path, &(struct opts){.type = type, .down_t = down_t, .thr = 0.2f, .neuron_thr = nt,
+                                             .kind = "cats_product"});
+            check_layer(label, path, down_t ? 1e-4 : 2e-2);
+            /* q8_0: the 4-token batches' gate and up go through the prompt
+             * GEMM, whose float rounding differs from the one-token dots;
+             * the cut on |act(gate) * up| then keeps or drops a few other
+             * neurons near the threshold (2.03e-2 seen) */
+            check_model(label, path, down_t ? 1e-4 : 3e-2, true);
+        }
+    use_product = false;
+    use_neuron_thr = false;
     write_model(path, &(struct opts){.type = DTYPE_F32, .down_t = true, .thr = 0.0f});
     check_model("silu f32, thresholds 0", path, 1e-4, false);
     check_observer(path);
@@ -399,9 +453,37 @@ int main(void) {
     write_model(path, &(struct opts){.type = DTYPE_F32, .negative = true});
     expect_load_error("negative threshold", path, OPTIML_ERR_FORMAT, "gate_threshold[0]");
     write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "teal", .thr = thr});
-    expect_load_error("unknown kind", path, OPTIML_ERR_UNSUPPORTED, "optiml.sparse.kind 'teal'");
+    expect_load_error("unknown kind", path, OPTIML_ERR_UNSUPPORTED, "optiml.sparse.kind 'teal' is not 'relu', 'cats' or");
     write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "relu", .thr = thr});
     expect_load_error("thresholds of kind relu", path, OPTIML_ERR_FORMAT, "needs optiml.sparse.kind 'cats'");
+    const struct opts nt = {.type = DTYPE_F32, .thr = thr, .neuron_thr = true};
+    struct opts e = nt;
+    e.nthr_one_layer = true;
+    write_model(path, &e);
+    expect_load_error("per-neuron thresholds in one layer", path, OPTIML_ERR_FORMAT,
+                      "ffn_gate_thr in 1 of 2 layers (blk.1 has none)");
+    e = nt;
+    e.nthr_shape = true;
+    write_model(path, &e);
+    expect_load_error("per-neuron threshold count", path, OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr has shape (513, 1)");
+    e = nt;
+    e.nthr_f16 = true;
+    write_model(path, &e);
+    expect_load_error("per-neuron thresholds f16", path, OPTIML_ERR_UNSUPPORTED, "ffn_gate_thr has type f16");
+    e = nt;
+    e.nthr_negative = true;
+    write_model(path, &e);
+    expect_load_error("negative per-neuron threshold", path, OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr[7] = -0.5");
+    e = nt;
+    e.nthr_nan = true;
+    write_model(path, &e);
+    expect_load_error("NaN per-neuron threshold", path, OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr[9] = nan");
+    e = nt;
+    e.kind = "relu";
+    e.no_thr = true;
+    write_model(path, &e);
+    expect_load_error("per-neuron thresholds of kind relu", path, OPTIML_ERR_FORMAT,
+                      "ffn_gate_thr needs optiml.sparse.kind 'cats'");
     /* mode 4 on a model without thresholds */
     write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "relu", .no_thr = true});
     optiml_model *m = NULL;

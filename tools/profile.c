@@ -6,7 +6,8 @@
  *   optiml-profile -m M.gguf -f calib.txt [-c 512] [-t N] [--max-tokens N]
  *       [-o OUT.gguf] [--dump-samples FILE] [--sample-rate 0.05]
  *       [--no-mag] [--act-threshold T] [--seed N]
- *       [--calibrate-sparsity S [--write-down-t] [--down-t-type q8_0]]
+ *       [--calibrate-sparsity S [--neuron-thresholds | --cats-product]
+ *        [--write-down-t] [--down-t-type q8_0]]
  *
  * The text is tokenized once (no BOS) and cut into windows: each window is
  * BOS followed by the next c-1 text tokens (c text tokens when the
@@ -52,6 +53,16 @@
  * which the sparse FFN needs to read only the active neurons' part of down.
  * Standard output then lists, per layer, t_l and the share of calibration
  * activations below it.
+ * --neuron-thresholds: a neuron's score is |act(g_i)| c_i, c_i = |column i
+ * of Wdown| * rms(up_i) over the text (up_i = h_i / act(g_i) of the dense
+ * run), the size of its contribution to the FFN's output per unit of
+ * |act(g_i)|. A second pass over the text histograms the scores; t_l is
+ * their S-quantile, and blk.N.ffn_gate_thr[i] = t_l / c_i (f32, n_ff) is
+ * written besides the plain gate_threshold (docs/FORMAT.md).
+ * --cats-product: optiml.sparse.kind "cats_product", the score is the
+ * contribution itself, |h_i| c_i with c_i = |column i of Wdown| (one pass);
+ * gate_threshold holds t_l and blk.N.ffn_gate_thr t_l / c_i. The decode
+ * then computes gate and up of every neuron and skips only down rows.
  *
  * --dump-samples writes the sample file of sparse_util.h (docs/FORMAT.md):
  * for each sampled token, per layer, the FFN's normed input x (f32), the
@@ -84,7 +95,7 @@ struct opts {
     long n_ctx, n_threads;
     long long max_tokens;
     double sample_rate;
-    bool mag, act_thr_set, write_down_t;
+    bool mag, act_thr_set, write_down_t, neuron_thr, product;
     float act_thr;
     uint64_t seed;
     double calib;        /* --calibrate-sparsity S, 0: off */
@@ -101,7 +112,8 @@ struct opts {
 static const char usage[] =
     "usage: optiml-profile -m M.gguf -f calib.txt [-c 512] [-t N] [--max-tokens N] [-o OUT.gguf]\n"
     "                      [--dump-samples FILE] [--sample-rate 0.05] [--no-mag] [--act-threshold T] [--seed N]\n"
-    "                      [--calibrate-sparsity S [--write-down-t] [--down-t-type q8_0|f16|f32|q4_0|...]]\n";
+    "                      [--calibrate-sparsity S [--neuron-thresholds | --cats-product] [--write-down-t]\n"
+    "                       [--down-t-type q8_0|f16|f32|q4_0|...]]\n";
 
 static int die(const char *what, const char *detail) {
     fprintf(stderr, "optiml-profile: %s%s\n", what, detail ? detail : "");
@@ -123,6 +135,14 @@ static int parse_args(int argc, char **argv, struct opts *o) {
         }
         if (!strcmp(a, "--write-down-t")) {
             o->write_down_t = true;
+            continue;
+        }
+        if (!strcmp(a, "--neuron-thresholds")) {
+            o->neuron_thr = true;
+            continue;
+        }
+        if (!strcmp(a, "--cats-product")) {
+            o->product = true;
             continue;
         }
         if (i + 1 >= argc) return die("unknown option or missing value: ", a);
@@ -152,6 +172,9 @@ static int parse_args(int argc, char **argv, struct opts *o) {
     }
     if (!o->model || !o->text) return die("-m MODEL and -f TEXT are required\n", usage);
     if (o->write_down_t && !o->calib) return die("--write-down-t goes with --calibrate-sparsity", NULL);
+    if ((o->neuron_thr || o->product) && !o->calib)
+        return die("--neuron-thresholds and --cats-product go with --calibrate-sparsity", NULL);
+    if (o->neuron_thr && o->product) return die("--neuron-thresholds or --cats-product, not both", NULL);
     return 0;
 }
 
@@ -213,6 +236,15 @@ struct profile {
     uint64_t *hist;      /* (n_layer, CALIB_BINS) counts of |act(g)|          */
     float *ones, *tmp;   /* (n_ff) each                                       */
     float *gate_thr;     /* (n_layer) the thresholds, once computed           */
+    /* per-neuron thresholds (the second pass over the text) */
+    int pass;            /* 1: |act(g)| and up statistics; 2: scores          */
+    double *up_sq;       /* (n_layer, n_ff) sum of up^2 over the tokens       */
+    uint64_t *up_n;      /* (n_layer, n_ff) tokens in up_sq                   */
+    float *scale;        /* (n_layer, n_ff) c_i, mean 1 per layer             */
+    uint64_t *hist2;     /* (n_layer, CALIB_BINS) counts of |act(g_i)| c_i    */
+    float *score_thr;    /* (n_layer) t_l of the scores                       */
+    float *neuron_thr;   /* (n_layer, n_ff) t_l / c_i: blk.N.ffn_gate_thr     */
+    bool product;        /* --cats-product: one pass, scores |h_i| c_i       */
 };
 
 static uint64_t splitmix64(uint64_t x) {
@@ -240,17 +272,35 @@ static void write_record(struct profile *p, int32_t il, uint64_t tok, const floa
     if (pwrite(p->fd, r, p->lay.record_bytes, off) != (ssize_t)p->lay.record_bytes) p->write_failed = true;
 }
 
-/* |act(g)| of n_tok rows of g into layer il's histogram. */
-static void calib_add(struct profile *p, int32_t il, int64_t n_tok, const float *g) {
-    uint64_t *hist = p->hist + (uint64_t)il * CALIB_BINS;
+/* |act(g)| of n_tok rows of g (act: false, |g|), each times the neuron's c
+ * (NULL: 1), into a histogram. */
+static void calib_add(struct profile *p, uint64_t *hist, int64_t n_tok, const float *g, const float *c, bool act) {
     const double scale = CALIB_BINS / log(CALIB_HI / CALIB_LO);
     for (int64_t t = 0; t < n_tok; t++) {
         memcpy(p->tmp, g + t * p->n_ff, (size_t)p->n_ff * sizeof(float));
-        ops_act_mul(p->tmp, p->ones, p->n_ff, p->act); /* the forward pass's act */
+        if (act) ops_act_mul(p->tmp, p->ones, p->n_ff, p->act); /* the forward pass's act */
         for (int32_t j = 0; j < p->n_ff; j++) {
-            const double a = fabs((double)p->tmp[j]);
+            const double a = fabs((double)p->tmp[j]) * (c ? c[j] : 1.0);
             const double b = a > CALIB_LO ? floor(log(a / CALIB_LO) * scale) : 0.0;
             hist[b < CALIB_BINS - 1 ? (int)b : CALIB_BINS - 1]++;
+        }
+    }
+}
+
+/* Pass 1 of the per-neuron thresholds: sum of up_i^2, up = h / act(g)
+ * (the dense run: h = act(g) * up in float, so the quotient is up within
+ * an ulp; the rare exact act(g) = 0 is left out of the mean). */
+static void calib_add_up(struct profile *p, int32_t il, int64_t n_tok, const float *g, const float *h) {
+    double *sq = p->up_sq + (uint64_t)il * p->n_ff;
+    uint64_t *n = p->up_n + (uint64_t)il * p->n_ff;
+    for (int64_t t = 0; t < n_tok; t++) {
+        memcpy(p->tmp, g + t * p->n_ff, (size_t)p->n_ff * sizeof(float));
+        ops_act_mul(p->tmp, p->ones, p->n_ff, p->act);
+        for (int32_t j = 0; j < p->n_ff; j++) {
+            if (p->tmp[j] == 0.0f) continue;
+            const double u = (double)h[t * p->n_ff + j] / (double)p->tmp[j];
+            sq[j] += u * u;
+            n[j]++;
         }
     }
 }
@@ -258,7 +308,16 @@ static void calib_add(struct profile *p, int32_t il, int64_t n_tok, const float 
 static void observe(void *user, int32_t il, int64_t n_tok, const float *x, const float *g, const float *h) {
     struct profile *p = user;
     if (p->hist) { /* g: the run is dense and the FFN has a gate */
-        if (g) calib_add(p, il, n_tok, g);
+        if (!g) return;
+        if (p->pass == 2) /* the scores |act(g_i)| c_i */
+            calib_add(p, p->hist2 + (uint64_t)il * CALIB_BINS, n_tok, g, p->scale + (uint64_t)il * p->n_ff, true);
+        else {
+            calib_add(p, p->hist + (uint64_t)il * CALIB_BINS, n_tok, g, NULL, true);
+            if (p->up_sq) calib_add_up(p, il, n_tok, g, h);
+            if (p->product) /* |h_i| c_i, c_i = |column i of Wdown| */
+                calib_add(p, p->hist2 + (uint64_t)il * CALIB_BINS, n_tok, h, p->scale + (uint64_t)il * p->n_ff,
+                          false);
+        }
         return;
     }
     uint64_t *cnt = p->count + (uint64_t)il * p->n_ff;
@@ -329,15 +388,16 @@ static double calib_quantile(const uint64_t *hist, double share) {
     return CALIB_HI;
 }
 
-/* p->gate_thr from the histograms; prints them. */
-static void calib_thresholds(struct profile *p, double share) {
-    printf("layer      gate_threshold  below\n");
+/* thr (n_layer) from the histograms hists; prints them under title. */
+static void calib_thresholds(const struct profile *p, const uint64_t *hists, float *thr, double share,
+                             const char *title) {
+    printf("layer      %-14s  below\n", title);
     const double scale = CALIB_BINS / log(CALIB_HI / CALIB_LO);
     double sum = 0;
     for (int32_t il = 0; il < p->n_layer; il++) {
-        const uint64_t *hist = p->hist + (uint64_t)il * CALIB_BINS;
+        const uint64_t *hist = hists + (uint64_t)il * CALIB_BINS;
         const double t = calib_quantile(hist, share);
-        p->gate_thr[il] = (float)t;
+        thr[il] = (float)t;
         /* share below t, counting the crossing bin by its interpolated part */
         const double pos = t > CALIB_LO ? log(t / CALIB_LO) * scale : 0.0;
         uint64_t total = 0;
@@ -350,6 +410,40 @@ static void calib_thresholds(struct profile *p, double share) {
         printf("layer %3d  %.6g  %.4f\n", il, t, below / (double)total);
     }
     printf("model      target %.4f  mean below %.4f\n", share, sum / p->n_layer);
+}
+
+/* p->scale: c_i = |column i of ffn_down| * rms(up_i) from pass 1 (the size
+ * of neuron i's contribution per unit of |act(g_i)|; with_up false: the
+ * column norm only, the size per unit of |h_i|), divided by the layer's
+ * mean c so the scores stay in the histogram's range. */
+static optiml_status calib_scales(struct profile *p, const optiml_model *m, bool with_up) {
+    const int64_t n_ff = p->n_ff, n_embd = p->n_embd;
+    double *col = malloc((size_t)n_ff * sizeof(double));
+    float *row = malloc((size_t)n_ff * sizeof(float));
+    if (!col || !row) {
+        free(col);
+        free(row);
+        return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    }
+    for (int32_t il = 0; il < p->n_layer; il++) {
+        const struct tensor *down = &m->layers[il].ffn_down; /* (n_ff, n_embd) */
+        memset(col, 0, (size_t)n_ff * sizeof(double));
+        for (int64_t r = 0; r < n_embd; r++) {
+            cpu_kernels_ref()->to_f32[down->type](n_ff, tensor_row(down, r), row);
+            for (int64_t i = 0; i < n_ff; i++) col[i] += (double)row[i] * row[i];
+        }
+        const uint64_t o = (uint64_t)il * (uint64_t)n_ff;
+        double sum = 0;
+        for (int64_t i = 0; i < n_ff; i++) {
+            const double up_ms = !with_up ? 1.0 : p->up_n[o + i] ? p->up_sq[o + i] / (double)p->up_n[o + i] : 0.0;
+            col[i] = sqrt(col[i] * up_ms);
+            sum += col[i];
+        }
+        for (int64_t i = 0; i < n_ff; i++) p->scale[o + i] = sum > 0 ? (float)(col[i] * (double)n_ff / sum) : 1.0f;
+    }
+    free(col);
+    free(row);
+    return OPTIML_OK;
 }
 
 /* ---- writing ------------------------------------------------------------ */
@@ -366,9 +460,13 @@ static bool is_layer_tensor(const char *name, const char *suffix) {
     return sscanf(name, "blk.%d.%n", &il, &end) == 1 && end >= 0 && !strcmp(name + end, suffix);
 }
 
-/* --calibrate-sparsity with --write-down-t: ffn_down_t is replaced too */
+/* --calibrate-sparsity: per-neuron thresholds are replaced (or dropped:
+ * --layer-thresholds), with --write-down-t ffn_down_t too */
+static bool is_calib_replaced(const char *name) {
+    return is_act_freq(name) || is_layer_tensor(name, "ffn_gate_thr");
+}
 static bool is_calib_replaced_down_t(const char *name) {
-    return is_act_freq(name) || is_layer_tensor(name, "ffn_down_t.weight");
+    return is_calib_replaced(name) || is_layer_tensor(name, "ffn_down_t.weight");
 }
 
 /* ffn_down of one layer, transposed into ffn_down_t, at write time. */
@@ -414,7 +512,7 @@ static optiml_status write_calibrated(const struct profile *p, const optiml_mode
     struct down_t_fill *fills = calloc((size_t)p->n_layer, sizeof(*fills));
     if (!fills) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
     gguf_writer *w = NULL;
-    optiml_status st = gguf_writer_copy_of(m->file, o->write_down_t ? is_calib_replaced_down_t : is_act_freq, &w);
+    optiml_status st = gguf_writer_copy_of(m->file, o->write_down_t ? is_calib_replaced_down_t : is_calib_replaced, &w);
     for (int32_t il = 0; il < p->n_layer && st == OPTIML_OK && o->write_down_t; il++) {
         char name[64];
         const uint64_t ne[2] = {(uint64_t)p->n_embd, (uint64_t)p->n_ff};
@@ -422,13 +520,20 @@ static optiml_status write_calibrated(const struct profile *p, const optiml_mode
         snprintf(name, sizeof(name), "blk.%d.ffn_down_t.weight", il);
         st = gguf_writer_add_tensor_fn(w, name, o->down_t_type, 2, ne, down_t_fill, &fills[il]);
     }
+    for (int32_t il = 0; il < p->n_layer && st == OPTIML_OK && p->neuron_thr; il++) {
+        char name[64];
+        const uint64_t ne[1] = {(uint64_t)p->n_ff};
+        snprintf(name, sizeof(name), "blk.%d.ffn_gate_thr", il);
+        st = gguf_writer_add_tensor(w, name, DTYPE_F32, 1, ne, p->neuron_thr + (uint64_t)il * p->n_ff);
+    }
     if (st == OPTIML_OK) st = gguf_writer_set_u32(w, "optiml.sparse.version", 1);
     if (st == OPTIML_OK) st = gguf_writer_set_str(w, "optiml.sparse.weights_hash", hex);
     if (st == OPTIML_OK) st = gguf_writer_set_u64(w, "optiml.sparse.calib_tokens", p->n_tokens);
-    if (st == OPTIML_OK) st = gguf_writer_set_str(w, "optiml.sparse.kind", "cats");
+    /* cats_product: gate_threshold is t_l on |h| (c_i has mean 1) */
+    if (st == OPTIML_OK) st = gguf_writer_set_str(w, "optiml.sparse.kind", p->product ? "cats_product" : "cats");
     if (st == OPTIML_OK)
-        st = gguf_writer_set_arr(w, "optiml.sparse.gate_threshold", GGUF_TYPE_FLOAT32, p->gate_thr,
-                                 (uint64_t)p->n_layer);
+        st = gguf_writer_set_arr(w, "optiml.sparse.gate_threshold", GGUF_TYPE_FLOAT32,
+                                 p->product ? p->score_thr : p->gate_thr, (uint64_t)p->n_layer);
     if (st == OPTIML_OK) st = gguf_writer_set_f32(w, "optiml.sparse.gate_sparsity", (float)o->calib);
     if (st == OPTIML_OK) st = gguf_writer_write(w, o->out);
     gguf_writer_free(w);
@@ -581,6 +686,20 @@ int main(int argc, char **argv) {
             die("out of memory", NULL);
             goto done;
         }
+        if (o.neuron_thr || o.product) {
+            const size_t n = (size_t)p.n_layer * (size_t)p.n_ff;
+            p.product = o.product;
+            p.up_sq = calloc(n, sizeof(*p.up_sq));
+            p.up_n = calloc(n, sizeof(*p.up_n));
+            p.scale = malloc(n * sizeof(*p.scale));
+            p.neuron_thr = malloc(n * sizeof(*p.neuron_thr));
+            p.hist2 = calloc((size_t)p.n_layer * CALIB_BINS, sizeof(*p.hist2));
+            p.score_thr = malloc((size_t)p.n_layer * sizeof(*p.score_thr));
+            if (!p.up_sq || !p.up_n || !p.scale || !p.neuron_thr || !p.hist2 || !p.score_thr) {
+                die("out of memory", NULL);
+                goto done;
+            }
+        }
         for (int32_t j = 0; j < p.n_ff; j++) p.ones[j] = 1.0f;
     } else if (!ffn_act_is_relu(model->hp.ffn_act) && p.act_thr == 0.0f)
         fprintf(stderr, "optiml-profile: warning: the FFN activation is not ReLU and the threshold is 0: "
@@ -612,10 +731,34 @@ int main(int argc, char **argv) {
     }
     fprintf(stderr, "optiml-profile: %s: %" PRIu64 " tokens in windows of %ld, act_threshold %g\n", o.text, total,
             o.n_ctx, (double)p.act_thr);
+    p.pass = 1;
+    if (p.product && calib_scales(&p, model, false) != OPTIML_OK) {
+        die(optiml_last_error(), NULL);
+        goto done;
+    }
     if (run_windows(ctx, model, &p, toks, n_text, o.n_ctx, total)) goto done;
+    if (p.up_sq && !p.product) { /* the scores need pass 1's c_i: a second pass */
+        if (calib_scales(&p, model, true) != OPTIML_OK) {
+            die(optiml_last_error(), NULL);
+            goto done;
+        }
+        p.pass = 2;
+        p.n_tokens = 0;
+        fprintf(stderr, "optiml-profile: second pass (per-neuron thresholds)\n");
+        if (run_windows(ctx, model, &p, toks, n_text, o.n_ctx, total)) goto done;
+    }
 
-    if (p.hist) calib_thresholds(&p, o.calib);
-    else print_stats(&p);
+    if (p.hist) calib_thresholds(&p, p.hist, p.gate_thr, o.calib, "gate_threshold");
+    if (p.hist2) {
+        calib_thresholds(&p, p.hist2, p.score_thr, o.calib, "score_threshold");
+        for (int32_t il = 0; il < p.n_layer; il++)
+            for (int32_t i = 0; i < p.n_ff; i++) {
+                const uint64_t k = (uint64_t)il * (uint64_t)p.n_ff + (uint64_t)i;
+                /* score > t_l  <=>  |act(g_i)| (|h_i|) > t_l / c_i; c_i = 0: never */
+                p.neuron_thr[k] = p.scale[k] > 0.0f ? p.score_thr[il] / p.scale[k] : INFINITY;
+            }
+    }
+    if (!p.hist) print_stats(&p);
     if (p.fd >= 0) {
         if (close(p.fd) != 0 || rename(tmp_path, o.samples) != 0) {
             p.fd = -1;
@@ -645,6 +788,12 @@ done:
     free(p.ones);
     free(p.tmp);
     free(p.gate_thr);
+    free(p.up_sq);
+    free(p.up_n);
+    free(p.scale);
+    free(p.neuron_thr);
+    free(p.hist2);
+    free(p.score_thr);
     free(toks);
     optiml_context_free(ctx);
     optiml_model_free(model);
