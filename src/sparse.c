@@ -16,6 +16,13 @@
  *      (threads split n_embd in whole blocks; each dequantizes its slice of a
  *      row once for all tokens), or without ffn_down_t, the dense down
  *      matmul on the sparse h (same kernels: its result is the dense one).
+ * A one-token batch (decode) does 1-3 in one parallel round instead
+ * (sparse_ffn_one): each thread scores its own slice of the neurons, runs
+ * gate/up of its active ones and sums their down_t rows (four per pass,
+ * axpy4) into its own partial sum, which the caller adds into x; the
+ * predictor's hidden layer is the only round before it. Three rounds and
+ * two serial passes over n_ff per layer become two rounds, and each down_t
+ * row is read whole by one thread instead of 1/nth of it by every thread.
  * The dots are the dense matmul's kernels on the same (quantized) inputs,
  * so in oracle mode gate and up are bit for bit the dense ones (batches
  * below cpu_gemm_min_tokens; larger ones go through the dense GEMM, equal
@@ -54,6 +61,9 @@ struct sparse_state {
     int32_t *idx_nz;       /* (n_ff) those with some h != 0                  */
     float *tmp;            /* (n_threads, n_embd) dequantized down_t rows    */
     int64_t tmp_n;
+    float *part;           /* (n_threads, n_embd) one-token path: each thread's
+                              share of the down sum                         */
+    int64_t *counts;       /* (n_threads, 2) one-token path: active, h != 0  */
     /* inputs quantized for the weights' dot_q: xb per activation type, and
      * the predictor's hidden layer */
     void *xq[DTYPE_COUNT]; /* (n_batch, row bytes of n_embd) */
@@ -91,6 +101,8 @@ static optiml_status sparse_alloc(optiml_context *ctx, struct sparse_state *s) {
         {(void **)&s->idx, (uint64_t)hp->n_ff * sizeof(int32_t)},
         {(void **)&s->idx_nz, (uint64_t)hp->n_ff * sizeof(int32_t)},
         {(void **)&s->tmp, (uint64_t)(nth * s->tmp_n) * sizeof(float)},
+        {(void **)&s->part, (uint64_t)(nth * hp->n_embd) * sizeof(float)},
+        {(void **)&s->counts, (uint64_t)(nth * 2) * sizeof(int64_t)},
     };
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
         *bufs[i].p = optiml_alloc_aligned(bufs[i].n);
@@ -156,7 +168,7 @@ optiml_status sparse_init(optiml_context *ctx) {
 
 void sparse_free(struct sparse_state *s) {
     if (!s) return;
-    void *bufs[] = {s->hidden, s->logits, s->idx, s->idx_nz, s->tmp};
+    void *bufs[] = {s->hidden, s->logits, s->idx, s->idx_nz, s->tmp, s->part, s->counts};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) optiml_free_aligned(bufs[i]);
     for (int t = 0; t < DTYPE_COUNT; t++) {
         optiml_free_aligned(s->xq[t]);
@@ -344,6 +356,173 @@ static void down_t_run(void *arg, int ith, int nth) {
     }
 }
 
+/* ---- one token: the whole FFN in one parallel round ------------------- */
+
+/* y += h[i] * row i of w (ffn_down_t) for the neurons in idx: four rows per
+ * pass over y where the type has axpy4; whole rows prefetched a group
+ * ahead (scattered rows defeat the hardware prefetcher). */
+static void down_rows(const struct cpu_kernels *kern, const struct tensor *w, const int32_t *idx, int64_t n,
+                      const float *h, float *y, float *tmp) {
+    const int64_t n_embd = w->ne[0];
+    const cpu_axpy4_fn axpy4 = kern->axpy4[w->type];
+    const cpu_axpy_fn axpy = kern->axpy[w->type];
+    int64_t k = 0;
+    if (axpy4)
+        for (; k + 4 <= n; k += 4) {
+            for (int64_t p = k + 4; p < k + 8 && p < n; p++) prefetch_bytes(tensor_row(w, idx[p]), w->row_size);
+            const void *rows[4];
+            float a[4];
+            for (int r = 0; r < 4; r++) {
+                rows[r] = tensor_row(w, idx[k + r]);
+                a[r] = h[idx[k + r]];
+            }
+            axpy4(n_embd, a, rows, y);
+        }
+    for (; k < n; k++) {
+        if (k + 1 < n) prefetch_bytes(tensor_row(w, idx[k + 1]), w->row_size);
+        const void *row = tensor_row(w, idx[k]);
+        const float a = h[idx[k]];
+        if (axpy) {
+            axpy(n_embd, a, row, y);
+            continue;
+        }
+        kern->to_f32[w->type](n_embd, row, tmp);
+        for (int64_t j = 0; j < n_embd; j++) y[j] += a * tmp[j];
+    }
+}
+
+/* One token (decode): each thread takes a slice of the neurons and runs the
+ * FFN on it alone: the scores (predictor fc2 rows, a sequential read, or
+ * the dense gate), gate/up of its active neurons, and their down_t rows
+ * summed into its own part (whole rows, each read by one thread); the
+ * caller adds the parts into x. One parallel round where the batch path
+ * takes three (scores, gate/up of the union, down split over n_embd) with
+ * serial passes over n_ff between them. */
+struct one_job {
+    const struct cpu_kernels *kern;
+    const struct layer *l;
+    struct sparse_state *s;
+    const struct tensor *score_w; /* fc2, or the dense gate (up without one) */
+    struct row_input in_score, in_gate, in_up;
+    int64_t n_ff, n_embd;
+    enum ffn_act act;
+    float act_threshold, thr;
+    float *h; /* (n_ff) ctx->gate */
+};
+
+/* Phase 2 of one_run: h of the active neurons act[0..n) (the batch path's
+ * ffn_run for one token, same ops); their indices with h != 0 into nz. */
+static int64_t one_gate_up(const struct one_job *job, const int32_t *act, int64_t n, int32_t *nz) {
+    const enum sparse_mode mode = job->s->mode;
+    const bool scores_gate = mode == SPARSE_MODE_ORACLE || mode == SPARSE_MODE_CATS;
+    const bool nogate = job->act == FFN_ACT_RELU_NOGATE;
+    const struct layer *l = job->l;
+    int64_t n_nz = 0;
+    for (int64_t k = 0; k < n; k++) {
+        const int32_t i = act[k];
+        if (k + PREFETCH_AHEAD < n) {
+            const int32_t ip = act[k + PREFETCH_AHEAD];
+            if (!nogate && !scores_gate) prefetch_bytes(tensor_row(&l->ffn_gate, ip), l->ffn_gate.row_size);
+            if (!(nogate && scores_gate)) prefetch_bytes(tensor_row(&l->ffn_up, ip), l->ffn_up.row_size);
+        }
+        const float lg = job->s->logits[i];
+        float g = 0.0f, u;
+        if (!nogate) g = scores_gate ? lg : row_dot(job->kern, &l->ffn_gate, i, &job->in_gate, 0);
+        u = nogate && scores_gate ? lg : row_dot(job->kern, &l->ffn_up, i, &job->in_up, 0);
+        if (job->act_threshold > 0.0f) ops_threshold(nogate ? &u : &g, 1, job->act_threshold);
+        ops_act_mul(&g, &u, 1, job->act);
+        job->h[i] = g;
+        if (g != 0.0f) nz[n_nz++] = i;
+    }
+    return n_nz;
+}
+
+static void one_run(void *arg, int ith, int nth) {
+    const struct one_job *job = arg;
+    struct sparse_state *s = job->s;
+    int64_t i0, i1;
+    threadpool_split(job->n_ff, ith, nth, &i0, &i1);
+    int32_t *act = s->idx + i0, *nz = s->idx_nz + i0; /* this slice's lists */
+    memset(job->h + i0, 0, (size_t)(i1 - i0) * sizeof(float));
+    int64_t n_act = 0;
+    for (int64_t i = i0; i < i1; i++) {
+        const float v = row_dot(job->kern, job->score_w, i, &job->in_score, 0);
+        s->logits[i] = v;
+        if (score_on(s->mode, job->act, v, job->thr)) act[n_act++] = (int32_t)i;
+    }
+    const int64_t n_nz = one_gate_up(job, act, n_act, nz);
+    float *y = s->part + ith * job->n_embd;
+    memset(y, 0, (size_t)job->n_embd * sizeof(float));
+    if (job->l->ffn_down_t.data)
+        down_rows(job->kern, &job->l->ffn_down_t, nz, n_nz, job->h, y, s->tmp + ith * s->tmp_n);
+    s->counts[2 * ith] = n_act;
+    s->counts[2 * ith + 1] = n_nz;
+}
+
+/* s->hidden = relu(xb fc1^T) (one token). */
+static void predictor_hidden(optiml_context *ctx, const struct layer *l, bool *done) {
+    struct sparse_state *s = ctx->sparse;
+    const int64_t r = l->fc1.ne[1];
+    struct rows_job job = {.kern = ctx->kern, .w = &l->fc1, .n_tok = 1, .y = s->hidden, .y_stride = r};
+    job.in = row_input_make(ctx, s->xq, done, l->fc1.type, ctx->xb, 1, ctx->model->hp.n_embd);
+    threadpool_run(ctx->pool, rows_run, &job);
+    for (int64_t k = 0; k < r; k++) s->hidden[k] = s->hidden[k] > 0.0f ? s->hidden[k] : 0.0f;
+}
+
+static bool sparse_ffn_one(optiml_context *ctx, const struct layer *l, int32_t il, float thr) {
+    struct sparse_state *s = ctx->sparse;
+    const struct hparams *hp = &ctx->model->hp;
+    const int64_t n_ff = hp->n_ff, n_embd = hp->n_embd;
+    const bool cats = s->mode == SPARSE_MODE_CATS;
+    if (s->mode == SPARSE_MODE_ORACLE && !ffn_act_is_relu(hp->ffn_act)) { /* every neuron is active */
+        s->n_active += (uint64_t)n_ff;
+        return false;
+    }
+    bool done[DTYPE_COUNT] = {0}, hdone[DTYPE_COUNT] = {0};
+    struct one_job job = {.kern = ctx->kern, .l = l, .s = s, .n_ff = n_ff, .n_embd = n_embd, .act = hp->ffn_act,
+                          .act_threshold = ctx->model->sparse.act_threshold, .thr = thr, .h = ctx->gate};
+    if (s->mode == SPARSE_MODE_PREDICTOR) {
+        predictor_hidden(ctx, l, done);
+        job.score_w = &l->fc2;
+        job.in_score = row_input_make(ctx, s->hq, hdone, l->fc2.type, s->hidden, 1, l->fc1.ne[1]);
+    } else {
+        job.score_w = l->ffn_gate.data ? &l->ffn_gate : &l->ffn_up;
+        job.in_score = row_input_make(ctx, s->xq, done, job.score_w->type, ctx->xb, 1, n_embd);
+    }
+    if (l->ffn_gate.data) job.in_gate = row_input_make(ctx, s->xq, done, l->ffn_gate.type, ctx->xb, 1, n_embd);
+    job.in_up = row_input_make(ctx, s->xq, done, l->ffn_up.type, ctx->xb, 1, n_embd);
+    threadpool_run(ctx->pool, one_run, &job);
+
+    const int nth = threadpool_n_threads(ctx->pool);
+    int64_t n_act = 0, n_nz = 0;
+    for (int t = 0; t < nth; t++) {
+        n_act += s->counts[2 * t];
+        n_nz += s->counts[2 * t + 1];
+    }
+    if (!cats && (double)n_act > SPARSE_DENSE_FRAC * (double)n_ff) { /* as the batch path: dense pays off */
+        s->n_active += (uint64_t)n_ff;
+        return false;
+    }
+    if (ctx->ffn_observer) {
+        const bool g_known = s->mode != SPARSE_MODE_PREDICTOR && l->ffn_gate.data;
+        ctx->ffn_observer(ctx->ffn_observer_user, il, 1, ctx->xb, g_known ? s->logits : NULL, ctx->gate);
+    }
+    s->n_active += (uint64_t)n_nz;
+    if (!l->ffn_down_t.data) { /* the dense down matmul on the sparse h (8-bit h as it does) */
+        bool ddone[DTYPE_COUNT] = {0};
+        struct rows_job rj = {.kern = ctx->kern, .w = &l->ffn_down, .n_tok = 1, .y_stride = n_embd,
+                              .accumulate = true, .y = ctx->x};
+        rj.in = row_input_make(ctx, s->dq, ddone, l->ffn_down.type, ctx->gate, 1, n_ff);
+        threadpool_run(ctx->pool, rows_run, &rj);
+        return true;
+    }
+    for (int t = 0; t < nth; t++) {
+        const float *p = s->part + t * n_embd;
+        for (int64_t j = 0; j < n_embd; j++) ctx->x[j] += p[j];
+    }
+    return true;
+}
+
 /* ---- the layer ---------------------------------------------------------- */
 
 /* s->logits = predictor logits (or the oracle's dense gate / up). */
@@ -431,11 +610,12 @@ bool sparse_layer_ffn(optiml_context *ctx, int64_t n_tok, int32_t il) {
         sparse_down(ctx, l, n_tok, NULL, n_ff, false); /* sparse_h_cut counted */
         return true;
     }
-    sparse_scores(ctx, l, n_tok, done);
     const float thr = cats                           ? m->sparse.gate_threshold[il]
                       : s->mode == SPARSE_MODE_ORACLE ? m->sparse.act_threshold
                                                       : m->sparse.layer_threshold[il];
     const float *nthr = cats && m->sparse.has_neuron_thr ? l->ffn_gate_thr.data : NULL;
+    if (n_tok == 1 && !nthr) return sparse_ffn_one(ctx, l, il, thr); /* per-neuron CATS: the path below */
+    sparse_scores(ctx, l, n_tok, done);
     const int64_t n_idx = sparse_union(ctx, n_tok, thr, nthr);
     if (!cats && (double)n_idx > SPARSE_DENSE_FRAC * (double)n_ff) {
         s->n_active += (uint64_t)(n_tok * n_ff);

@@ -8,8 +8,8 @@
  * a double-precision dot of the dequantized rows (1e-5; 2e-3 for q4_1/q5_1,
  * whose activation block sum s is stored in f16, a relative error of 2^-11
  * on the min term). Activation quantizers must match the reference bytes.
- * axpy kernels (sparse down rows), scalar and SIMD: against the row
- * dequantized by the reference converters, in double.
+ * axpy and axpy4 kernels (sparse down rows), scalar and SIMD: against the
+ * rows dequantized by the reference converters, in double.
  */
 #include "cpu/ops.h"
 #include "quant.h"
@@ -340,6 +340,61 @@ static void compare_axpy(const char *name, const struct cpu_kernels *k) {
     free(w);
 }
 
+/* axpy4 (y += a0 w0 + a1 w1 + a2 w2 + a3 w3, four independent random rows):
+ * against the double sum of the rows dequantized by the reference
+ * converters; 1e-6 of |y| + sum |a w| (four roundings of a partial sum no
+ * larger than that). */
+static void compare_axpy4(const char *name, const struct cpu_kernels *k) {
+    static const uint32_t types[] = {DTYPE_F32, DTYPE_F16, DTYPE_Q8_0, DTYPE_Q4_0};
+    static const int64_t sizes[] = {32, 64, 96, 256, 4096, 11008};
+    const struct cpu_kernels *ref = cpu_kernels_ref();
+    const size_t n_max = 11008 + 3; /* the largest size, ragged */
+    float *src = malloc(n_max * sizeof(float)), *wf = malloc(4 * n_max * sizeof(float));
+    float *y = malloc(n_max * sizeof(float)), *y0 = malloc(n_max * sizeof(float));
+    char *wb = malloc(4 * n_max * sizeof(float));
+    for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
+        const uint32_t t = types[ti];
+        if (!k->axpy4[t]) {
+            CHECK(false, "%s axpy4 %s missing", name, dtype_name(t));
+            continue;
+        }
+        double worst = 0;
+        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
+            const int64_t n = sizes[si] + (t == DTYPE_F32 || t == DTYPE_F16 ? (int64_t)si % 3 + 1 : 0); /* ragged */
+            const void *w[4];
+            float a[4];
+            for (int r = 0; r < 4; r++) {
+                char *wr = wb + (size_t)r * n_max * sizeof(float);
+                for (int64_t i = 0; i < n; i++) src[i] = frand();
+                if (t == DTYPE_F32) memcpy(wr, src, (size_t)n * sizeof(float));
+                else if (t == DTYPE_F16) for (int64_t i = 0; i < n; i++) ((f16_t *)wr)[i] = f32_to_f16(src[i]);
+                else quant_quantizer(t)(n, src, wr);
+                ref->to_f32[t](n, wr, wf + (size_t)r * n_max);
+                w[r] = wr;
+                a[r] = frand() * 3.0f;
+            }
+            for (int64_t i = 0; i < n; i++) y[i] = y0[i] = 0.1f * (float)i + frand(); /* poisoned by the values */
+            k->axpy4[t](n, a, w, y);
+            for (int64_t i = 0; i < n; i++) {
+                double want = y0[i], mag = fabs((double)y0[i]);
+                for (int r = 0; r < 4; r++) {
+                    want += (double)a[r] * wf[(size_t)r * n_max + (size_t)i];
+                    mag += fabs((double)a[r] * wf[(size_t)r * n_max + (size_t)i]);
+                }
+                const double e = fabs(y[i] - want) / (mag + 1e-30);
+                if (!(e <= worst)) worst = e;
+            }
+        }
+        printf("%s axpy4 %s: max rel diff %.3g\n", name, dtype_name(t), worst);
+        CHECK(worst < 1e-6, "%s axpy4 %s: %g", name, dtype_name(t), worst);
+    }
+    free(src);
+    free(wf);
+    free(y);
+    free(y0);
+    free(wb);
+}
+
 int main(void) {
     rng_state = (uint64_t)time(NULL);
     printf("seed %llu\n", (unsigned long long)rng_state);
@@ -352,6 +407,8 @@ int main(void) {
     for (int t = 0; t < DTYPE_COUNT; t++) n_gemm += cpu_kernels_best()->gemm[t] != NULL;
     printf("best table: %d weight types with a prompt GEMM\n", n_gemm);
     compare_gemm("best", cpu_kernels_best());
+    compare_axpy4("ref", cpu_kernels_ref());
+    compare_axpy4("best", cpu_kernels_best());
 #if defined(OPTIML_X86)
     /* every SIMD table this CPU runs, its gaps filled from the reference */
     const struct { const char *name; const struct cpu_kernels *k; } tables[] = {
@@ -376,11 +433,13 @@ int main(void) {
             if (v->gemm[t]) k.gemm[t] = v->gemm[t];
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];
             if (v->axpy[t]) k.axpy[t] = v->axpy[t];
+            if (v->axpy4[t]) k.axpy4[t] = v->axpy4[t];
         }
         compare(tables[i].name, &k);
         compare_quant(tables[i].name, &k);
         compare_axpy(tables[i].name, &k);
         compare_gemm(tables[i].name, &k);
+        compare_axpy4(tables[i].name, &k);
     }
 #endif
     /* elementwise ops against double-precision formulas */

@@ -6,7 +6,7 @@
  *   optiml-synth --outfile M.gguf [--shape tiny|7b|13b|70b] [--n-embd N]
  *       [--n-layer N] [--n-ff N] [--n-head N] [--n-head-kv N] [--vocab N]
  *       [--ctx N] [--type f16|q8_0|q4_0] [--sparsity 0.9] [--hot-share 0.8]
- *       [--rank 64] [--noise 0.1] [--seed N]
+ *       [--rank 64] [--noise 0.1] [--seed N] [--pred-type q8_0|f16] [--hot-first]
  *
  * How the activation distribution comes about. Every token embedding is
  * e = alpha * 1 + sqrt(1 - alpha^2) * g (alpha = 0.5, g standard normal),
@@ -26,11 +26,14 @@
  * share (1 - sparsity) and the hottest 20% of neurons carry --hot-share of
  * the activations; both vary by layer (active share x0.75 .. x1.25 from
  * the first layer to the last, hot share +-0.05), averaging to the flags.
+ * --hot-first stores the neurons hottest first instead (no permutation),
+ * as a pass that reorders neurons by firing frequency would leave them.
  *
  * The predictor reads the same low-rank structure: fc1 has the rows
- * U^T, -U^T, 1/sqrt(n) and a zero row (r = 2 rank + 2), so hidden =
- * (relu(U^T x), relu(-U^T x), x . 1/sqrt(n), 0); fc2 row i is
- * (a_i, -a_i, -beta_i, 0) / scale, so the logit is gate_i(x) - eta v_i . x:
+ * U^T, -U^T, 1/sqrt(n) and zero rows (r = 2 rank + 2, for q8_0 predictors
+ * (--pred-type, the default) rounded up to the 32-value block), so hidden =
+ * (relu(U^T x), relu(-U^T x), x . 1/sqrt(n), 0...); fc2 row i is
+ * (a_i, -a_i, -beta_i, 0...) / scale, so the logit is gate_i(x) - eta v_i . x:
  * the gate without its full-rank part. The layer threshold, -2.3 eta
  * sigma / sqrt(1 + eta^2), keeps recall near 99%. ffn_act_freq holds the
  * p_i (calib_tokens 0: from the construction, not counted).
@@ -59,9 +62,10 @@
 
 struct cfg {
     long n_embd, n_layer, n_ff, n_head, n_head_kv, n_vocab, ctx, rank;
-    uint32_t type;
+    uint32_t type, pred_type;
     double sparsity, hot_share, noise;
     uint64_t seed;
+    bool hot_first;
 };
 
 /* ---- random numbers: counter based, so any element can be regenerated --- */
@@ -183,7 +187,7 @@ static void layer_build(long il) {
         }
     layer_law(L.law, nf, layer_active(il), layer_share(il));
     for (long i = 0; i < nf; i++) L.perm[i] = i;
-    for (long i = nf - 1; i > 0; i--) { /* Fisher-Yates */
+    for (long i = nf - 1; i > 0 && !C.hot_first; i--) { /* Fisher-Yates */
         const long j = (long)(mix64(key3(seed, 2, (uint64_t)i)) % (uint64_t)(i + 1));
         const long t = L.perm[i];
         L.perm[i] = L.perm[j];
@@ -281,7 +285,7 @@ static void gen_row(const struct fill *f, long r, float *out) {
             out[k + j] = -L.a[r * k + j];
         }
         out[2 * k] = -L.beta[r];
-        out[2 * k + 1] = 0.0f;
+        for (long j = 2 * k + 1; j < n; j++) out[j] = 0.0f;
         break;
     }
     case R_FREQ:
@@ -410,12 +414,13 @@ static int set_shape(const char *s) {
 static const char usage[] =
     "usage: optiml-synth --outfile M.gguf [--shape tiny|7b|13b|70b] [--n-embd N] [--n-layer N] [--n-ff N]\n"
     "       [--n-head N] [--n-head-kv N] [--vocab N] [--ctx N] [--type f16|q8_0|q4_0] [--sparsity 0.9]\n"
-    "       [--hot-share 0.8] [--rank 64] [--noise 0.1] [--seed N]\n";
+    "       [--hot-share 0.8] [--rank 64] [--noise 0.1] [--seed N] [--pred-type q8_0|f16]\n"
+    "       [--hot-first]\n";
 
 int main(int argc, char **argv) {
     const char *out = NULL;
-    C = (struct cfg){.n_vocab = 32000, .ctx = 4096, .rank = 64, .type = DTYPE_Q4_0, .sparsity = 0.9,
-                     .hot_share = 0.8, .noise = 0.1, .seed = 1};
+    C = (struct cfg){.n_vocab = 32000, .ctx = 4096, .rank = 64, .type = DTYPE_Q4_0, .pred_type = DTYPE_Q8_0,
+                     .sparsity = 0.9, .hot_share = 0.8, .noise = 0.1, .seed = 1};
     set_shape("7b");
     long n_head_kv = -1;
     for (int i = 1; i < argc; i++) {
@@ -423,6 +428,10 @@ int main(int argc, char **argv) {
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) {
             fputs(usage, stdout);
             return 0;
+        }
+        if (!strcmp(f, "--hot-first")) { /* the one flag without a value */
+            C.hot_first = true;
+            continue;
         }
         if (!v) {
             fprintf(stderr, "optiml-synth: missing value for '%s'\n%s", f, usage);
@@ -450,6 +459,14 @@ int main(int argc, char **argv) {
                 return 1;
             }
             C.type = (uint32_t)t;
+        } else if (!strcmp(f, "--pred-type")) {
+            /* q8_0 predictors: half the bytes of f16, read for every token */
+            const int t = dtype_from_name(v);
+            if (t != DTYPE_F16 && t != DTYPE_Q8_0) {
+                fprintf(stderr, "optiml-synth: --pred-type must be q8_0 or f16\n");
+                return 1;
+            }
+            C.pred_type = (uint32_t)t;
         } else {
             fprintf(stderr, "optiml-synth: unknown option '%s'\n%s", f, usage);
             return 1;
@@ -458,13 +475,15 @@ int main(int argc, char **argv) {
     C.n_head_kv = n_head_kv > 0 ? n_head_kv : C.n_head_kv;
     if (n_head_kv < 0 && C.n_head_kv > C.n_head) C.n_head_kv = C.n_head;
     const long bs = (long)dtype_block_size(C.type);
+    const long pbs = (long)dtype_block_size(C.pred_type); /* fc2 rows of rr values fill whole blocks */
     if (!out || C.n_embd % C.n_head || C.n_head % C.n_head_kv || C.n_vocab < 260 || C.n_layer > 4096 ||
-        C.n_embd % bs || C.n_ff % bs || (C.n_embd / C.n_head) % 2) {
+        C.n_embd % bs || C.n_ff % bs || C.n_embd % pbs || (C.n_embd / C.n_head) % 2) {
         fprintf(stderr, "optiml-synth: need --outfile, n_embd a multiple of n_head (even head size), n_head of "
                         "n_head_kv, n_embd and n_ff multiples of the %ld-value block, vocab >= 260\n%s", bs, usage);
         return 1;
     }
-    const long n = C.n_embd, nf = C.n_ff, rr = 2 * C.rank + 2, n_kv = C.n_head_kv * (n / C.n_head);
+    const long n = C.n_embd, nf = C.n_ff, rr = (2 * C.rank + 2 + pbs - 1) / pbs * pbs,
+               n_kv = C.n_head_kv * (n / C.n_head);
     L.U = malloc((size_t)(C.rank * n) * sizeof(float));
     L.a = malloc((size_t)(nf * C.rank) * sizeof(float));
     L.beta = malloc((size_t)nf * sizeof(float));
@@ -533,8 +552,8 @@ int main(int argc, char **argv) {
         fills[k - 1].key = down_key;
         ADD("blk.%ld.ffn_down_t.weight", il, R_DOWN_T, t, n, nf);
         fills[k - 1].key = down_key;
-        ADD("blk.%ld.fc1.weight", il, R_FC1, DTYPE_F16, n, rr);
-        ADD("blk.%ld.fc2.weight", il, R_FC2, DTYPE_F16, rr, nf);
+        ADD("blk.%ld.fc1.weight", il, R_FC1, C.pred_type, n, rr);
+        ADD("blk.%ld.fc2.weight", il, R_FC2, C.pred_type, rr, nf);
         ADD("blk.%ld.ffn_act_freq", il, R_FREQ, DTYPE_F32, nf, 1);
     }
     ADD("output_norm.weight%.0ld", -1, R_NORM, DTYPE_F32, n, 1);

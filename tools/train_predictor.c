@@ -6,7 +6,7 @@
  *   optiml-train-predictor -m M.gguf --samples FILE -o OUT.gguf
  *       [--rank R | --rank-per-layer [--rank R]] [--recall 0.99]
  *       [--recall-of mass|count] [--epochs 10] [--batch 256] [--lr 3e-3]
- *       [--pos-weight 3] [--holdout-every 10] [--type f16|f32] [-t N]
+ *       [--pos-weight 3] [--holdout-every 10] [--type f16|f32|q8_0] [-t N]
  *       [--seed 1] [--force]
  *
  * The predictor of a layer (docs/FORMAT.md) is a low-rank MLP on the FFN's
@@ -30,7 +30,9 @@
  * products is one thread's dot product, so the weights do not depend on -t.
  *
  * Threshold. After training the weights are rounded to the output type
- * (--type, default f16) and the held-out logits computed with them. The
+ * (--type, default f16; q8_0 halves the bytes the predictor reads per
+ * token, its rows of n_embd and r values in 32-value blocks) and the
+ * held-out logits computed with them. The
  * threshold is the largest one whose recall on the held-out samples reaches
  * --recall (default 0.99), where recall is
  *   mass:  sum of |h_j| over active neurons predicted active
@@ -51,10 +53,10 @@
  * per epoch on standard error, with the held-out loss and recall and
  * precision at logit > 0.
  *
- * Rank: --rank R (default n_embd / 8, in [16, 1024], a multiple of 8).
- * --rank-per-layer scales it by each layer's share of active neurons
- * against the mean over layers (clamped to 0.5x..2x, then the nearest
- * multiple of 8, at least 8): a denser layer has more to predict
+ * Rank: --rank R (default n_embd / 8, in [16, 1024], a multiple of 8; of 32
+ * for q8_0). --rank-per-layer scales it by each layer's share of active
+ * neurons against the mean over layers (clamped to 0.5x..2x, then the
+ * nearest multiple of 8 (32 for q8_0), at least that multiple): a denser layer has more to predict
  * (PowerInfer sizes its predictors by sparsity likewise).
  *
  * The output GGUF is the input (every key and tensor, except existing
@@ -71,6 +73,7 @@
 #include "dtype.h"
 #include "gguf.h"
 #include "parse_num.h"
+#include "quant.h"
 #include "sparse_util.h"
 #include "threadpool.h"
 
@@ -98,7 +101,7 @@ struct opts {
 static const char usage[] =
     "usage: optiml-train-predictor -m M.gguf --samples FILE -o OUT.gguf [--rank R | --rank-per-layer]\n"
     "       [--recall 0.99] [--recall-of mass|count] [--epochs 10] [--batch 256] [--lr 3e-3]\n"
-    "       [--pos-weight 3] [--holdout-every 10] [--type f16|f32] [-t N] [--seed 1] [--force]\n";
+    "       [--pos-weight 3] [--holdout-every 10] [--type f16|f32|q8_0] [-t N] [--seed 1] [--force]\n";
 
 static int die(const char *what, const char *detail) {
     fprintf(stderr, "optiml-train-predictor: %s%s\n", what, detail ? detail : "");
@@ -143,8 +146,8 @@ static int parse_args(int argc, char **argv, struct opts *o) {
             o->recall_count = !strcmp(v, "count");
             o->recall_of_set = 1;
         } else if (!strcmp(a, "--type")) {
-            ok = !strcmp(v, "f16") || !strcmp(v, "f32");
-            o->type = !strcmp(v, "f32") ? DTYPE_F32 : DTYPE_F16;
+            ok = !strcmp(v, "f16") || !strcmp(v, "f32") || !strcmp(v, "q8_0");
+            o->type = !strcmp(v, "f32") ? DTYPE_F32 : !strcmp(v, "q8_0") ? DTYPE_Q8_0 : DTYPE_F16;
         } else return die("unknown option: ", a);
         if (!ok) return die("invalid value for ", a);
     }
@@ -506,10 +509,20 @@ static void init_weights(struct mlp *p, uint64_t seed) {
     for (int64_t i = 0; i < p->f * p->r; i++) p->w2[i] = rng_uniform(&seed, a2);
 }
 
-/* Weights as they will be stored (f16 rounding), in place. */
-static void round_to_type(float *w, int64_t n, uint32_t type) {
+/* Weights as they will be stored (f16 or q8_0 rounding of rows of n_in
+ * values), in place; false when out of memory. */
+static bool round_to_type(float *w, int64_t n, int64_t n_in, uint32_t type) {
     if (type == DTYPE_F16)
         for (int64_t i = 0; i < n; i++) w[i] = f16_to_f32(f32_to_f16(w[i]));
+    if (type != DTYPE_Q8_0) return true;
+    block_q8_0 *q = malloc((size_t)(n_in / QK8_0) * sizeof(block_q8_0));
+    if (!q) return false;
+    for (int64_t r = 0; r < n / n_in; r++) {
+        quant_quantizer(DTYPE_Q8_0)(n_in, w + r * n_in, q);
+        quant_dequantizer(DTYPE_Q8_0)(n_in, q, w + r * n_in);
+    }
+    free(q);
+    return true;
 }
 
 struct layer_result {
@@ -579,8 +592,8 @@ static int train_layer(struct trainer *t, const struct layer_data *d, uint32_t i
                 il + 1, n_layer, ep + 1, o->epochs, loss, hold_loss / (double)n_hold, m.recall, m.precision, secs,
                 secs / done * (work_total - done));
     }
-    round_to_type(p->w1, p->r * p->e, o->type);
-    round_to_type(p->w2, p->f * p->r, o->type);
+    if (!round_to_type(p->w1, p->r * p->e, p->e, o->type) || !round_to_type(p->w2, p->f * p->r, p->r, o->type))
+        return die("out of memory", NULL);
     predict(t, d, hold, n_hold, logits);
     res->rank = p->r;
     res->loss = loss;
@@ -604,11 +617,16 @@ struct stored {
     void *fc1, *fc2; /* in the output type */
 };
 
-static void *store(const float *w, int64_t n, uint32_t type) {
-    void *out = malloc((size_t)n * (type == DTYPE_F16 ? 2 : 4));
+/* n values in rows of n_in, in the output type */
+static void *store(const float *w, int64_t n, int64_t n_in, uint32_t type) {
+    uint64_t row;
+    if (!dtype_row_size(type, (uint64_t)n_in, &row)) return NULL;
+    void *out = malloc((size_t)(row * (uint64_t)(n / n_in)));
     if (!out) return NULL;
     if (type == DTYPE_F16)
         for (int64_t i = 0; i < n; i++) ((f16_t *)out)[i] = f32_to_f16(w[i]);
+    else if (type == DTYPE_Q8_0)
+        for (int64_t r = 0; r < n / n_in; r++) quant_quantizer(type)(n_in, w + r * n_in, (char *)out + r * row);
     else memcpy(out, w, (size_t)n * 4);
     return out;
 }
@@ -646,15 +664,29 @@ static optiml_status write_output(const gguf_file *in, const struct opts *o, con
 
 /* ---- main ----------------------------------------------------------------- */
 
-static int64_t default_rank(uint32_t n_embd) {
+/* Ranks are multiples of this: q8_0 rows of fc2 fill whole blocks. */
+static int64_t rank_step(uint32_t type) { return type == DTYPE_Q8_0 ? QK8_0 : 8; }
+
+static int64_t default_rank(uint32_t n_embd, uint32_t type) {
     int64_t r = (int64_t)n_embd / 8;
     r = r < 16 ? 16 : r > 1024 ? 1024 : r;
-    return (r + 7) / 8 * 8;
+    return (r + rank_step(type) - 1) / rank_step(type) * rank_step(type);
 }
 
 /* Ranks per layer (see the header comment). */
 static int choose_ranks(int fd, const struct samples_header *h, const struct opts *o, int64_t *rank) {
-    const int64_t base = o->rank > 0 ? o->rank : default_rank(h->n_embd);
+    const int64_t step = rank_step(o->type);
+    if (o->rank > 0 && o->rank % step) {
+        fprintf(stderr, "optiml-train-predictor: --rank must be a multiple of %lld for %s predictors\n",
+                (long long)step, dtype_name(o->type));
+        return 1;
+    }
+    if (h->n_embd % (uint32_t)dtype_block_size(o->type)) {
+        fprintf(stderr, "optiml-train-predictor: n_embd %u does not fill %s blocks\n", h->n_embd,
+                dtype_name(o->type));
+        return 1;
+    }
+    const int64_t base = o->rank > 0 ? o->rank : default_rank(h->n_embd, o->type);
     for (uint32_t il = 0; il < h->n_layer; il++) rank[il] = base;
     if (!o->rank_per_layer) return 0;
     double *dens = malloc(h->n_layer * sizeof(double)), mean = 0;
@@ -663,8 +695,8 @@ static int choose_ranks(int fd, const struct samples_header *h, const struct opt
     for (uint32_t il = 0; il < h->n_layer; il++) {
         double s = mean > 0 ? dens[il] / mean : 1.0;
         s = s < 0.5 ? 0.5 : s > 2.0 ? 2.0 : s;
-        rank[il] = ((int64_t)((double)base * s + 4.0)) / 8 * 8; /* the nearest multiple of 8 */
-        if (rank[il] < 8) rank[il] = 8;
+        rank[il] = ((int64_t)((double)base * s + (double)step / 2)) / step * step; /* the nearest multiple */
+        if (rank[il] < step) rank[il] = step;
         fprintf(stderr, "optiml-train-predictor: layer %u: %.1f%% active, rank %" PRId64 "\n", il, 100 * dens[il],
                 rank[il]);
     }
@@ -751,8 +783,8 @@ int main(int argc, char **argv) {
             train_layer(&t, &d, il, h.n_layer, mask_bytes, &o, by_count, &res[il], work_done, work_total))
             return 1;
         work_done += (double)rank[il];
-        sw[il].fc1 = store(t.p.w1, t.p.r * t.p.e, o.type);
-        sw[il].fc2 = store(t.p.w2, t.p.f * t.p.r, o.type);
+        sw[il].fc1 = store(t.p.w1, t.p.r * t.p.e, t.p.e, o.type);
+        sw[il].fc2 = store(t.p.w2, t.p.f * t.p.r, t.p.r, o.type);
         if (!sw[il].fc1 || !sw[il].fc2) return die("out of memory", NULL);
         const struct layer_result *r = &res[il];
         printf("layer %u rank %" PRId64 " threshold %.9g loss %.5f recall %.5f recall_count %.5f precision %.5f "

@@ -54,6 +54,7 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
         if (src->gemm[t]) dst->gemm[t] = src->gemm[t];
         if (src->quantize[t]) dst->quantize[t] = src->quantize[t];
         if (src->axpy[t]) dst->axpy[t] = src->axpy[t];
+        if (src->axpy4[t]) dst->axpy4[t] = src->axpy4[t];
     }
 }
 

@@ -261,6 +261,24 @@ void cpu_gemm_ref(uint32_t type, int64_t n, const void *w, uint64_t w_stride, in
         }
 }
 
+/* Four rows, element by element in row order (each row's product rounded
+ * and added as axpy does). */
+static void axpy4_f32_ref(int64_t n, const float a[4], const void *const w[4], float *y) {
+    for (int r = 0; r < 4; r++) axpy_f32_ref(n, a[r], w[r], y);
+}
+
+static void axpy4_f16_ref(int64_t n, const float a[4], const void *const w[4], float *y) {
+    for (int r = 0; r < 4; r++) axpy_f16_ref(n, a[r], w[r], y);
+}
+
+static void axpy4_q8_0_ref(int64_t n, const float a[4], const void *const w[4], float *y) {
+    for (int r = 0; r < 4; r++) axpy_q8_0_ref(n, a[r], w[r], y);
+}
+
+static void axpy4_q4_0_ref(int64_t n, const float a[4], const void *const w[4], float *y) {
+    for (int r = 0; r < 4; r++) axpy_q4_0_ref(n, a[r], w[r], y);
+}
+
 /* ---- the reference table ------------------------------------------------ */
 
 static struct cpu_kernels kernels_ref = {
@@ -277,6 +295,8 @@ static struct cpu_kernels kernels_ref = {
               [DTYPE_Q6_K] = dot_q6_K_ref},
     .axpy = {[DTYPE_F32] = axpy_f32_ref, [DTYPE_F16] = axpy_f16_ref, [DTYPE_Q8_0] = axpy_q8_0_ref,
              [DTYPE_Q4_0] = axpy_q4_0_ref},
+    .axpy4 = {[DTYPE_F32] = axpy4_f32_ref, [DTYPE_F16] = axpy4_f16_ref, [DTYPE_Q8_0] = axpy4_q8_0_ref,
+              [DTYPE_Q4_0] = axpy4_q4_0_ref},
 };
 static pthread_once_t kernels_ref_once = PTHREAD_ONCE_INIT;
 

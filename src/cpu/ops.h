@@ -75,6 +75,10 @@ typedef void (*cpu_quantize_fn)(int64_t n, const float *x, void *dst);
 /* y[i] += a * w[i] for a weight row (or whole blocks of one) of type T:
  * the sparse FFN's down step, one neuron-major row per active neuron. */
 typedef void (*cpu_axpy_fn)(int64_t n, float a, const void *w, float *y);
+/* y[i] += a[0] w[0][i] + a[1] w[1][i] + a[2] w[2][i] + a[3] w[3][i]: four
+ * rows of type T in one pass over y (one load and store of y per four rows
+ * instead of per row): the down step of four active neurons. */
+typedef void (*cpu_axpy4_fn)(int64_t n, const float a[4], const void *const w[4], float *y);
 
 /* Matrix-vector products take one of two paths per weight type T:
  *   vec_dot_type[T] == DTYPE_F32: dot[T](n, w_row, x) on f32 activations
@@ -95,6 +99,7 @@ struct cpu_kernels {
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:
                                                to_f32, then a loop         */
+    cpu_axpy4_fn axpy4[DTYPE_COUNT];        /* where axpy is; NULL: 4 axpy */
 };
 
 /* True if weights of type t can be multiplied (either path above). */

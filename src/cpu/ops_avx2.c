@@ -856,6 +856,87 @@ static void axpy_q4_0_avx2(int64_t n, float a, const void *w, float *y) {
     }
 }
 
+/* Four rows in one pass over y: y is loaded and stored once per block for
+ * the four rows (the single-row axpy moves y through the registers once
+ * per row). Each row's term is one fma, rows in order. */
+static void axpy4_f32_avx2(int64_t n, const float a[4], const void *const w[4], float *y) {
+    const float *v0 = w[0], *v1 = w[1], *v2 = w[2], *v3 = w[3];
+    const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]), a2 = _mm256_set1_ps(a[2]),
+                 a3 = _mm256_set1_ps(a[3]);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 acc = _mm256_fmadd_ps(a0, _mm256_loadu_ps(v0 + i), _mm256_loadu_ps(y + i));
+        acc = _mm256_fmadd_ps(a1, _mm256_loadu_ps(v1 + i), acc);
+        acc = _mm256_fmadd_ps(a2, _mm256_loadu_ps(v2 + i), acc);
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a3, _mm256_loadu_ps(v3 + i), acc));
+    }
+    for (; i < n; i++) y[i] = y[i] + a[0] * v0[i] + a[1] * v1[i] + a[2] * v2[i] + a[3] * v3[i];
+}
+
+static void axpy4_f16_avx2(int64_t n, const float a[4], const void *const w[4], float *y) {
+    const f16_t *v0 = w[0], *v1 = w[1], *v2 = w[2], *v3 = w[3];
+    const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]), a2 = _mm256_set1_ps(a[2]),
+                 a3 = _mm256_set1_ps(a[3]);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 acc = _mm256_fmadd_ps(a0, LOAD_F16(v0 + i), _mm256_loadu_ps(y + i));
+        acc = _mm256_fmadd_ps(a1, LOAD_F16(v1 + i), acc);
+        acc = _mm256_fmadd_ps(a2, LOAD_F16(v2 + i), acc);
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a3, LOAD_F16(v3 + i), acc));
+    }
+    for (; i < n; i++)
+        y[i] = y[i] + a[0] * f16_to_f32(v0[i]) + a[1] * f16_to_f32(v1[i]) + a[2] * f16_to_f32(v2[i]) +
+               a[3] * f16_to_f32(v3[i]);
+}
+
+/* acc[0..4) (32 floats) += d * (32 signed bytes: q0 holds 0..15, q1 16..31) */
+static inline void fma32_i8(__m256 acc[4], __m256 d, __m128i q0, __m128i q1) {
+    acc[0] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0)), acc[0]);
+    acc[1] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8))), acc[1]);
+    acc[2] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1)), acc[2]);
+    acc[3] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8))), acc[3]);
+}
+
+static inline void load32(__m256 acc[4], const float *y) {
+    for (int k = 0; k < 4; k++) acc[k] = _mm256_loadu_ps(y + 8 * k);
+}
+
+static inline void store32(float *y, const __m256 acc[4]) {
+    for (int k = 0; k < 4; k++) _mm256_storeu_ps(y + 8 * k, acc[k]);
+}
+
+static void axpy4_q8_0_avx2(int64_t n, const float a[4], const void *const w[4], float *y) {
+    const block_q8_0 *b[4] = {w[0], w[1], w[2], w[3]};
+    for (int64_t k = 0; k < n / QK8_0; k++, y += QK8_0) {
+        __m256 acc[4];
+        load32(acc, y);
+        for (int r = 0; r < 4; r++) {
+            const __m256 d = _mm256_set1_ps(a[r] * f16_to_f32(b[r][k].d));
+            fma32_i8(acc, d, _mm_loadu_si128((const __m128i *)b[r][k].qs),
+                     _mm_loadu_si128((const __m128i *)(b[r][k].qs + 16)));
+        }
+        store32(y, acc);
+    }
+}
+
+/* q4_0: the nibbles minus 8 as signed bytes (exact), then as q8_0 */
+static void axpy4_q4_0_avx2(int64_t n, const float a[4], const void *const w[4], float *y) {
+    const block_q4_0 *b[4] = {w[0], w[1], w[2], w[3]};
+    const __m128i m4 = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+    for (int64_t k = 0; k < n / QK4_0; k++, y += QK4_0) {
+        __m256 acc[4];
+        load32(acc, y);
+        for (int r = 0; r < 4; r++) {
+            const __m256 d = _mm256_set1_ps(a[r] * f16_to_f32(b[r][k].d));
+            const __m128i q = _mm_loadu_si128((const __m128i *)b[r][k].qs);
+            const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);
+            const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight);
+            fma32_i8(acc, d, lo, hi);
+        }
+        store32(y, acc);
+    }
+}
+
 static const struct cpu_kernels kernels_avx2 = {
     .name = "avx2",
     .dot = {[DTYPE_F32] = dot_f32_avx2, [DTYPE_F16] = dot_f16_avx2, [DTYPE_BF16] = dot_bf16_avx2},
@@ -875,6 +956,8 @@ static const struct cpu_kernels kernels_avx2 = {
     .quantize = {[DTYPE_Q8_0] = quantize_q8_0_avx2, [DTYPE_Q8_K] = quantize_q8_K_avx2},
     .axpy = {[DTYPE_F32] = axpy_f32_avx2, [DTYPE_F16] = axpy_f16_avx2, [DTYPE_Q8_0] = axpy_q8_0_avx2,
              [DTYPE_Q4_0] = axpy_q4_0_avx2},
+    .axpy4 = {[DTYPE_F32] = axpy4_f32_avx2, [DTYPE_F16] = axpy4_f16_avx2, [DTYPE_Q8_0] = axpy4_q8_0_avx2,
+              [DTYPE_Q4_0] = axpy4_q4_0_avx2},
 };
 
 const struct cpu_kernels *cpu_kernels_avx2(void) { return cpu_has_avx2_fma_f16c() ? &kernels_avx2 : NULL; }

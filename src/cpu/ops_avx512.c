@@ -2,8 +2,10 @@
  * ops_avx512.c - AVX-512 (F, BW, VL) + VNNI variants of the hot quantized
  * dots: q4_0 and q8_0 (vpdpbusd on 256-bit vectors: one instruction for
  * the 32-byte integer dot of a block), q4_k and q6_k (512-bit vectors: 64
- * values, two or four scales, per step), and the prompt GEMM of q4_0 and
- * q8_0 (gemm_panel.h, vpdpbusd). This file alone is compiled with
+ * values, two or four scales, per step), the prompt GEMM of q4_0 and q8_0
+ * (gemm_panel.h, vpdpbusd), and the sparse down step's axpy and axpy4 for
+ * q4_0 and q8_0 (a block in two 16-lane vectors). This file alone is
+ * compiled with
  * -mavx512f -mavx512bw -mavx512vl -mavx512vnni (plus AVX2, FMA, F16C);
  * cpu_kernels_avx512vnni() checks cpuid and XCR0 first (dispatch.c).
  *
@@ -266,6 +268,57 @@ static void gemm_q8_0_avx512(int64_t n, const void *w, uint64_t w_stride, int n_
     gemm_q0(true, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
 }
 
+/* ---- axpy (sparse down rows): 16 lanes, a q4_0/q8_0 block in two vectors ----
+ * y is loaded and stored once per block for all the rows (1 or 4); each
+ * row's term is one fma, rows in order. */
+
+/* acc[0..2) (32 floats) += d * (32 signed bytes: q0 holds 0..15, q1 16..31) */
+static inline void fma32_i8_512(__m512 acc[2], __m512 d, __m128i q0, __m128i q1) {
+    acc[0] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), acc[0]);
+    acc[1] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), acc[1]);
+}
+
+/* q4_0 block: the nibbles minus 8 as signed bytes (exact) */
+static inline void q4_0_bytes(const block_q4_0 *b, __m128i *lo, __m128i *hi) {
+    const __m128i m4 = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+    const __m128i q = _mm_loadu_si128((const __m128i *)b->qs);
+    *lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);
+    *hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight);
+}
+
+TILE_INLINE void axpy_q_rows(const int R, const bool Q8, int64_t n, const float *a, const void *const *w, float *y) {
+    for (int64_t k = 0; k < n / 32; k++, y += 32) {
+        __m512 acc[2] = {_mm512_loadu_ps(y), _mm512_loadu_ps(y + 16)};
+        FOR_R {
+            __m128i q0, q1;
+            uint16_t dh;
+            if (Q8) {
+                const block_q8_0 *b = (const block_q8_0 *)w[r] + k;
+                q0 = _mm_loadu_si128((const __m128i *)b->qs);
+                q1 = _mm_loadu_si128((const __m128i *)(b->qs + 16));
+                dh = b->d;
+            } else {
+                const block_q4_0 *b = (const block_q4_0 *)w[r] + k;
+                q4_0_bytes(b, &q0, &q1);
+                dh = b->d;
+            }
+            const float d = a[r] * _cvtsh_ss(dh);
+            fma32_i8_512(acc, _mm512_set1_ps(d), q0, q1);
+        }
+        _mm512_storeu_ps(y, acc[0]);
+        _mm512_storeu_ps(y + 16, acc[1]);
+    }
+}
+
+static void axpy_q4_0_avx512(int64_t n, float a, const void *w, float *y) { axpy_q_rows(1, false, n, &a, &w, y); }
+static void axpy_q8_0_avx512(int64_t n, float a, const void *w, float *y) { axpy_q_rows(1, true, n, &a, &w, y); }
+static void axpy4_q4_0_avx512(int64_t n, const float a[4], const void *const w[4], float *y) {
+    axpy_q_rows(4, false, n, a, w, y);
+}
+static void axpy4_q8_0_avx512(int64_t n, const float a[4], const void *const w[4], float *y) {
+    axpy_q_rows(4, true, n, a, w, y);
+}
+
 /* ---- instances and the table ----------------------------------------------- */
 
 #define TILE_INSTANCES(NAME, CALL)                                                                               \
@@ -304,6 +357,8 @@ static const struct cpu_kernels kernels_avx512 = {
     .dot_q_2x1 = {ENTRIES(_2x1)},
     .dot_q_2x4 = {ENTRIES(_2x4)},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx512, [DTYPE_Q8_0] = gemm_q8_0_avx512},
+    .axpy = {[DTYPE_Q4_0] = axpy_q4_0_avx512, [DTYPE_Q8_0] = axpy_q8_0_avx512},
+    .axpy4 = {[DTYPE_Q4_0] = axpy4_q4_0_avx512, [DTYPE_Q8_0] = axpy4_q8_0_avx512},
 };
 
 const struct cpu_kernels *cpu_kernels_avx512vnni(void) {

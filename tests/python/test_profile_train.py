@@ -78,8 +78,11 @@ def test_xxh64_reference_vectors():
 # ---- the model and its numpy forward pass ----
 
 def tensors(path):
+    """Every tensor as an array, quantized ones (q8_0 predictors) dequantized by gguf-py."""
     r = gguf.GGUFReader(str(path))
-    return r, {t.name: np.array(t.data) for t in r.tensors}
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    return r, {t.name: np.array(t.data) if t.tensor_type in plain else gguf.quants.dequantize(t.data, t.tensor_type)
+               for t in r.tensors}
 
 
 def rmsnorm(x, w, eps=1e-5):
@@ -335,9 +338,11 @@ def train(work, profiled, name, *extra):
 
 @pytest.mark.parametrize("measure,target,extra", [("mass", 0.99, ["--rank", "16", "-t", "2"]),
                                                    ("count", 0.95, ["--rank-per-layer", "--rank", "16",
-                                                                    "--type", "f32", "-t", "1"])])
+                                                                    "--type", "f32", "-t", "1"]),
+                                                   ("mass", 0.99, ["--rank-per-layer", "--type", "q8_0", "-t", "2"])])
 def test_trained_predictor_reproduces_its_recall(work, profiled, measure, target, extra):
-    out, rows = train(work, profiled, f"pred-{measure}", "--recall", str(target), "--recall-of", measure, *extra)
+    out, rows = train(work, profiled, f"pred-{measure}-{extra[-3]}", "--recall", str(target), "--recall-of", measure,
+                      *extra)
     assert_copy_keeps(profiled[0], out)
     hdr, _, x, mask, mag = read_samples(profiled[1])
     reader, w = tensors(out)
@@ -380,3 +385,11 @@ def test_samples_of_other_weights_are_refused(work, profiled):
              str(work / "never.gguf")])
     assert r.returncode != 0 and "other FFN weights" in r.stderr
     assert not (work / "never.gguf").exists()
+
+
+def test_q8_0_rank_must_fill_blocks(work, profiled):
+    out = work / "never-q8.gguf"
+    r = run([tool("optiml-train-predictor"), "-m", str(profiled[0]), "--samples", str(profiled[1]), "-o", str(out),
+             "--rank", "16", "--type", "q8_0"])
+    assert r.returncode != 0 and "multiple of 32" in r.stderr, r.stderr
+    assert not out.exists()

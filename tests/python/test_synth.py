@@ -83,3 +83,29 @@ def test_bad_flags(tmp_path):
     assert r.returncode != 0 and "--type" in r.stderr
     r = run([tool("optiml-synth"), "--outfile", str(tmp_path / "x.gguf"), "--n-embd", "100"])
     assert r.returncode != 0 and "multiple" in r.stderr
+
+
+def test_predictor_types_and_hot_first(synth_model, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    np = pytest.importorskip("numpy")
+    q8, f16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16
+    # default: q8_0 predictors, rank 2 * 64 + 2 padded with zero rows to the 32-value block
+    t = {x.name: x for x in gguf.GGUFReader(str(synth_model)).tensors}
+    assert t["blk.0.fc1.weight"].tensor_type == q8 and t["blk.0.fc2.weight"].tensor_type == q8
+    assert list(t["blk.0.fc2.weight"].shape) == [160, 1024]
+    fc1 = gguf.quants.dequantize(t["blk.0.fc1.weight"].data, q8)
+    assert fc1.shape == (160, 256) and np.all(fc1[130:] == 0) and np.any(fc1[:130] != 0)
+    # f16 predictors (rank unpadded) and the neurons stored hottest first
+    out = tmp_path / "hot.gguf"
+    r = run([tool("optiml-synth"), "--outfile", str(out), "--shape", "tiny", "--n-layer", "2", "--vocab", "512",
+             "--type", "q4_0", "--pred-type", "f16", "--hot-first"])
+    assert r.returncode == 0, r.stderr
+    t = {x.name: x for x in gguf.GGUFReader(str(out)).tensors}
+    for il in range(2):
+        assert t[f"blk.{il}.fc2.weight"].tensor_type == f16 and list(t[f"blk.{il}.fc2.weight"].shape) == [130, 1024]
+        freq = np.array(t[f"blk.{il}.ffn_act_freq"].data, dtype=np.float64)
+        assert np.all(np.diff(freq) <= 0) and freq[0] > 10 * freq[-1], freq
+    layers, summary = measure(out)
+    assert all(row["recall"] > 0.98 for row in layers), layers  # counted on the dense FFN's activations
+    assert abs(sum(row["sparsity"] for row in layers) / 2 - 0.9) < 0.03, layers
+    assert 0.0 < summary["sparse_active"] < 0.15, summary
