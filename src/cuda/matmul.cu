@@ -1202,7 +1202,8 @@ template <int NT> constexpr int mmv_rows() { return NT <= 2 ? 2 : 4; }
  * on an H200 (bench/RESULTS.md): 128 threads for 7B rows of 128 and 344
  * chunks, 160 for 13B's 160, 224 for 13B's down rows of 432.
  * cu_tuning.mmv_block_threads > 1 overrides it. occ[w]: blocks per SM with
- * w warps (0: not asked yet; the same for every call of this kernel). */
+ * w warps (0: not asked yet), cached per process: it assumes one GPU model
+ * per process (multi-GPU with mixed cards would need it per device). */
 template <typename K>
 static int mmv_threads(const cu_ctx *cu, K kernel, std::atomic<int> *occ, int nc, int64_t n_blocks) {
     const int w_all = (nc + 31) / 32, w_top = w_all < MMV_THREADS_MAX / 32 ? w_all : MMV_THREADS_MAX / 32;
