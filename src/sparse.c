@@ -668,39 +668,35 @@ static void sparse_down(optiml_context *ctx, const struct layer *l, int64_t n_to
     }
 }
 
-void sparse_gate_cut(optiml_context *ctx, int64_t n_tok, int32_t il) {
-    struct sparse_state *s = ctx->sparse;
-    if (!s || s->mode != SPARSE_MODE_CATS || ctx->model->sparse.cats_product) return;
-    const enum ffn_act act = ctx->model->hp.ffn_act;
+/* CATS's cut over n_tok rows of ctx->gate: the gate before the activation
+ * (score |act(gate)|) or, with the product score, h = act(gate) * up
+ * (score |h|); entries at or below their threshold become 0 (act(0) = 0
+ * for every gated activation), the kept ones are counted. */
+static void cats_cut(optiml_context *ctx, int64_t n_tok, int32_t il, bool product) {
     const optiml_model *m = ctx->model;
+    const enum ffn_act act = m->hp.ffn_act;
     const float thr = m->sparse.gate_threshold[il];
     const float *nthr = m->sparse.has_neuron_thr ? m->layers[il].ffn_gate_thr.data : NULL;
     const int64_t n_ff = m->hp.n_ff;
     uint64_t kept = 0;
     for (int64_t t = 0; t < n_tok; t++)
         for (int64_t i = 0; i < n_ff; i++) {
-            float *g = &ctx->gate[t * n_ff + i];
-            if (score_on(SPARSE_MODE_CATS, act, *g, cats_thr(nthr, thr, i))) kept++;
-            else *g = 0.0f; /* act(0) = 0 for every gated activation */
+            float *v = &ctx->gate[t * n_ff + i];
+            const float th = cats_thr(nthr, thr, i);
+            if (product ? fabsf(*v) > th : score_on(SPARSE_MODE_CATS, act, *v, th)) kept++;
+            else *v = 0.0f;
         }
-    s->n_active += kept;
+    ctx->sparse->n_active += kept;
+}
+
+void sparse_gate_cut(optiml_context *ctx, int64_t n_tok, int32_t il) {
+    const struct sparse_state *s = ctx->sparse;
+    if (s && s->mode == SPARSE_MODE_CATS && !ctx->model->sparse.cats_product) cats_cut(ctx, n_tok, il, false);
 }
 
 void sparse_h_cut(optiml_context *ctx, int64_t n_tok, int32_t il) {
-    struct sparse_state *s = ctx->sparse;
-    const optiml_model *m = ctx->model;
-    if (!s || s->mode != SPARSE_MODE_CATS || !m->sparse.cats_product) return;
-    const float thr = m->sparse.gate_threshold[il];
-    const float *nthr = m->sparse.has_neuron_thr ? m->layers[il].ffn_gate_thr.data : NULL;
-    const int64_t n_ff = m->hp.n_ff;
-    uint64_t kept = 0;
-    for (int64_t t = 0; t < n_tok; t++)
-        for (int64_t i = 0; i < n_ff; i++) {
-            float *h = &ctx->gate[t * n_ff + i];
-            if (fabsf(*h) > cats_thr(nthr, thr, i)) kept++;
-            else *h = 0.0f;
-        }
-    s->n_active += kept;
+    const struct sparse_state *s = ctx->sparse;
+    if (s && s->mode == SPARSE_MODE_CATS && ctx->model->sparse.cats_product) cats_cut(ctx, n_tok, il, true);
 }
 
 /* ---- scalar predictor (tests, tools) ------------------------------------ */
