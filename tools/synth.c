@@ -7,6 +7,7 @@
  *       [--n-layer N] [--n-ff N] [--n-head N] [--n-head-kv N] [--vocab N]
  *       [--ctx N] [--type f16|q8_0|q4_0] [--sparsity 0.9] [--hot-share 0.8]
  *       [--rank 64] [--noise 0.1] [--seed N] [--pred-type q8_0|f16] [--hot-first]
+ *       [--threads N]
  *
  * How the activation distribution comes about. Every token embedding is
  * e = alpha * 1 + sqrt(1 - alpha^2) * g (alpha = 0.5, g standard normal),
@@ -39,7 +40,8 @@
  * p_i (calib_tokens 0: from the construction, not counted).
  *
  * Weights are generated tensor by tensor while the file is written (a 7B
- * model needs a few hundred MiB of memory); ffn_down_t holds exactly the
+ * model needs a few hundred MiB of memory), each tensor's rows split over
+ * --threads threads; ffn_down_t holds exactly the
  * values of ffn_down (a counter-based generator of (layer, row, column)),
  * quantized along the other axis. optiml.sparse.weights_hash (XXH64 of the
  * FFN tensors) is computed while they are written and patched into the
@@ -49,11 +51,13 @@
 #include "dtype.h"
 #include "gguf.h"
 #include "quant.h"
+#include "threadpool.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #define ALPHA 0.5
@@ -141,14 +145,15 @@ struct layer_state {
     float *a;       /* (n_ff, rank) per-neuron mix, scaled so |U a| = 1 */
     float *beta;    /* (n_ff)                                         */
     float *p;       /* (n_ff) activation probability                  */
-    float *row;     /* (n_embd) scratch                               */
-    float *rowf;    /* (max(n_embd, n_ff)) scratch                    */
     double *law;    /* (n_ff)                                         */
     long *perm;     /* (n_ff)                                         */
 };
 
 static struct cfg C;
 static struct layer_state L = {.il = -1};
+static struct threadpool *pool;
+static float *scratch; /* per thread: a row (n_embd) then an output row (max of n_embd, n_ff, rank) */
+static long scratch_len;
 static XXH64_state_t *hash_state;
 static float layer_thr[4096];
 
@@ -221,8 +226,8 @@ struct fill {
     uint64_t key;
 };
 
-/* Row r (n_in values) of a tensor, as f32. */
-static void gen_row(const struct fill *f, long r, float *out) {
+/* Row r (n_in values) of a tensor, as f32; tmp: n_embd floats of scratch. */
+static void gen_row(const struct fill *f, long r, float *out, float *tmp) {
     const long n = f->n_in;
     switch (f->role) {
     case R_EMBD:
@@ -262,7 +267,7 @@ static void gen_row(const struct fill *f, long r, float *out) {
             const float aj = a[j], *u = L.U + j * n;
             for (long d = 0; d < n; d++) out[d] += aj * u[d];
         }
-        float *v = L.row;
+        float *v = tmp;
         double vv = 0;
         for (long d = 0; d < n; d++) v[d] = (float)gauss(key3(f->key, (uint64_t)r, (uint64_t)d));
         zero_mean(v, n);
@@ -294,20 +299,38 @@ static void gen_row(const struct fill *f, long r, float *out) {
     }
 }
 
+/* Rows of one tensor, split over the pool's threads: every value comes
+ * from its own key, so the file does not depend on the thread count. */
+struct fill_job {
+    const struct fill *f;
+    char *dst;
+    uint64_t row;
+};
+
+static void fill_rows(void *arg, int ith, int nth) {
+    const struct fill_job *j = arg;
+    const struct fill *f = j->f;
+    int64_t r0, r1;
+    threadpool_split(f->n_out, ith, nth, &r0, &r1);
+    float *tmp = scratch + (size_t)ith * (size_t)scratch_len, *rowf = tmp + C.n_embd;
+    for (int64_t r = r0; r < r1; r++) {
+        char *d = j->dst + (uint64_t)r * j->row;
+        gen_row(f, (long)r, rowf, tmp);
+        if (f->type == DTYPE_F32) memcpy(d, rowf, (size_t)f->n_in * sizeof(float));
+        else if (f->type == DTYPE_F16)
+            for (long k = 0; k < f->n_in; k++) ((f16_t *)d)[k] = f32_to_f16(rowf[k]);
+        else quant_quantizer(f->type)(f->n_in, rowf, d);
+    }
+}
+
 static optiml_status fill_tensor(void *user, void *dst, uint64_t size) {
     const struct fill *f = user;
     if (f->il >= 0 && f->role >= R_GATE) layer_build(f->il);
     uint64_t row;
     dtype_row_size(f->type, (uint64_t)f->n_in, &row);
     if (row * (uint64_t)f->n_out != size) return optiml_fail(OPTIML_ERR_INTERNAL, "synth: tensor size mismatch");
-    for (long r = 0; r < f->n_out; r++) {
-        char *d = (char *)dst + (uint64_t)r * row;
-        gen_row(f, r, L.rowf);
-        if (f->type == DTYPE_F32) memcpy(d, L.rowf, (size_t)f->n_in * sizeof(float));
-        else if (f->type == DTYPE_F16)
-            for (long j = 0; j < f->n_in; j++) ((f16_t *)d)[j] = f32_to_f16(L.rowf[j]);
-        else quant_quantizer(f->type)(f->n_in, L.rowf, d);
-    }
+    struct fill_job job = {.f = f, .dst = dst, .row = row};
+    threadpool_run(pool, fill_rows, &job);
     if (f->role == R_GATE || f->role == R_UP || f->role == R_DOWN) XXH64_update(hash_state, dst, (size_t)size);
     if (f->role == R_DOWN_T && f->il % 4 == 0)
         fprintf(stderr, "optiml-synth: layer %ld of %ld\n", f->il + 1, C.n_layer);
@@ -415,14 +438,14 @@ static const char usage[] =
     "usage: optiml-synth --outfile M.gguf [--shape tiny|7b|13b|70b] [--n-embd N] [--n-layer N] [--n-ff N]\n"
     "       [--n-head N] [--n-head-kv N] [--vocab N] [--ctx N] [--type f16|q8_0|q4_0] [--sparsity 0.9]\n"
     "       [--hot-share 0.8] [--rank 64] [--noise 0.1] [--seed N] [--pred-type q8_0|f16]\n"
-    "       [--hot-first]\n";
+    "       [--hot-first] [--threads N (default: all CPUs; the file does not depend on it)]\n";
 
 int main(int argc, char **argv) {
     const char *out = NULL;
     C = (struct cfg){.n_vocab = 32000, .ctx = 4096, .rank = 64, .type = DTYPE_Q4_0, .pred_type = DTYPE_Q8_0,
                      .sparsity = 0.9, .hot_share = 0.8, .noise = 0.1, .seed = 1};
     set_shape("7b");
-    long n_head_kv = -1;
+    long n_head_kv = -1, n_threads = sysconf(_SC_NPROCESSORS_ONLN);
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) {
@@ -448,6 +471,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(f, "--vocab")) C.n_vocab = arg_long(f, v);
         else if (!strcmp(f, "--ctx")) C.ctx = arg_long(f, v);
         else if (!strcmp(f, "--rank")) C.rank = arg_long(f, v);
+        else if (!strcmp(f, "--threads")) n_threads = arg_long(f, v);
         else if (!strcmp(f, "--seed")) C.seed = (uint64_t)arg_long(f, v);
         else if (!strcmp(f, "--sparsity")) C.sparsity = arg_double(f, v, 0.0, 0.99);
         else if (!strcmp(f, "--hot-share")) C.hot_share = arg_double(f, v, 0.2, 0.98);
@@ -488,12 +512,17 @@ int main(int argc, char **argv) {
     L.a = malloc((size_t)(nf * C.rank) * sizeof(float));
     L.beta = malloc((size_t)nf * sizeof(float));
     L.p = malloc((size_t)nf * sizeof(float));
-    L.row = malloc((size_t)n * sizeof(float));
-    L.rowf = malloc((size_t)(n > nf ? (n > rr ? n : rr) : (nf > rr ? nf : rr)) * sizeof(float));
+    if (n_threads < 1) n_threads = 1;
+    if (threadpool_init((int)(n_threads > 256 ? 256 : n_threads), &pool) != OPTIML_OK) {
+        fprintf(stderr, "optiml-synth: %s\n", optiml_last_error());
+        return 1;
+    }
+    scratch_len = n + (n > nf ? (n > rr ? n : rr) : (nf > rr ? nf : rr));
+    scratch = malloc((size_t)threadpool_n_threads(pool) * (size_t)scratch_len * sizeof(float));
     L.law = malloc((size_t)nf * sizeof(double));
     L.perm = malloc((size_t)nf * sizeof(long));
     hash_state = XXH64_createState();
-    if (!L.U || !L.a || !L.beta || !L.p || !L.row || !L.rowf || !L.law || !L.perm || !hash_state) return 1;
+    if (!L.U || !L.a || !L.beta || !L.p || !scratch || !L.law || !L.perm || !hash_state) return 1;
     XXH64_reset(hash_state, 0);
 
     gguf_writer *w = gguf_writer_init();
@@ -574,6 +603,8 @@ int main(int argc, char **argv) {
                     "weights hash %016llx)\n", out, C.n_layer, n, nf, dtype_name(t), C.sparsity, C.hot_share,
             (unsigned long long)hash);
     XXH64_freeState(hash_state);
+    threadpool_free(pool);
+    free(scratch);
     free(fills);
     free(names);
     return 0;

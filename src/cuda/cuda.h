@@ -196,6 +196,12 @@ struct cu_tuning {
     int mmv_block_threads;   /* block kernel threads: 1 (default) = chosen per shape
                               * from the kernel's occupancy (matmul.cu mmv_threads);
                               * 32..512 = a thread per chunk up to this many          */
+    int inq_kernel;          /* input step + 8-bit quantization before a matrix-vector
+                              * product: 1 = one block per token row; 2 (default) =
+                              * blocks of 1024 values (rmsnorm: each block sums the
+                              * squares of the whole row)                               */
+    int mmv_block_unroll;    /* block kernel, one token, 4 rows, rows over 256 chunks:
+                              * chunks loaded together per thread, 1 (default) or 2    */
 };
 void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t);
 void cu_get_tuning(const cu_ctx *cu, struct cu_tuning *t);

@@ -478,7 +478,7 @@ __device__ __forceinline__ void mmv_chunk_acc(const chunk (&k)[R], const int8_t 
  * not depend on the kernel before, so each thread loads its first chunks
  * before pdl_begin() and that DRAM latency overlaps the previous kernel's
  * tail; x and y are touched only after it. */
-template <int T, int NT, int R>
+template <int T, int NT, int R, int U>
 __global__ void __launch_bounds__(MMV_THREADS_MAX)
     mmv_q_kernel(wq w, const int8_t *__restrict__ xq, const float2 *__restrict__ xs, float *__restrict__ y,
                  int64_t ldy, int64_t n_in, int64_t n_out, int nc, bool accumulate) {
@@ -489,18 +489,29 @@ __global__ void __launch_bounds__(MMV_THREADS_MAX)
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
 
-    chunk k[R];
+    /* U = 2 (cu_tuning.mmv_block_unroll, long rows): chunks c and c +
+     * blockDim.x are loaded together, twice the bytes in flight per thread;
+     * the sums keep the order of U = 1 */
+    chunk k[U][R];
+    const int step = (int)blockDim.x;
     int c = threadIdx.x;
-    if (c < nc)
 #pragma unroll
-        for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c, k[r]); /* extra rows: discarded */
+    for (int u = 0; u < U; u++)
+        if (c + u * step < nc)
+#pragma unroll
+            for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c + u * step, k[u][r]); /* extra rows: discarded */
     pdl_begin();
     while (c < nc) {
-        mmv_chunk_acc<T, NT, R>(k, xq, xs, n_in, nc, c, acc);
-        c += blockDim.x;
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (c + u * step < nc) mmv_chunk_acc<T, NT, R>(k[u], xq, xs, n_in, nc, c + u * step, acc);
+        c += U * step;
         if (c >= nc) break;
 #pragma unroll
-        for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c, k[r]);
+        for (int u = 0; u < U; u++)
+            if (c + u * step < nc)
+#pragma unroll
+                for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c + u * step, k[u][r]);
     }
     mmv_store<R, NT>(acc, y, ldy, row0, n_out, accumulate);
 }
@@ -960,6 +971,76 @@ __global__ void __launch_bounds__(INQ_THREADS)
     }
 }
 
+/* mm_inq_kernel's work spread over blocks of INQ2_THREADS threads, a
+ * thread per 8 values (4 lanes per block of 32): grid (row blocks, n_tok).
+ * For rmsnorm every block sums the squares of the whole row itself (one
+ * more L2 read of the row per block, no second launch); the other input
+ * kinds need no reduction. One block per row left the act+quantize step
+ * of a 7B layer at 7.4 us on an H200 (ncu), most of it one SM's latency. */
+static constexpr int INQ2_THREADS = 128;
+
+__global__ void __launch_bounds__(INQ2_THREADS)
+    mm_inq2_kernel(const float *__restrict__ x, mm_in_dev in, int n_in, int8_t *__restrict__ xq,
+                   float2 *__restrict__ xs) {
+    __shared__ double red[INQ2_THREADS / 32];
+    pdl_begin();
+    const int64_t t = blockIdx.y;
+    const int lane = threadIdx.x & 31, nc = n_in / 32;
+    const int i = 8 * (blockIdx.x * INQ2_THREADS + threadIdx.x);
+    float v[8];
+    if (in.kind == CU_IN_RMSNORM) {
+        const float4 *xr = (const float4 *)(x + t * in.ld);
+        const int n4 = n_in / 4;
+        double ss = 0.0;
+        for (int j0 = threadIdx.x; j0 < n4; j0 += 8 * INQ2_THREADS) { /* 8 loads in flight */
+            float4 a[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int j = j0 + u * INQ2_THREADS;
+                a[u] = j < n4 ? xr[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++)
+                ss += (double)a[u].x * a[u].x + (double)a[u].y * a[u].y + (double)a[u].z * a[u].z +
+                      (double)a[u].w * a[u].w;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[threadIdx.x / 32] = ss;
+        __syncthreads();
+        ss = 0.0;
+#pragma unroll
+        for (int w = 0; w < INQ2_THREADS / 32; w++) ss += red[w];
+        const float scale = (float)(1.0 / sqrt(ss / (double)n_in + in.eps));
+        if (i < n_in) in_values8(in, x, t, i, scale, v);
+    } else if (i < n_in) {
+        in_values8(in, x, t, i, 1.0f, v);
+    }
+    if (i >= n_in)
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = 0.0f;
+    float amax = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    uint32_t pk[2] = {0, 0};
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        const int q = __float2int_rn(v[e] * id);
+        sum += q;
+        pk[e >> 2] |= (uint32_t)(q & 0xFF) << 8 * (e & 3);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (i < n_in) {
+        *(uint2 *)(xq + t * n_in + i) = make_uint2(pk[0], pk[1]);
+        if ((lane & 3) == 0) xs[t * nc + i / 32] = make_float2(d, (float)sum);
+    }
+}
+
 /* Rows [row0, row0 + n_rows) of a quantized weight as f16, packed (n_rows,
  * n_in): a thread per 8 values, so a warp's 16-byte stores are one
  * contiguous 512-byte run (the 4 threads of a chunk unpack it each: the
@@ -1205,8 +1286,9 @@ template <int NT> constexpr int mmv_rows() { return NT <= 2 ? 2 : 4; }
  * w warps (0: not asked yet), cached per process: it assumes one GPU model
  * per process (multi-GPU with mixed cards would need it per device). */
 template <typename K>
-static int mmv_threads(const cu_ctx *cu, K kernel, std::atomic<int> *occ, int nc, int64_t n_blocks) {
-    const int w_all = (nc + 31) / 32, w_top = w_all < MMV_THREADS_MAX / 32 ? w_all : MMV_THREADS_MAX / 32;
+static int mmv_threads(const cu_ctx *cu, K kernel, std::atomic<int> *occ, int nc, int64_t n_blocks, int unroll) {
+    const int w_all = (nc + 32 * unroll - 1) / (32 * unroll),
+              w_top = w_all < MMV_THREADS_MAX / 32 ? w_all : MMV_THREADS_MAX / 32;
     if (cu->tune.mmv_block_threads > 1) {
         const int cap = cu->tune.mmv_block_threads / 32;
         return 32 * (w_top < cap ? w_top : cap);
@@ -1221,22 +1303,30 @@ static int mmv_threads(const cu_ctx *cu, K kernel, std::atomic<int> *occ, int nc
             occ[wv].store(o, std::memory_order_relaxed);
         }
         const int64_t slots = n_sm * o, waves = (n_blocks + slots - 1) / slots;
-        const int64_t cost = waves * ((nc + 32 * wv - 1) / (32 * wv));
+        const int64_t cost = waves * ((nc + 32 * wv * unroll - 1) / (32 * wv * unroll));
         if (cost < best_cost || (cost == best_cost && waves < best_waves))
             best = wv, best_cost = cost, best_waves = waves;
     }
     return 32 * best;
 }
 
-template <int T, int NT, int R>
-static cudaError_t launch_mmv_q_rows(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y,
-                                     int64_t ldy, int64_t n_in, int64_t n_out, bool acc) {
+template <int T, int NT, int R, int U>
+static cudaError_t launch_mmv_q_rows_u(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y,
+                                       int64_t ldy, int64_t n_in, int64_t n_out, bool acc) {
     static std::atomic<int> occ[MMV_THREADS_MAX / 32 + 1];
     const int nc = (int)(n_in / 32);
     const unsigned blocks = cu_blocks(n_out, R);
-    const int threads = mmv_threads(cu, mmv_q_kernel<T, NT, R>, occ, nc, blocks);
-    return cu_launch(cu, mmv_q_kernel<T, NT, R>, dim3(blocks), dim3(threads), 0, w, xq, xs, y, ldy, n_in, n_out, nc,
-                     acc);
+    const int threads = mmv_threads(cu, mmv_q_kernel<T, NT, R, U>, occ, nc, blocks, U);
+    return cu_launch(cu, mmv_q_kernel<T, NT, R, U>, dim3(blocks), dim3(threads), 0, w, xq, xs, y, ldy, n_in, n_out,
+                     nc, acc);
+}
+
+template <int T, int NT, int R>
+static cudaError_t launch_mmv_q_rows(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y,
+                                     int64_t ldy, int64_t n_in, int64_t n_out, bool acc) {
+    if (NT == 1 && R == 4 && cu->tune.mmv_block_unroll == 2 && n_in / 32 > 256)
+        return launch_mmv_q_rows_u<T, NT, R, 2>(cu, w, xq, xs, y, ldy, n_in, n_out, acc);
+    return launch_mmv_q_rows_u<T, NT, R, 1>(cu, w, xq, xs, y, ldy, n_in, n_out, acc);
 }
 
 template <int T, int NT>
@@ -1531,11 +1621,17 @@ static optiml_status mm_inq_run(cu_ctx *cu, const float *x, const mm_in_dev &in,
     int8_t *xq;
     float2 *xs;
     cu_mm_q8_ptrs(cu, n_tok, n_in, &xq, &xs);
-    const int g = (int)((n_in + 8 * INQ_THREADS - 1) / (8 * INQ_THREADS));
+    int g = (int)((n_in + 8 * INQ_THREADS - 1) / (8 * INQ_THREADS));
     const dim3 grid((unsigned)n_tok), block(INQ_THREADS);
     const int ni = (int)n_in;
     cudaError_t e;
+    if (cu->tune.inq_kernel != 1) g = 0; /* the multi-block kernel (default) */
     switch (g) {
+    case 0:
+        e = cu_launch(cu, mm_inq2_kernel, dim3((unsigned)((n_in + 8 * INQ2_THREADS - 1) / (8 * INQ2_THREADS)),
+                                               (unsigned)n_tok),
+                      dim3(INQ2_THREADS), 0, x, in, ni, xq, xs);
+        break;
     case 1: e = cu_launch(cu, mm_inq_kernel<1>, grid, block, 0, x, in, ni, xq, xs); break;
     case 2: e = cu_launch(cu, mm_inq_kernel<2>, grid, block, 0, x, in, ni, xq, xs); break;
     case 3: e = cu_launch(cu, mm_inq_kernel<3>, grid, block, 0, x, in, ni, xq, xs); break;

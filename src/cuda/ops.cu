@@ -520,6 +520,45 @@ __device__ __forceinline__ void att2_merge_if_last(const att_args &a, int32_t n_
     att2_merge<Q8>(a, n_split, part_acc, part_ml, t, h);
 }
 
+/* Kernel 3 with one split per (token, head), as short contexts have: the
+ * block writes what att2_merge would make of its one partial (exp(m - m)
+ * = 1, so r / l: bit-identical) and skips the partial, the fence and the
+ * counter, two round trips through L2 on the decode's critical path. A
+ * thread takes a float4 of the output; 8 threads hold a block of 32 for the
+ * 8-bit copy. */
+template <int D, bool Q8>
+__device__ __forceinline__ void att2_single(const att_args &a, const float4 (*accs)[D / 4], float m, float l,
+                                            int32_t t, int32_t h) {
+    constexpr int D4 = D / 4, VS = ATT2_THREADS / D4;
+    const unsigned mask = D4 >= 32 ? 0xffffffffu : (1u << D4) - 1u;
+    for (int f = threadIdx.x; f < D4; f += ATT2_THREADS) {
+        float4 r = accs[0][f];
+#pragma unroll
+        for (int j = 1; j < VS; j++) {
+            const float4 o = accs[j][f];
+            r.x += o.x, r.y += o.y, r.z += o.z, r.w += o.w;
+        }
+        const bool ok = m != -INFINITY && l > 0.0f;
+        const float4 v = ok ? make_float4(r.x / l, r.y / l, r.z / l, r.w / l) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const int64_t j = (int64_t)h * a.hd + 4 * f;
+        *(float4 *)(a.out + t * a.n_q + j) = v;
+        if constexpr (Q8) { /* as att2_merge: d = amax / 127, round to nearest */
+            float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+            for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(mask, amax, o));
+            const float ds = amax / 127.0f, id = ds > 0.0f ? 1.0f / ds : 0.0f;
+            const int q0 = __float2int_rn(v.x * id), q1 = __float2int_rn(v.y * id), q2 = __float2int_rn(v.z * id),
+                      q3 = __float2int_rn(v.w * id);
+            *(uint32_t *)(a.out_q + t * a.n_q + j) =
+                (uint32_t)(q0 & 0xFF) | (uint32_t)(q1 & 0xFF) << 8 | (uint32_t)(q2 & 0xFF) << 16 | (uint32_t)(q3 & 0xFF) << 24;
+            int sum = q0 + q1 + q2 + q3;
+#pragma unroll
+            for (int o = 1; o < 8; o <<= 1) sum += __shfl_xor_sync(mask, sum, o);
+            if ((f & 7) == 0) a.out_s[t * (a.n_q / 32) + j / 32] = make_float2(ds, (float)sum);
+        }
+    }
+}
+
 /* Block (split s, head h, token t) over its share [c0, c1) of the used
  * cells, cut in multiples of 32, in tiles of ATT2_TC cells:
  *   scores: 4 neighbouring threads per cell, each reading every 4th float4
@@ -627,6 +666,10 @@ __global__ void __launch_bounds__(ATT2_THREADS)
     }
     accs[vs][vf] = acc;
     __syncthreads();
+    if (FOLD && n_split == 1) { /* the only split: the merge's result directly (no partial, no counter) */
+        att2_single<D, Q8>(a, accs, m, l, t, h);
+        return;
+    }
     for (int f = threadIdx.x; f < D4; f += ATT2_THREADS) {
         float4 r = accs[0][f];
 #pragma unroll

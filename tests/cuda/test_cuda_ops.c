@@ -693,7 +693,11 @@ int main(int argc, char **argv) {
         test_attention(128, 8, 8, 8, 4096, 2500, 2, 0);
         test_attention(128, 40, 40, 2, 2048, 1500, 2, 1);
         test_attention(256, 8, 2, 5, 300, 280, 2, 0);
+        test_attention(128, 32, 8, 1, 64, 50, 1, 0); /* n_ctx <= 64: one split (kernel 3 writes out directly) */
+        test_attention(64, 16, 4, 3, 48, 40, 2, 1);
+        test_attention(32, 16, 16, 2, 40, 33, 1, 0);
         test_graph(128, 32, 8, 300);
+        test_graph(128, 32, 8, 64);
     }
     {
         const struct cu_tuning t = {.att_kernel = 3, .att_blocks_per_sm = 4, .pdl = 1};
@@ -704,6 +708,10 @@ int main(int argc, char **argv) {
         test_attention_q8(64, 32, 8, 3, 300, 300, 3);
         test_attention_q8(32, 16, 4, 8, 300, 280, 2);
         test_attention_q8(256, 8, 2, 5, 300, 280, 2);
+        test_attention_q8(128, 32, 8, 1, 64, 60, 1); /* one split: written without the merge */
+        test_attention_q8(64, 32, 8, 3, 40, 40, 3);
+        test_attention_q8(32, 16, 4, 8, 64, 50, 2);
+        test_attention_q8(256, 8, 2, 2, 64, 64, 1);
         const struct cu_tuning back = {.att_kernel = 2, .att_blocks_per_sm = 4, .pdl = 2};
         cu_set_tuning(cu, &back);
     }
