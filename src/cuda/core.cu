@@ -46,6 +46,7 @@ extern "C" optiml_status cu_init(int device, cu_ctx **out) {
         cu->tune.mmv_block_threads = 1; /* chosen per shape: matmul.cu mmv_threads */
         cu->tune.mmv_block_unroll = 1;
         cu->tune.inq_kernel = 2; /* H200 ncu, 7B: act+quantize 7.4 us with one block per row */
+        cu->tune.in_kernel = 2;  /* H200 ncu, 7B pp512: 20 us per call with a value per thread */
         st = cu_check(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking), "cudaStreamCreate");
     }
     if (st == OPTIML_OK) st = cu_check(cudaMalloc((void **)&cu->att_done, CU_ATT_DONE_MAX * sizeof(unsigned)), "cudaMalloc");
@@ -80,7 +81,7 @@ extern "C" void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t) {
     if (t->mmv_fused >= 1 && t->mmv_fused <= 3) cu->tune.mmv_fused = t->mmv_fused;
     if (t->mmv_kernel >= 1 && t->mmv_kernel <= 3) cu->tune.mmv_kernel = t->mmv_kernel;
     if (t->att_kernel >= 1 && t->att_kernel <= 3) cu->tune.att_kernel = t->att_kernel;
-    if (t->att_prompt == 1 || t->att_prompt == 2) cu->tune.att_prompt = t->att_prompt;
+    if (t->att_prompt >= 1 && t->att_prompt <= 3) cu->tune.att_prompt = t->att_prompt;
     if (t->pdl == 1 || t->pdl == 2) cu->tune.pdl = t->pdl;
     if (t->mmv_block_rows == 2 || t->mmv_block_rows == 4 || t->mmv_block_rows == 8)
         cu->tune.mmv_block_rows = t->mmv_block_rows;
@@ -88,6 +89,7 @@ extern "C" void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t) {
         (t->mmv_block_threads >= 32 && t->mmv_block_threads <= 512 && t->mmv_block_threads % 32 == 0))
         cu->tune.mmv_block_threads = t->mmv_block_threads;
     if (t->inq_kernel == 1 || t->inq_kernel == 2) cu->tune.inq_kernel = t->inq_kernel;
+    if (t->in_kernel == 1 || t->in_kernel == 2) cu->tune.in_kernel = t->in_kernel;
     if (t->mmv_block_unroll == 1 || t->mmv_block_unroll == 2) cu->tune.mmv_block_unroll = t->mmv_block_unroll;
     if (t->att_blocks_per_sm >= 1 && t->att_blocks_per_sm <= 16) cu->tune.att_blocks_per_sm = t->att_blocks_per_sm;
     if (t->gemm_chunk_elems > 0) cu->tune.gemm_chunk_elems = t->gemm_chunk_elems;

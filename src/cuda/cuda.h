@@ -186,7 +186,8 @@ struct cu_tuning {
     int att_blocks_per_sm;   /* decode attention kernel 2: blocks per SM wanted (1..16) */
     int att_prompt;          /* prompt attention: 1 = f32 CUDA cores; 2 (default) = f16
                               * tensor cores (WMMA, f32 accumulation; head_dim 64 or
-                              * 128, else 1)                                            */
+                              * 128, else 1); 3 = 2 with the K/V tile loaded a float4
+                              * at a time (its first version)                          */
     int pdl;                 /* 1 (default): programmatic dependent launch for the decode
                               * kernels (input+quantize, warp mmv, rope, attention
                               * kernel 2): a kernel's launch overlaps the previous
@@ -202,6 +203,9 @@ struct cu_tuning {
                               * squares of the whole row)                               */
     int mmv_block_unroll;    /* block kernel, one token, 4 rows, rows over 256 chunks:
                               * chunks loaded together per thread, 1 (default) or 2    */
+    int in_kernel;           /* input step of the unfused paths (prompts): 1 = a value
+                              * per thread in turn; 2 (default) = 8 values per thread,
+                              * vector loads (aligned rows, n_in % 8 == 0)             */
 };
 void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t);
 void cu_get_tuning(const cu_ctx *cu, struct cu_tuning *t);

@@ -909,7 +909,7 @@ template <int D> struct att_tc_smem {
  * O (f32, shared memory), and O += P V on tensor cores (O loaded into the
  * accumulator fragments and stored back). Tiles no query of the block sees
  * are skipped. head_dim == D (64 or 128). */
-template <int D> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_kernel(att_args a) {
+template <int D, int B> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_kernel(att_args a) {
     using namespace nvcuda;
     using L = att_tc_smem<D>;
     extern __shared__ float4 smem4[];
@@ -940,6 +940,10 @@ template <int D> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_kernel(
     }
     __syncthreads();
 
+    /* this warp's 16 query rows as A fragments, loaded once for every tile */
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fq[D / 16];
+#pragma unroll
+    for (int k = 0; k < D / 16; k++) wmma::load_matrix_sync(fq[k], qs + 16 * warp * L::LDH + 16 * k, L::LDH);
     /* softmax mapping: row r = 16 warp + lane / 2, cells 32 (lane & 1) + j */
     const int r = 16 * warp + lane / 2, half = lane & 1;
     float m = -INFINITY, l = 0.0f;
@@ -960,18 +964,31 @@ template <int D> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_kernel(
         }
         if (!__syncthreads_or(vis != 0)) continue; /* no query here sees this tile */
 
-        for (int i = tid; i < ATT_T_C * D4; i += ATT_T_THREADS) {
-            const int c = i / D4, f = i % D4;
-            float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
-            if (cpos[c] >= 0) { /* free cells as zeros: their memory may hold anything */
-                kv = __ldg((const float4 *)(a.k + (c0 + c) * a.n_kv + koff) + f);
-                vv = __ldg((const float4 *)(a.v + (c0 + c) * a.n_kv + koff) + f);
+        /* K and V of the tile as f16: B float4 of each per thread loaded
+         * before any is stored (B = 1, attp=3: one at a time, the kernel's
+         * first version, which spent most of its time on these loads) */
+        constexpr int PER = ATT_T_C * D4 / ATT_T_THREADS;
+        static_assert(PER % B == 0, "K/V staging batches");
+        for (int i0 = 0; i0 < PER; i0 += B) {
+            float4 kv[B], vv[B];
+#pragma unroll
+            for (int u = 0; u < B; u++) {
+                const int i = tid + (i0 + u) * ATT_T_THREADS, c = i / D4, f = i % D4;
+                kv[u] = vv[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (cpos[c] >= 0) { /* free cells as zeros: their memory may hold anything */
+                    kv[u] = __ldg((const float4 *)(a.k + (c0 + c) * a.n_kv + koff) + f);
+                    vv[u] = __ldg((const float4 *)(a.v + (c0 + c) * a.n_kv + koff) + f);
+                }
             }
-            __half2 *dk = (__half2 *)(ks + c * L::LDH + 4 * f), *dv = (__half2 *)(vs + c * L::LDH + 4 * f);
-            dk[0] = __floats2half2_rn(kv.x, kv.y);
-            dk[1] = __floats2half2_rn(kv.z, kv.w);
-            dv[0] = __floats2half2_rn(vv.x, vv.y);
-            dv[1] = __floats2half2_rn(vv.z, vv.w);
+#pragma unroll
+            for (int u = 0; u < B; u++) {
+                const int i = tid + (i0 + u) * ATT_T_THREADS, c = i / D4, f = i % D4;
+                __half2 *dk = (__half2 *)(ks + c * L::LDH + 4 * f), *dv = (__half2 *)(vs + c * L::LDH + 4 * f);
+                dk[0] = __floats2half2_rn(kv[u].x, kv[u].y);
+                dk[1] = __floats2half2_rn(kv[u].z, kv[u].w);
+                dv[0] = __floats2half2_rn(vv[u].x, vv[u].y);
+                dv[1] = __floats2half2_rn(vv[u].z, vv[u].w);
+            }
         }
         __syncthreads();
 
@@ -982,11 +999,9 @@ template <int D> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_kernel(
             wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
             for (int k = 0; k < D / 16; k++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
-                wmma::load_matrix_sync(fa, qs + 16 * warp * L::LDH + 16 * k, L::LDH);
                 wmma::load_matrix_sync(fb, ks + 16 * n * L::LDH + 16 * k, L::LDH);
-                wmma::mma_sync(acc, fa, fb, acc);
+                wmma::mma_sync(acc, fq[k], fb, acc);
             }
             wmma::store_matrix_sync(ss + 16 * warp * L::LDS + 16 * n, acc, L::LDS, wmma::mem_row_major);
         }
@@ -1011,20 +1026,22 @@ template <int D> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_kernel(
         }
         l = l * alpha + ls;
         m = mn;
-        for (int d = half * (D / 2); d < (half + 1) * (D / 2); d++) os[r * L::LDO + d] *= alpha;
+        if (alpha != 1.0f) /* the row's max did not move: nothing to rescale */
+            for (int d = half * (D / 2); d < (half + 1) * (D / 2); d++) os[r * L::LDO + d] *= alpha;
         __syncwarp();
-        /* O (16 rows x D) += P V */
+        /* O (16 rows x D) += P V, P's fragments loaded once per tile */
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fp[ATT_T_C / 16];
+#pragma unroll
+        for (int k = 0; k < ATT_T_C / 16; k++) wmma::load_matrix_sync(fp[k], ps + 16 * warp * L::LDP + 16 * k, L::LDP);
 #pragma unroll
         for (int j = 0; j < D / 16; j++) {
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
             wmma::load_matrix_sync(acc, os + 16 * warp * L::LDO + 16 * j, L::LDO, wmma::mem_row_major);
 #pragma unroll
             for (int k = 0; k < ATT_T_C / 16; k++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
-                wmma::load_matrix_sync(fa, ps + 16 * warp * L::LDP + 16 * k, L::LDP);
                 wmma::load_matrix_sync(fb, vs + 16 * k * L::LDH + 16 * j, L::LDH);
-                wmma::mma_sync(acc, fa, fb, acc);
+                wmma::mma_sync(acc, fp[k], fb, acc);
             }
             wmma::store_matrix_sync(os + 16 * warp * L::LDO + 16 * j, acc, L::LDO, wmma::mem_row_major);
         }
@@ -1039,11 +1056,11 @@ template <int D> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_kernel(
     }
 }
 
-template <int D> static optiml_status att_prompt_tc(cu_ctx *cu, const att_args &a) {
+template <int D, int B> static optiml_status att_prompt_tc(cu_ctx *cu, const att_args &a) {
     constexpr size_t smem = att_tc_smem<D>::bytes;
-    CU_TRY(cudaFuncSetAttribute(att_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    CU_TRY(cudaFuncSetAttribute(att_tc_kernel<D, B>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     const dim3 grid((unsigned)((a.n_tok + ATT_T_Q - 1) / ATT_T_Q), (unsigned)a.n_head);
-    att_tc_kernel<D><<<grid, ATT_T_THREADS, smem, cu->stream>>>(a);
+    att_tc_kernel<D, B><<<grid, ATT_T_THREADS, smem, cu->stream>>>(a);
     CU_LAUNCHED("attention (prompt, tensor cores)");
     return OPTIML_OK;
 }
@@ -1105,7 +1122,9 @@ static optiml_status att_run(cu_ctx *cu, const float *q, const float *k_cache, c
     }
     const bool al16 = (((uintptr_t)q | (uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0;
     if (cu->tune.att_prompt == 2 && head_dim == D && (D == 64 || D == 128) && al16)
-        return D == 64 ? att_prompt_tc<64>(cu, a) : att_prompt_tc<128>(cu, a);
+        return D == 64 ? att_prompt_tc<64, 8>(cu, a) : att_prompt_tc<128, 8>(cu, a);
+    if (cu->tune.att_prompt == 3 && head_dim == D && (D == 64 || D == 128) && al16)
+        return D == 64 ? att_prompt_tc<64, 1>(cu, a) : att_prompt_tc<128, 1>(cu, a);
     switch (D) {
     case 32:
         return att_prompt<32>(cu, a);
