@@ -35,6 +35,7 @@
  * SPARSE_CATS_MAX_TOKENS run the dense FFN, which applies the same cut
  * (sparse_gate_cut), so a token's result does not depend on its batch.
  */
+#include "gpu.h"
 #include "sparse.h"
 
 #include <math.h>
@@ -162,6 +163,11 @@ optiml_status sparse_init(optiml_context *ctx) {
     }
     if (!m->sparse.has_down_t)
         LOG_INFO("sparse FFN without ffn_down_t: the down matrix is read in full");
+    const int32_t first_gpu = gpu_first_layer(m);
+    if (first_gpu < (int32_t)m->hp.n_layer) /* the CUDA kernels have no sparse FFN yet */
+        LOG_WARN("sparse FFN (%s) runs on the %d CPU layers only: the %d GPU layers compute the dense FFN",
+                 mode == SPARSE_MODE_CATS ? "cats" : mode == SPARSE_MODE_ORACLE ? "oracle" : "predictor",
+                 (int)first_gpu, (int)m->hp.n_layer - (int)first_gpu);
     ctx->sparse = s;
     return OPTIML_OK;
 }
