@@ -42,6 +42,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* neurons per chunk of the one-token round (one_run) */
+#define ONE_CHUNK 64
+
 /* The dense FFN takes over a batch whose union of active neurons exceeds
  * this share of n_ff (it reads rows at a better rate: 4-token kernels) */
 #define SPARSE_DENSE_FRAC 0.6
@@ -59,7 +62,9 @@ struct sparse_state {
     float *hidden;         /* (n_batch, r_max) predictor hidden layer       */
     float *logits;         /* (n_batch, n_ff) predictor logits / oracle gate */
     int32_t *idx;          /* (n_ff) union of active neurons                 */
-    int32_t *idx_nz;       /* (n_ff) those with some h != 0                  */
+    int32_t *idx_nz;       /* (n_ff) those with some h != 0; one token (idx
+                            * too): per thread a list of its chunks'
+                            * (one_run), room for n_ff + threads * ONE_CHUNK */
     float *tmp;            /* (n_threads, n_embd) dequantized down_t rows    */
     int64_t tmp_n;
     float *part;           /* (n_threads, n_embd) one-token path: each thread's
@@ -99,8 +104,8 @@ static optiml_status sparse_alloc(optiml_context *ctx, struct sparse_state *s) {
     struct { void **p; uint64_t n; } bufs[] = {
         {(void **)&s->hidden, (uint64_t)(nb * (s->r_max > 0 ? s->r_max : 1)) * sizeof(float)},
         {(void **)&s->logits, (uint64_t)(nb * hp->n_ff) * sizeof(float)},
-        {(void **)&s->idx, (uint64_t)hp->n_ff * sizeof(int32_t)},
-        {(void **)&s->idx_nz, (uint64_t)hp->n_ff * sizeof(int32_t)},
+        {(void **)&s->idx, (uint64_t)(hp->n_ff + nth * ONE_CHUNK) * sizeof(int32_t)},
+        {(void **)&s->idx_nz, (uint64_t)(hp->n_ff + nth * ONE_CHUNK) * sizeof(int32_t)},
         {(void **)&s->tmp, (uint64_t)(nth * s->tmp_n) * sizeof(float)},
         {(void **)&s->part, (uint64_t)(nth * hp->n_embd) * sizeof(float)},
         {(void **)&s->counts, (uint64_t)(nth * 2) * sizeof(int64_t)},
@@ -446,16 +451,23 @@ static int64_t one_gate_up(const struct one_job *job, const int32_t *act, int64_
 static void one_run(void *arg, int ith, int nth) {
     const struct one_job *job = arg;
     struct sparse_state *s = job->s;
-    int64_t i0, i1;
-    threadpool_split(job->n_ff, ith, nth, &i0, &i1);
-    int32_t *act = s->idx + i0, *nz = s->idx_nz + i0; /* this slice's lists */
-    memset(job->h + i0, 0, (size_t)(i1 - i0) * sizeof(float));
+    /* chunks of ONE_CHUNK neurons dealt round-robin: neurons stored by
+     * firing frequency (hottest first) would leave a contiguous first slice
+     * with most of the work (on the Xeon, 16 threads: 11.5 tokens/s against
+     * 25.7 for the same model in random order) */
+    const int64_t n_ch = (job->n_ff + ONE_CHUNK - 1) / ONE_CHUNK, per = (n_ch + nth - 1) / nth * ONE_CHUNK;
+    int32_t *act = s->idx + ith * per, *nz = s->idx_nz + ith * per; /* this thread's lists */
     int64_t n_act = 0;
-    for (int64_t i = i0; i < i1; i++) {
-        const float v = row_dot(job->kern, job->score_w, i, &job->in_score, 0);
-        s->logits[i] = v;
-        if (score_on(s->mode, job->act, v, job->thr)) act[n_act++] = (int32_t)i;
+    for (int64_t c = ith; c < n_ch; c += nth) {
+        const int64_t i0 = c * ONE_CHUNK, i1 = i0 + ONE_CHUNK < job->n_ff ? i0 + ONE_CHUNK : job->n_ff;
+        memset(job->h + i0, 0, (size_t)(i1 - i0) * sizeof(float));
+        for (int64_t i = i0; i < i1; i++) {
+            const float v = row_dot(job->kern, job->score_w, i, &job->in_score, 0);
+            s->logits[i] = v;
+            if (score_on(s->mode, job->act, v, job->thr)) act[n_act++] = (int32_t)i;
+        }
     }
+    /* one list per thread: the gathers' prefetch runs ahead across chunks */
     const int64_t n_nz = one_gate_up(job, act, n_act, nz);
     float *y = s->part + ith * job->n_embd;
     memset(y, 0, (size_t)job->n_embd * sizeof(float));
