@@ -17,7 +17,8 @@
  *      row once for all tokens), or without ffn_down_t, the dense down
  *      matmul on the sparse h (same kernels: its result is the dense one).
  * A one-token batch (decode) does 1-3 in one parallel round instead
- * (sparse_ffn_one): each thread scores its own slice of the neurons, runs
+ * (sparse_ffn_one): each thread scores its own neurons (64-neuron chunks
+ * dealt round-robin, so neurons sorted by frequency spread evenly), runs
  * gate/up of its active ones and sums their down_t rows (four per pass,
  * axpy4) into its own partial sum, which the caller adds into x; the
  * predictor's hidden layer is the only round before it. Three rounds and
@@ -402,8 +403,8 @@ static void down_rows(const struct cpu_kernels *kern, const struct tensor *w, co
     }
 }
 
-/* One token (decode): each thread takes a slice of the neurons and runs the
- * FFN on it alone: the scores (predictor fc2 rows, a sequential read, or
+/* One token (decode): each thread takes its share of the neurons (chunks of
+ * ONE_CHUNK dealt round-robin) and runs the FFN on it alone: the scores (predictor fc2 rows, a sequential read, or
  * the dense gate), gate/up of its active neurons, and their down_t rows
  * summed into its own part (whole rows, each read by one thread); the
  * caller adds the parts into x. One parallel round where the batch path

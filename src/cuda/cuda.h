@@ -187,7 +187,7 @@ struct cu_tuning {
     int att_prompt;          /* prompt attention: 1 = f32 CUDA cores; 2 (default) = f16
                               * tensor cores (WMMA, f32 accumulation; head_dim 64 or
                               * 128, else 1); 3 = 2 with the K/V tile loaded a float4
-                              * at a time (its first version)                          */
+                              * at a time (a comparison point: bench/RESULTS.md)       */
     int pdl;                 /* 1 (default): programmatic dependent launch for the decode
                               * kernels (input+quantize, warp mmv, rope, attention
                               * kernel 2): a kernel's launch overlaps the previous
