@@ -78,6 +78,20 @@ def test_other_sparsity(tmp_path):
     assert summary["hash"] == summary["key"]
 
 
+def test_thread_count_does_not_change_the_file(tmp_path):
+    # rows are split over threads, every value from its own key: the bytes must not depend on --threads
+    outs = []
+    for n in (1, 3):
+        out = tmp_path / f"t{n}.gguf"
+        r = run([tool("optiml-synth"), "--outfile", str(out), "--shape", "tiny", "--n-layer", "2", "--vocab", "512",
+                 "--type", "q4_0", "--threads", str(n), "--seed", "5"])
+        assert r.returncode == 0, r.stderr
+        outs.append(out.read_bytes())
+    assert len(outs[0]) > 1_000_000 and outs[0] == outs[1]
+    r = run([tool("optiml-synth"), "--outfile", str(tmp_path / "x.gguf"), "--threads", "0"])
+    assert r.returncode != 0 and "--threads" in r.stderr
+
+
 def test_bad_flags(tmp_path):
     r = run([tool("optiml-synth"), "--outfile", str(tmp_path / "x.gguf"), "--type", "q4_k"])
     assert r.returncode != 0 and "--type" in r.stderr
