@@ -133,7 +133,7 @@ static uint64_t ctx_scratch_bytes(const struct hparams *hp, uint64_t n_batch, ui
     return n;
 }
 
-/* OPTIML_CUDA_TUNE="fused=3,mmvk=1,brows=4,bthr=1,bunr=1,inq=2,inp=2,var=1,bps=2,att=3,attbps=4,attp=2,pdl=1,chunk=N"
+/* OPTIML_CUDA_TUNE="fused=3,mmvk=1,brows=4,bthr=1,inq=2,inp=2,var=1,bps=2,att=3,attbps=4,attp=2,pdl=1,chunk=N"
  * (the defaults shown; pdl=0 turns it off): the kernels' tuning knobs
  * (struct cu_tuning) for benchmarks and tests; unknown keys are reported
  * and skipped. */
@@ -162,7 +162,6 @@ static void tuning_from_env(cu_ctx *cu) {
         else if (strcmp(key, "brows") == 0) t.mmv_block_rows = (int)v;
         else if (strcmp(key, "bthr") == 0) t.mmv_block_threads = (int)v;
         else if (strcmp(key, "inq") == 0) t.inq_kernel = (int)v;
-        else if (strcmp(key, "bunr") == 0) t.mmv_block_unroll = (int)v;
         else if (strcmp(key, "inp") == 0) t.in_kernel = (int)v;
         else if (strcmp(key, "chunk") == 0) t.gemm_chunk_elems = v;
         else LOG_WARN("OPTIML_CUDA_TUNE: unknown key %s", key);

@@ -44,7 +44,6 @@ extern "C" optiml_status cu_init(int device, cu_ctx **out) {
         cu->tune.pdl = 1;        /* 411 vs 398 tok/s */
         cu->tune.mmv_block_rows = 4; /* 7B q4_0 decode 515 vs 500 (2 rows) and 492 (8), H200 */
         cu->tune.mmv_block_threads = 1; /* chosen per shape: matmul.cu mmv_threads */
-        cu->tune.mmv_block_unroll = 1;
         cu->tune.inq_kernel = 2; /* H200 ncu, 7B: act+quantize 7.4 us with one block per row */
         cu->tune.in_kernel = 2;  /* H200 ncu, 7B pp512: 20 us per call with a value per thread */
         st = cu_check(cudaStreamCreateWithFlags(&cu->stream, cudaStreamNonBlocking), "cudaStreamCreate");
@@ -90,7 +89,6 @@ extern "C" void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t) {
         cu->tune.mmv_block_threads = t->mmv_block_threads;
     if (t->inq_kernel == 1 || t->inq_kernel == 2) cu->tune.inq_kernel = t->inq_kernel;
     if (t->in_kernel == 1 || t->in_kernel == 2) cu->tune.in_kernel = t->in_kernel;
-    if (t->mmv_block_unroll == 1 || t->mmv_block_unroll == 2) cu->tune.mmv_block_unroll = t->mmv_block_unroll;
     if (t->att_blocks_per_sm >= 1 && t->att_blocks_per_sm <= 16) cu->tune.att_blocks_per_sm = t->att_blocks_per_sm;
     if (t->gemm_chunk_elems > 0) cu->tune.gemm_chunk_elems = t->gemm_chunk_elems;
     if (t->att_chunk_min >= 64 && t->att_chunk_min <= 256 && (t->att_chunk_min & (t->att_chunk_min - 1)) == 0)

@@ -201,8 +201,6 @@ struct cu_tuning {
                               * product: 1 = one block per token row; 2 (default) =
                               * blocks of 1024 values (rmsnorm: each block sums the
                               * squares of the whole row)                               */
-    int mmv_block_unroll;    /* block kernel, one token, 4 rows, rows over 256 chunks:
-                              * chunks loaded together per thread, 1 (default) or 2    */
     int in_kernel;           /* input step of the unfused paths (prompts): 1 = a value
                               * per thread in turn; 2 (default) = 8 values per thread,
                               * vector loads (aligned rows, n_in % 8 == 0)             */

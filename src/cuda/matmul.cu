@@ -478,7 +478,7 @@ __device__ __forceinline__ void mmv_chunk_acc(const chunk (&k)[R], const int8_t 
  * not depend on the kernel before, so each thread loads its first chunks
  * before pdl_begin() and that DRAM latency overlaps the previous kernel's
  * tail; x and y are touched only after it. */
-template <int T, int NT, int R, int U>
+template <int T, int NT, int R>
 __global__ void __launch_bounds__(MMV_THREADS_MAX)
     mmv_q_kernel(wq w, const int8_t *__restrict__ xq, const float2 *__restrict__ xs, float *__restrict__ y,
                  int64_t ldy, int64_t n_in, int64_t n_out, int nc, bool accumulate) {
@@ -489,29 +489,18 @@ __global__ void __launch_bounds__(MMV_THREADS_MAX)
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
 
-    /* U = 2 (cu_tuning.mmv_block_unroll, long rows): chunks c and c +
-     * blockDim.x are loaded together, twice the bytes in flight per thread;
-     * the sums keep the order of U = 1 */
-    chunk k[U][R];
-    const int step = (int)blockDim.x;
+    chunk k[R];
     int c = threadIdx.x;
+    if (c < nc)
 #pragma unroll
-    for (int u = 0; u < U; u++)
-        if (c + u * step < nc)
-#pragma unroll
-            for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c + u * step, k[u][r]); /* extra rows: discarded */
+        for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c, k[r]); /* extra rows: discarded */
     pdl_begin();
     while (c < nc) {
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c + u * step < nc) mmv_chunk_acc<T, NT, R>(k[u], xq, xs, n_in, nc, c + u * step, acc);
-        c += U * step;
+        mmv_chunk_acc<T, NT, R>(k, xq, xs, n_in, nc, c, acc);
+        c += blockDim.x;
         if (c >= nc) break;
 #pragma unroll
-        for (int u = 0; u < U; u++)
-            if (c + u * step < nc)
-#pragma unroll
-                for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c + u * step, k[u][r]);
+        for (int r = 0; r < R; r++) unpack<T>(w, min(row0 + r, n_out - 1), c, k[r]);
     }
     mmv_store<R, NT>(acc, y, ldy, row0, n_out, accumulate);
 }
@@ -1345,9 +1334,8 @@ template <int NT> constexpr int mmv_rows() { return NT <= 2 ? 2 : 4; }
  * w warps (0: not asked yet), cached per process: it assumes one GPU model
  * per process (multi-GPU with mixed cards would need it per device). */
 template <typename K>
-static int mmv_threads(const cu_ctx *cu, K kernel, std::atomic<int> *occ, int nc, int64_t n_blocks, int unroll) {
-    const int w_all = (nc + 32 * unroll - 1) / (32 * unroll),
-              w_top = w_all < MMV_THREADS_MAX / 32 ? w_all : MMV_THREADS_MAX / 32;
+static int mmv_threads(const cu_ctx *cu, K kernel, std::atomic<int> *occ, int nc, int64_t n_blocks) {
+    const int w_all = (nc + 31) / 32, w_top = w_all < MMV_THREADS_MAX / 32 ? w_all : MMV_THREADS_MAX / 32;
     if (cu->tune.mmv_block_threads > 1) {
         const int cap = cu->tune.mmv_block_threads / 32;
         return 32 * (w_top < cap ? w_top : cap);
@@ -1362,30 +1350,22 @@ static int mmv_threads(const cu_ctx *cu, K kernel, std::atomic<int> *occ, int nc
             occ[wv].store(o, std::memory_order_relaxed);
         }
         const int64_t slots = n_sm * o, waves = (n_blocks + slots - 1) / slots;
-        const int64_t cost = waves * ((nc + 32 * wv * unroll - 1) / (32 * wv * unroll));
+        const int64_t cost = waves * ((nc + 32 * wv - 1) / (32 * wv));
         if (cost < best_cost || (cost == best_cost && waves < best_waves))
             best = wv, best_cost = cost, best_waves = waves;
     }
     return 32 * best;
 }
 
-template <int T, int NT, int R, int U>
-static cudaError_t launch_mmv_q_rows_u(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y,
-                                       int64_t ldy, int64_t n_in, int64_t n_out, bool acc) {
-    static std::atomic<int> occ[MMV_THREADS_MAX / 32 + 1];
-    const int nc = (int)(n_in / 32);
-    const unsigned blocks = cu_blocks(n_out, R);
-    const int threads = mmv_threads(cu, mmv_q_kernel<T, NT, R, U>, occ, nc, blocks, U);
-    return cu_launch(cu, mmv_q_kernel<T, NT, R, U>, dim3(blocks), dim3(threads), 0, w, xq, xs, y, ldy, n_in, n_out,
-                     nc, acc);
-}
-
 template <int T, int NT, int R>
 static cudaError_t launch_mmv_q_rows(cu_ctx *cu, const wq &w, const int8_t *xq, const float2 *xs, float *y,
                                      int64_t ldy, int64_t n_in, int64_t n_out, bool acc) {
-    if (NT == 1 && R == 4 && cu->tune.mmv_block_unroll == 2 && n_in / 32 > 256)
-        return launch_mmv_q_rows_u<T, NT, R, 2>(cu, w, xq, xs, y, ldy, n_in, n_out, acc);
-    return launch_mmv_q_rows_u<T, NT, R, 1>(cu, w, xq, xs, y, ldy, n_in, n_out, acc);
+    static std::atomic<int> occ[MMV_THREADS_MAX / 32 + 1];
+    const int nc = (int)(n_in / 32);
+    const unsigned blocks = cu_blocks(n_out, R);
+    const int threads = mmv_threads(cu, mmv_q_kernel<T, NT, R>, occ, nc, blocks);
+    return cu_launch(cu, mmv_q_kernel<T, NT, R>, dim3(blocks), dim3(threads), 0, w, xq, xs, y, ldy, n_in, n_out, nc,
+                     acc);
 }
 
 template <int T, int NT>

@@ -417,17 +417,16 @@ static void test_fused(struct dev *d, uint32_t type, int64_t n_in, int64_t n_out
                     static const char *cfg_names[] = {"fused-v1",    "fused-v2",    "fused-v3",  "unfused",
                                                       "inq-warp-v1", "inq-warp-v2", "inq-warp-v3", "inq-block",
                                                       "inq-warp-pdl", "inq-persist-pdl", "inq1-block",
-                                                      "inq-block-unroll2", "unfused-inp1"};
-                    for (int cfg = 0; cfg < 13; cfg++) {
+                                                      "unfused-inp1"};
+                    for (int cfg = 0; cfg < 12; cfg++) {
                         if (((cfg > 0 && cfg < 3) || (cfg > 4 && cfg < 7)) && n_tok != 1) continue;
                         const int var = cfg < 3 ? cfg + 1 : cfg >= 4 && cfg < 7 ? cfg - 3 : 1;
                         const struct cu_tuning tune = {.mmv_variant = var,
-                                                       .mmv_fused = cfg < 3 ? 1 : cfg == 3 || cfg == 12 ? 2 : 3,
+                                                       .mmv_fused = cfg < 3 ? 1 : cfg == 3 || cfg == 11 ? 2 : 3,
                                                        .mmv_kernel = cfg == 7 || cfg >= 10 ? 1 : cfg == 9 ? 3 : 2,
                                                        .pdl = cfg >= 8 ? 1 : 2,
                                                        .inq_kernel = cfg == 10 ? 1 : 2,
-                                                       .mmv_block_unroll = cfg == 11 ? 2 : 1,
-                                                       .in_kernel = cfg == 12 ? 1 : 2};
+                                                       .in_kernel = cfg == 11 ? 1 : 2};
                         cu_set_tuning(d->cu, &tune);
                         for (int acc = 0; acc < 2; acc++) {
                             MUST(cu_memset(d->cu, d->y, 0xFF, (uint64_t)(n_tok * ldy) * sizeof(float)));
@@ -468,7 +467,7 @@ static void test_fused(struct dev *d, uint32_t type, int64_t n_in, int64_t n_out
                         }
                     }
                     const struct cu_tuning back = {.mmv_variant = 1, .mmv_fused = 3, .mmv_kernel = 2, .pdl = 2,
-                                                   .inq_kernel = 2, .mmv_block_unroll = 1, .in_kernel = 2};
+                                                   .inq_kernel = 2, .in_kernel = 2};
                     cu_set_tuning(d->cu, &back);
                 }
             const double tol = tolerance(type, n_tok > cu_matmul_mmv_max_tokens());
