@@ -133,7 +133,7 @@ static uint64_t ctx_scratch_bytes(const struct hparams *hp, uint64_t n_batch, ui
     return n;
 }
 
-/* OPTIML_CUDA_TUNE="fused=3,mmvk=1,brows=4,bthr=1,inq=2,inp=2,var=1,bps=2,att=3,attbps=4,attp=2,pdl=1,chunk=N"
+/* OPTIML_CUDA_TUNE="fused=3,mmvk=1,brows=4,bthr=1,inq=2,inp=2,var=1,bps=2,att=3,attbps=4,attp=4,pdl=1,chunk=N"
  * (the defaults shown; pdl=0 turns it off): the kernels' tuning knobs
  * (struct cu_tuning) for benchmarks and tests; unknown keys are reported
  * and skipped. */

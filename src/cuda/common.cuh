@@ -25,6 +25,7 @@ struct cu_ctx {
     cublasHandle_t cublas;
     char name[256];
     int n_sm;
+    int cc;         /* compute capability, 10 major + minor */
     int smem_optin; /* shared memory bytes a block may opt in to */
     struct cu_tuning tune;
     /* matmul scratch (cu_matmul_reserve) */

@@ -31,6 +31,7 @@ extern "C" optiml_status cu_init(int device, cu_ctx **out) {
     if (st == OPTIML_OK) {
         snprintf(cu->name, sizeof(cu->name), "%s", prop.name);
         cu->n_sm = prop.multiProcessorCount;
+        cu->cc = 10 * prop.major + prop.minor;
         cu->smem_optin = (int)prop.sharedMemPerBlockOptin;
         cu->tune.mmv_variant = 1;
         cu->tune.mmv_blocks_per_sm = 2;
@@ -40,7 +41,9 @@ extern "C" optiml_status cu_init(int device, cu_ctx **out) {
         cu->tune.mmv_kernel = 1; /* H200, 7B q4_0 decode: 491 tok/s vs 398 for the warp kernel */
         cu->tune.att_kernel = 3; /* 2 with the merge in its last block: one launch fewer */
         cu->tune.att_blocks_per_sm = 4;
-        cu->tune.att_prompt = 2; /* tensor cores: pp512 22.5k vs 18.8k tok/s (7B, H200) */
+        /* tensor cores: pp512 22.5k vs 18.8k tok/s (7B, H200) for WMMA (2);
+         * mma.sync with the fragments in registers (4) needs sm_80 */
+        cu->tune.att_prompt = cu->cc >= 80 ? 4 : 2;
         cu->tune.pdl = 1;        /* 411 vs 398 tok/s */
         cu->tune.mmv_block_rows = 4; /* 7B q4_0 decode 515 vs 500 (2 rows) and 492 (8), H200 */
         cu->tune.mmv_block_threads = 1; /* chosen per shape: matmul.cu mmv_threads */
@@ -80,7 +83,7 @@ extern "C" void cu_set_tuning(cu_ctx *cu, const struct cu_tuning *t) {
     if (t->mmv_fused >= 1 && t->mmv_fused <= 3) cu->tune.mmv_fused = t->mmv_fused;
     if (t->mmv_kernel >= 1 && t->mmv_kernel <= 3) cu->tune.mmv_kernel = t->mmv_kernel;
     if (t->att_kernel >= 1 && t->att_kernel <= 3) cu->tune.att_kernel = t->att_kernel;
-    if (t->att_prompt >= 1 && t->att_prompt <= 3) cu->tune.att_prompt = t->att_prompt;
+    if (t->att_prompt >= 1 && t->att_prompt <= 4) cu->tune.att_prompt = t->att_prompt;
     if (t->pdl == 1 || t->pdl == 2) cu->tune.pdl = t->pdl;
     if (t->mmv_block_rows == 2 || t->mmv_block_rows == 4 || t->mmv_block_rows == 8)
         cu->tune.mmv_block_rows = t->mmv_block_rows;

@@ -184,10 +184,12 @@ struct cu_tuning {
                               * kernel 2 whose last block per (token, head) merges the
                               * splits (no second launch)                              */
     int att_blocks_per_sm;   /* decode attention kernel 2: blocks per SM wanted (1..16) */
-    int att_prompt;          /* prompt attention: 1 = f32 CUDA cores; 2 (default) = f16
-                              * tensor cores (WMMA, f32 accumulation; head_dim 64 or
-                              * 128, else 1); 3 = 2 with the K/V tile loaded a float4
-                              * at a time (a comparison point: bench/RESULTS.md)       */
+    int att_prompt;          /* prompt attention: 1 = f32 CUDA cores; 2 = f16 tensor
+                              * cores (WMMA, f32 accumulation; head_dim 64 or 128,
+                              * else 1); 3 = 2 with the K/V tile loaded a float4 at a
+                              * time (a comparison point: bench/RESULTS.md); 4 (default
+                              * from sm_80, else 2) = f16 tensor cores through
+                              * mma.sync with scores, weights and output in registers */
     int pdl;                 /* 1 (default): programmatic dependent launch for the decode
                               * kernels (input+quantize, warp mmv, rope, attention
                               * kernel 2): a kernel's launch overlaps the previous

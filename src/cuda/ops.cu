@@ -13,8 +13,10 @@
  *     (max score, sum of weights, weighted sum of V) to scratch, and a
  *     second kernel combines the partials of the chunks below *n_used.
  *   - prompt: a block per (64 queries, head) walks tiles of 64 cells with an
- *     online softmax in shared memory; tiles no query of the block sees (the
- *     causal future, other sequences) are skipped.
+ *     online softmax; tiles no query of the block sees (the causal future,
+ *     other sequences) are skipped. Three versions: f32 on CUDA cores, f16 on
+ *     tensor cores through WMMA (S, P, O in shared memory), and the default,
+ *     f16 through mma.sync with S, P and O in registers.
  */
 #include "common.cuh"
 
@@ -520,6 +522,18 @@ __device__ __forceinline__ void att2_merge_if_last(const att_args &a, int32_t n_
     att2_merge<Q8>(a, n_split, part_acc, part_ml, t, h);
 }
 
+/* The sum of the V slots' float4 f (accs[VS][D / 4]) */
+template <int VS>
+__device__ __forceinline__ float4 att2_slot_sum(const float4 *accs, int d4, int f) {
+    float4 r = accs[f];
+#pragma unroll
+    for (int j = 1; j < VS; j++) {
+        const float4 o = accs[j * d4 + f];
+        r.x += o.x, r.y += o.y, r.z += o.z, r.w += o.w;
+    }
+    return r;
+}
+
 /* Kernel 3 with one split per (token, head), as short contexts have: the
  * block writes what att2_merge would make of its one partial (exp(m - m)
  * = 1, so r / l: bit-identical) and skips the partial, the fence and the
@@ -532,12 +546,7 @@ __device__ __forceinline__ void att2_single(const att_args &a, const float4 (*ac
     constexpr int D4 = D / 4, VS = ATT2_THREADS / D4;
     const unsigned mask = D4 >= 32 ? 0xffffffffu : (1u << D4) - 1u;
     for (int f = threadIdx.x; f < D4; f += ATT2_THREADS) {
-        float4 r = accs[0][f];
-#pragma unroll
-        for (int j = 1; j < VS; j++) {
-            const float4 o = accs[j][f];
-            r.x += o.x, r.y += o.y, r.z += o.z, r.w += o.w;
-        }
+        const float4 r = att2_slot_sum<VS>(&accs[0][0], D4, f);
         const bool ok = m != -INFINITY && l > 0.0f;
         const float4 v = ok ? make_float4(r.x / l, r.y / l, r.z / l, r.w / l) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         const int64_t j = (int64_t)h * a.hd + 4 * f;
@@ -670,15 +679,8 @@ __global__ void __launch_bounds__(ATT2_THREADS)
         att2_single<D, Q8>(a, accs, m, l, t, h);
         return;
     }
-    for (int f = threadIdx.x; f < D4; f += ATT2_THREADS) {
-        float4 r = accs[0][f];
-#pragma unroll
-        for (int j = 1; j < VS; j++) {
-            const float4 o = accs[j][f];
-            r.x += o.x, r.y += o.y, r.z += o.z, r.w += o.w;
-        }
-        ((float4 *)(part_acc + p * a.hd))[f] = r;
-    }
+    for (int f = threadIdx.x; f < D4; f += ATT2_THREADS)
+        ((float4 *)(part_acc + p * a.hd))[f] = att2_slot_sum<VS>(&accs[0][0], D4, f);
     if (threadIdx.x == 0) {
         part_ml[2 * p] = m;
         part_ml[2 * p + 1] = l;
@@ -886,6 +888,64 @@ template <int D> static optiml_status att_prompt(cu_ctx *cu, const att_args &a) 
 
 /* ---- attention: prompt on tensor cores (WMMA f16, f32 accumulation) ------------------- */
 
+/* Shared by the tensor-core prompt kernels. */
+
+/* The metadata of the tile of C cells from c0 (beyond n_used: free). */
+template <int C>
+__device__ __forceinline__ void att_tile_meta(const att_args &a, int64_t c0, int64_t n_used, int32_t *cpos,
+                                              uint64_t *cseq, int tid) {
+    if (tid < C) {
+        const int64_t c = c0 + tid;
+        cpos[tid] = c < n_used ? a.cell_pos[c] : -1;
+        cseq[tid] = c < n_used ? a.cell_seq[c] : 0;
+    }
+}
+
+/* The Q rows t0.. of head h as f16 (rows from n_tq on as zeros), LD halves apart. */
+template <int D, int Q, int T, int LD>
+__device__ __forceinline__ void att_stage_q(const att_args &a, int32_t t0, int n_tq, int32_t h, __half *qs, int tid) {
+    constexpr int D4 = D / 4;
+    for (int i = tid; i < Q * D4; i += T) {
+        const int r = i / D4, f = i % D4;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r < n_tq) v = *((const float4 *)(a.q + (t0 + r) * a.n_q + (int64_t)h * a.hd) + f);
+        __half2 *d = (__half2 *)(qs + r * LD + 4 * f);
+        d[0] = __floats2half2_rn(v.x, v.y);
+        d[1] = __floats2half2_rn(v.z, v.w);
+    }
+}
+
+/* K and V of the tile of C cells from c0 as f16 (free cells as zeros:
+ * their memory may hold anything): B float4 of each per thread loaded
+ * before any is stored, so B loads are in flight at once. */
+template <int D, int C, int T, int B, int LD>
+__device__ __forceinline__ void att_stage_kv(const att_args &a, int64_t c0, int64_t koff, const int32_t *cpos,
+                                             __half *ks, __half *vs, int tid) {
+    constexpr int D4 = D / 4, PER = C * D4 / T;
+    static_assert(PER % B == 0, "K/V staging batches");
+    for (int i0 = 0; i0 < PER; i0 += B) {
+        float4 kv[B], vv[B];
+#pragma unroll
+        for (int u = 0; u < B; u++) {
+            const int i = tid + (i0 + u) * T, c = i / D4, f = i % D4;
+            kv[u] = vv[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (cpos[c] >= 0) {
+                kv[u] = __ldg((const float4 *)(a.k + (c0 + c) * a.n_kv + koff) + f);
+                vv[u] = __ldg((const float4 *)(a.v + (c0 + c) * a.n_kv + koff) + f);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < B; u++) {
+            const int i = tid + (i0 + u) * T, c = i / D4, f = i % D4;
+            __half2 *dk = (__half2 *)(ks + c * LD + 4 * f), *dv = (__half2 *)(vs + c * LD + 4 * f);
+            dk[0] = __floats2half2_rn(kv[u].x, kv[u].y);
+            dk[1] = __floats2half2_rn(kv[u].z, kv[u].w);
+            dv[0] = __floats2half2_rn(vv[u].x, vv[u].y);
+            dv[1] = __floats2half2_rn(vv[u].z, vv[u].w);
+        }
+    }
+}
+
 #define ATT_T_Q       64  /* queries per block: 4 warps x 16 rows  */
 #define ATT_T_C       64  /* cells per tile                          */
 #define ATT_T_THREADS 128
@@ -924,15 +984,7 @@ template <int D, int B> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int n_tq = min(ATT_T_Q, a.n_tok - t0);
     const int64_t koff = (int64_t)(h / a.group) * a.hd;
-    constexpr int D4 = D / 4;
-    for (int i = tid; i < ATT_T_Q * D4; i += ATT_T_THREADS) {
-        const int r = i / D4, f = i % D4;
-        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (r < n_tq) v = *((const float4 *)(a.q + (t0 + r) * a.n_q + (int64_t)h * a.hd) + f);
-        __half2 *d = (__half2 *)(qs + r * L::LDH + 4 * f);
-        d[0] = __floats2half2_rn(v.x, v.y);
-        d[1] = __floats2half2_rn(v.z, v.w);
-    }
+    att_stage_q<D, ATT_T_Q, ATT_T_THREADS, L::LDH>(a, t0, n_tq, h, qs, tid);
     for (int i = tid; i < ATT_T_Q * D; i += ATT_T_THREADS) os[(i / D) * L::LDO + i % D] = 0.0f;
     for (int i = tid; i < ATT_T_Q; i += ATT_T_THREADS) {
         qpos[i] = i < n_tq ? a.pos[t0 + i] : -1; /* padding queries see nothing */
@@ -949,11 +1001,7 @@ template <int D, int B> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_
     float m = -INFINITY, l = 0.0f;
     const int64_t n_used = att_n_used(a);
     for (int64_t c0 = 0; c0 < n_used; c0 += ATT_T_C) {
-        if (tid < ATT_T_C) {
-            const int64_t c = c0 + tid;
-            cpos[tid] = c < n_used ? a.cell_pos[c] : -1;
-            cseq[tid] = c < n_used ? a.cell_seq[c] : 0;
-        }
+        att_tile_meta<ATT_T_C>(a, c0, n_used, cpos, cseq, tid);
         __syncthreads();
         uint32_t vis = 0;
         const int32_t qp = qpos[r], qq = qseq[r];
@@ -964,32 +1012,9 @@ template <int D, int B> __global__ void __launch_bounds__(ATT_T_THREADS) att_tc_
         }
         if (!__syncthreads_or(vis != 0)) continue; /* no query here sees this tile */
 
-        /* K and V of the tile as f16: B float4 of each per thread loaded
-         * before any is stored (B = 1, attp=3: one at a time, as the first
-         * version did; 7B pp512 on an H200 24.2k vs 25.3k tokens/s) */
-        constexpr int PER = ATT_T_C * D4 / ATT_T_THREADS;
-        static_assert(PER % B == 0, "K/V staging batches");
-        for (int i0 = 0; i0 < PER; i0 += B) {
-            float4 kv[B], vv[B];
-#pragma unroll
-            for (int u = 0; u < B; u++) {
-                const int i = tid + (i0 + u) * ATT_T_THREADS, c = i / D4, f = i % D4;
-                kv[u] = vv[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (cpos[c] >= 0) { /* free cells as zeros: their memory may hold anything */
-                    kv[u] = __ldg((const float4 *)(a.k + (c0 + c) * a.n_kv + koff) + f);
-                    vv[u] = __ldg((const float4 *)(a.v + (c0 + c) * a.n_kv + koff) + f);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < B; u++) {
-                const int i = tid + (i0 + u) * ATT_T_THREADS, c = i / D4, f = i % D4;
-                __half2 *dk = (__half2 *)(ks + c * L::LDH + 4 * f), *dv = (__half2 *)(vs + c * L::LDH + 4 * f);
-                dk[0] = __floats2half2_rn(kv[u].x, kv[u].y);
-                dk[1] = __floats2half2_rn(kv[u].z, kv[u].w);
-                dv[0] = __floats2half2_rn(vv[u].x, vv[u].y);
-                dv[1] = __floats2half2_rn(vv[u].z, vv[u].w);
-            }
-        }
+        /* B = 1 (attp=3): one float4 at a time, as the first version did;
+         * 7B pp512 on an H200 24.2k vs 25.3k tokens/s with B = 8 */
+        att_stage_kv<D, ATT_T_C, ATT_T_THREADS, B, L::LDH>(a, c0, koff, cpos, ks, vs, tid);
         __syncthreads();
 
         /* S (16 rows of this warp x 64 cells) = Q K^T */
@@ -1065,6 +1090,223 @@ template <int D, int B> static optiml_status att_prompt_tc(cu_ctx *cu, const att
     return OPTIML_OK;
 }
 
+/* ---- attention: prompt on tensor cores, fragments in registers (mma.sync) -------------- */
+
+/* att_tc_kernel keeps S, P and O in shared memory because WMMA's fragment
+ * layout is opaque; with mma.sync.m16n8k16 the layout is documented (PTX ISA,
+ * "Matrix fragments for mma.m16n8k16"), so each warp keeps its 16 query rows'
+ * scores, weights and output in registers, as FlashAttention-2 does: lane
+ * (g = lane / 4, t = lane % 4) holds rows g and g + 8 of the warp's 16, and
+ * in each 8-column tile the columns 2t and 2t + 1. The score tile's
+ * accumulators are, converted to f16, the A fragments of P V. */
+
+#define ATT_M_Q       64 /* queries per block: 4 warps x 16 rows */
+#define ATT_M_C       64 /* cells per tile                        */
+#define ATT_M_THREADS 128
+#define ATT_M_LOG2E   1.4426950408889634f
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const __half *p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s)
+                 : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const __half *p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s)
+                 : "memory");
+}
+
+/* d += a b: m16n8k16, f16 inputs, f32 accumulators */
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap(); /* att_run picks this kernel only on compute capability 8.0 and later */
+#endif
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi); /* lo in the low half: the lower column */
+    return *(const uint32_t *)&h;
+}
+
+/* Visibility of this lane's (row, cell) pairs of the tile whose metadata
+ * is in cpos/cseq: bit 2 j + e + 16 i: row g + 8 i sees cell 8 j + 2 t + e. */
+__device__ __forceinline__ uint32_t att_mma_vis(const int32_t *cpos, const uint64_t *cseq, const int32_t *qp,
+                                                const int32_t *qq, int t) {
+    uint32_t vis = 0;
+#pragma unroll
+    for (int j = 0; j < ATT_M_C / 8; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int c = 8 * j + 2 * t + e;
+            const int32_t cp = cpos[c];
+            const uint64_t cq = cseq[c];
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+                if (att_visible(cp, cq, qp[i], qq[i])) vis |= 1u << (2 * j + e + 16 * i);
+        }
+    return vis;
+}
+
+/* One warp, one tile of cells staged as f16 in ks/vs (LD halves a row):
+ * S = Q K^T, the online softmax of rows g and g + 8, O += P V. */
+template <int D, int LD>
+__device__ __forceinline__ void att_mma_tile(const uint32_t (&qf)[D / 16][4], const __half *ks, const __half *vs,
+                                             uint32_t vis, float scale, float (&m)[2], float (&l)[2],
+                                             float (&o)[D / 8][4], int lane) {
+    constexpr int KS = D / 16, NS = ATT_M_C / 8, NO = D / 8;
+    const int mi = lane / 8, ri = lane % 8; /* ldmatrix: the matrix and row this lane addresses */
+    /* S (16 rows x 64 cells) = Q K^T; a ldmatrix.x4 gives two cell tiles' B */
+    float s[NS][4];
+#pragma unroll
+    for (int j = 0; j < NS; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < KS; k++)
+#pragma unroll
+        for (int j = 0; j < NS; j += 2) {
+            uint32_t b[4];
+            ldsm_x4(b, ks + (8 * (j + (mi >> 1)) + ri) * LD + 16 * k + 8 * (mi & 1));
+            mma_16816(s[j], qf[k], b[0], b[1]);
+            mma_16816(s[j + 1], qf[k], b[2], b[3]);
+        }
+
+    /* online softmax of rows g, g + 8 (the 4 lanes of a row agree on the max) */
+    float alpha[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float mt = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NS; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float &v = s[j][2 * i + e];
+                v = (vis >> (2 * j + e + 16 * i) & 1) ? v * scale : -INFINITY;
+                mt = fmaxf(mt, v);
+            }
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+        mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
+        const float mn = fmaxf(m[i], mt);
+        alpha[i] = m[i] == -INFINITY ? 0.0f : exp2f(m[i] - mn);
+        float ls = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NS; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float &v = s[j][2 * i + e];
+                v = v == -INFINITY ? 0.0f : exp2f(v - mn);
+                ls += v;
+            }
+        l[i] = l[i] * alpha[i] + ls;
+        m[i] = mn;
+    }
+#pragma unroll
+    for (int j = 0; j < NO; j++) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1];
+        o[j][3] *= alpha[1];
+    }
+
+    /* O (16 rows x D) += P V; P's A fragment for cells 16 k.. is score tiles 2k, 2k + 1 */
+#pragma unroll
+    for (int k = 0; k < ATT_M_C / 16; k++) {
+        const uint32_t pf[4] = {pack_half2(s[2 * k][0], s[2 * k][1]), pack_half2(s[2 * k][2], s[2 * k][3]),
+                                pack_half2(s[2 * k + 1][0], s[2 * k + 1][1]),
+                                pack_half2(s[2 * k + 1][2], s[2 * k + 1][3])};
+#pragma unroll
+        for (int j = 0; j < NO; j += 2) {
+            uint32_t b[4];
+            ldsm_x4_t(b, vs + (16 * k + 8 * (mi & 1) + ri) * LD + 8 * (j + (mi >> 1)));
+            mma_16816(o[j], pf, b[0], b[1]);
+            mma_16816(o[j + 1], pf, b[2], b[3]);
+        }
+    }
+}
+
+/* Block (64 queries, head h), query tiles from the last (the causal mask
+ * gives them the most cells) so the longest blocks start first; a warp
+ * per 16 query rows, its Q fragments loaded once (staged through the K
+ * buffer). Each visible tile's K and V are loaded (8 float4 of each in
+ * flight per thread), converted to f16 into shared memory, then computed
+ * (copying the next tile with cp.async during the compute, as f32 in 64
+ * KiB more shared memory, measured slower: 48.3 vs 42.3 us for 512
+ * tokens x 32 heads, H200). head_dim == D (64 or 128). */
+template <int D> __global__ void __launch_bounds__(ATT_M_THREADS) att_mma_kernel(att_args a) {
+    constexpr int LD = D + 8; /* halves: rows 16-byte aligned, 8 rows of a ldmatrix in distinct banks */
+    constexpr int KS = D / 16, NO = D / 8;
+    __shared__ __align__(16) __half ks[ATT_M_C * LD], vs[ATT_M_C * LD];
+    __shared__ uint64_t cseq[ATT_M_C];
+    __shared__ int32_t cpos[ATT_M_C];
+
+    const int32_t h = blockIdx.y, t0 = ((int32_t)gridDim.x - 1 - (int32_t)blockIdx.x) * ATT_M_Q;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int n_tq = min(ATT_M_Q, a.n_tok - t0);
+    const int64_t koff = (int64_t)(h / a.group) * a.hd;
+
+    att_stage_q<D, ATT_M_Q, ATT_M_THREADS, LD>(a, t0, n_tq, h, ks, tid);
+    __syncthreads();
+    uint32_t qf[KS][4];
+    {
+        const int mi = lane / 8, ri = lane % 8;
+#pragma unroll
+        for (int k = 0; k < KS; k++)
+            ldsm_x4(qf[k], ks + (16 * warp + ri + 8 * (mi & 1)) * LD + 16 * k + 8 * (mi >> 1));
+    }
+    __syncthreads(); /* before the first tile overwrites ks */
+
+    int32_t qp[2], qq[2]; /* rows g and g + 8 */
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int r = 16 * warp + g + 8 * i;
+        qp[i] = r < n_tq ? a.pos[t0 + r] : -1; /* padding queries see nothing */
+        qq[i] = r < n_tq ? a.seq[t0 + r] : 0;
+    }
+    float o[NO][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < NO; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    const float scale = a.scale * ATT_M_LOG2E; /* exp(x) = exp2(x log2 e) */
+    const int64_t n_used = att_n_used(a);
+    for (int64_t c0 = 0; c0 < n_used; c0 += ATT_M_C) {
+        att_tile_meta<ATT_M_C>(a, c0, n_used, cpos, cseq, tid);
+        __syncthreads();
+        const uint32_t vis = att_mma_vis(cpos, cseq, qp, qq, t);
+        if (!__syncthreads_or(vis != 0)) continue; /* no query here sees this tile */
+        att_stage_kv<D, ATT_M_C, ATT_M_THREADS, 8, LD>(a, c0, koff, cpos, ks, vs, tid);
+        __syncthreads();
+        att_mma_tile<D, LD>(qf, ks, vs, vis, scale, m, l, o, lane);
+        __syncthreads(); /* before the next tile overwrites K, V and the cell data */
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float lt = l[i];
+        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        const int r = 16 * warp + g + 8 * i;
+        if (r >= n_tq) continue;
+        float *orow = a.out + (t0 + r) * a.n_q + (int64_t)h * a.hd;
+        const float inv = lt > 0.0f ? 1.0f / lt : 0.0f; /* no visible cell: zeros */
+#pragma unroll
+        for (int j = 0; j < NO; j++)
+            *(float2 *)(orow + 8 * j + 2 * t) = make_float2(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
+    }
+}
+
+template <int D> static optiml_status att_prompt_mma(cu_ctx *cu, const att_args &a) {
+    const dim3 grid((unsigned)((a.n_tok + ATT_M_Q - 1) / ATT_M_Q), (unsigned)a.n_head);
+    att_mma_kernel<D><<<grid, ATT_M_THREADS, 0, cu->stream>>>(a);
+    CU_LAUNCHED("attention (prompt, mma)");
+    return OPTIML_OK;
+}
+
 /* cu_attention; q8: the caller checked that decode kernel 3 runs and that
  * the matmul scratch holds n_tok x n_head * head_dim quants. */
 static optiml_status att_run(cu_ctx *cu, const float *q, const float *k_cache, const float *v_cache, float *out,
@@ -1121,7 +1363,10 @@ static optiml_status att_run(cu_ctx *cu, const float *q, const float *k_cache, c
         }
     }
     const bool al16 = (((uintptr_t)q | (uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0;
-    if (cu->tune.att_prompt == 2 && head_dim == D && (D == 64 || D == 128) && al16)
+    if (cu->tune.att_prompt == 4 && cu->cc >= 80 && head_dim == D && (D == 64 || D == 128) && al16 &&
+        ((uintptr_t)out & 7) == 0) /* float2 stores */
+        return D == 64 ? att_prompt_mma<64>(cu, a) : att_prompt_mma<128>(cu, a);
+    if (cu->tune.att_prompt != 1 && cu->tune.att_prompt != 3 && head_dim == D && (D == 64 || D == 128) && al16)
         return D == 64 ? att_prompt_tc<64, 8>(cu, a) : att_prompt_tc<128, 8>(cu, a);
     if (cu->tune.att_prompt == 3 && head_dim == D && (D == 64 || D == 128) && al16)
         return D == 64 ? att_prompt_tc<64, 1>(cu, a) : att_prompt_tc<128, 1>(cu, a);

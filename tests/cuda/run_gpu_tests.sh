@@ -50,7 +50,7 @@ check model-quant "$BIN/test_cuda_model" 2 "${QUANT[@]}"
 check model-nograph env OPTIML_NO_CUDA_GRAPH=1 "$BIN/test_cuda_model" 1e-2 "$ROOT/models/stories260K.gguf" "$M/r-f32.gguf"
 # the non-default kernel choices (OPTIML_CUDA_TUNE, see src/gpu.c) on a few types
 SOME=(); for q in "${QUANT[@]}"; do case $q in *r-q4_0.gguf:*|*r-q4_k.gguf:*|*r-q6_k.gguf:*|*r-q8_0.gguf:*) SOME+=("$q") ;; esac; done
-for v in pdl=0 fused=1 fused=2 mmvk=2 att=1 brows=2 brows=8 bthr=128 bthr=256 inq=1 inp=1 attp=3 att=3 mmvk=3 mmvk=3,brows=2 mmvk=3,brows=8; do
+for v in pdl=0 fused=1 fused=2 mmvk=2 att=1 brows=2 brows=8 bthr=128 bthr=256 inq=1 inp=1 chunk=1 attp=2 attp=3 att=3 mmvk=3 mmvk=3,brows=2 mmvk=3,brows=8; do
   check "model-quant-$v" env OPTIML_CUDA_TUNE=$v "$BIN/test_cuda_model" 2 "${SOME[@]}"
 done
 check model-float-attp1 env OPTIML_CUDA_TUNE=attp=1 "$BIN/test_cuda_model" 1e-2 "$M/r-f32.gguf" "$M/r-relu-f16.gguf"

@@ -718,7 +718,7 @@ int main(int argc, char **argv) {
     /* prompt attention on tensor cores (head_dim 64 and 128; others and
      * decode batches take the f32 kernels, checked at the f32 tolerance) */
     {
-        for (int k = 2; k <= 3; k++) { /* 3: the K/V tile loaded a float4 at a time */
+        for (int k = 2; k <= 4; k++) { /* 3: the K/V tile loaded a float4 at a time; 4: mma.sync */
             const struct cu_tuning t = {.att_prompt = k};
             cu_set_tuning(cu, &t);
             printf("prompt attention on tensor cores (att_prompt=%d), tolerance 2e-3:\n", k);
@@ -730,6 +730,8 @@ int main(int argc, char **argv) {
             test_attention(128, 32, 32, 512, 1024, 1024, 1, 0);
             test_attention(128, 8, 8, 512, 4096, 2100, 3, 0);
             test_attention(128, 40, 40, 100, 700, 650, 2, 1);
+            test_attention(64, 16, 2, 200, 200, 200, 1, 0);  /* cells == tokens, ragged last tile */
+            test_attention(128, 32, 4, 65, 130, 129, 2, 1); /* one query past a tile */
             att_tol = 1e-4;
         }
         test_attention(96, 8, 2, 40, 300, 280, 2, 0); /* falls back to the f32 kernel */
@@ -752,7 +754,8 @@ int main(int argc, char **argv) {
         }
         time_attention(128, 32, 1, 4096, 50);
         time_attention(128, 32, 1, 32768, 10);
-        for (int k = 1; k <= 2; k++) { /* prompt: f32, then tensor cores */
+        for (int k = 1; k <= 4; k++) { /* prompt: f32, then tensor cores (WMMA; mma.sync) */
+            if (k == 3) continue;
             const struct cu_tuning t = {.att_prompt = k};
             cu_set_tuning(cu, &t);
             printf("prompt attention att_prompt=%d:\n", k);
