@@ -16,14 +16,19 @@
  *      (threads split n_embd in whole blocks; each dequantizes its slice of a
  *      row once for all tokens), or without ffn_down_t, the dense down
  *      matmul on the sparse h (same kernels: its result is the dense one).
- * A one-token batch (decode) does 1-3 in one parallel round instead
+ * A one-token batch (decode) does 1-3 in two parallel rounds instead
  * (sparse_ffn_one): each thread scores its own neurons (64-neuron chunks
- * dealt round-robin, so neurons sorted by frequency spread evenly), runs
- * gate/up of its active ones and sums their down_t rows (four per pass,
- * axpy4) into its own partial sum, which the caller adds into x; the
- * predictor's hidden layer is the only round before it. Three rounds and
- * two serial passes over n_ff per layer become two rounds, and each down_t
- * row is read whole by one thread instead of 1/nth of it by every thread.
+ * dealt round-robin) into its own active list; then each takes an equal
+ * slice of all the active neurons (the lists joined in thread order), runs
+ * their gate/up and sums their down_t rows (four per pass, axpy4) into its
+ * own partial sum, which the caller adds into x; the predictor's hidden
+ * layer is the only round before them. The batch path's three rounds
+ * (scores, gate/up, down) with two serial passes over n_ff between them
+ * become two rounds with a join of the short lists between them, each
+ * down_t row is read whole by one thread instead of 1/nth of it by every
+ * thread, and the threads' shares of the gathers are equal whatever the
+ * order of the neurons (a layer handed to the dense FFN reads no gate/up
+ * row: the check runs between the rounds).
  * The dots are the dense matmul's kernels on the same (quantized) inputs,
  * so in oracle mode gate and up are bit for bit the dense ones (batches
  * below cpu_gemm_min_tokens; larger ones go through the dense GEMM, equal
@@ -63,14 +68,16 @@ struct sparse_state {
     float *hidden;         /* (n_batch, r_max) predictor hidden layer       */
     float *logits;         /* (n_batch, n_ff) predictor logits / oracle gate */
     int32_t *idx;          /* (n_ff) union of active neurons                 */
-    int32_t *idx_nz;       /* (n_ff) those with some h != 0; one token (idx
-                            * too): per thread a list of its chunks'
-                            * (one_run), room for n_ff + threads * ONE_CHUNK */
+    int32_t *idx_nz;       /* (n_ff) those with some h != 0; one token: idx
+                            * holds per thread a list of its chunks' active
+                            * neurons (one_score_run), then all of them in
+                            * one list; room for n_ff + threads * ONE_CHUNK */
     float *tmp;            /* (n_threads, n_embd) dequantized down_t rows    */
     int64_t tmp_n;
     float *part;           /* (n_threads, n_embd) one-token path: each thread's
                               share of the down sum                         */
-    int64_t *counts;       /* (n_threads, 2) one-token path: active, h != 0  */
+    int64_t *counts;       /* (n_threads, 2) one-token path: active (of the
+                              thread's chunks), h != 0 (of its slice)      */
     /* inputs quantized for the weights' dot_q: xb per activation type, and
      * the predictor's hidden layer */
     void *xq[DTYPE_COUNT]; /* (n_batch, row bytes of n_embd) */
@@ -368,7 +375,7 @@ static void down_t_run(void *arg, int ith, int nth) {
     }
 }
 
-/* ---- one token: the whole FFN in one parallel round ------------------- */
+/* ---- one token: the whole FFN in two parallel rounds ------------------ */
 
 /* y += h[i] * row i of w (ffn_down_t) for the neurons in idx: four rows per
  * pass over y where the type has axpy4; whole rows prefetched a group
@@ -403,12 +410,15 @@ static void down_rows(const struct cpu_kernels *kern, const struct tensor *w, co
     }
 }
 
-/* One token (decode): each thread takes its share of the neurons (chunks of
- * ONE_CHUNK dealt round-robin) and runs the FFN on it alone: the scores (predictor fc2 rows, a sequential read, or
- * the dense gate), gate/up of its active neurons, and their down_t rows
- * summed into its own part (whole rows, each read by one thread); the
- * caller adds the parts into x. One parallel round where the batch path
- * takes three (scores, gate/up of the union, down split over n_embd) with
+/* One token (decode), two rounds. one_score_run: each thread scores its
+ * share of the neurons (chunks of ONE_CHUNK dealt round-robin; predictor
+ * fc2 rows, a sequential read, or the dense gate) into its own active
+ * list. The caller joins the lists in thread order. one_ffn_run: each
+ * thread takes an equal slice of the joined list, runs gate/up of those
+ * neurons and sums their down_t rows into its own part (whole rows, each
+ * read by one thread); the caller adds the parts into x. Which neurons a
+ * thread gets, and so every float sum, depends on the mask and the thread
+ * count only, never on timing; the batch path takes three rounds with
  * serial passes over n_ff between them. */
 struct one_job {
     const struct cpu_kernels *kern;
@@ -419,10 +429,11 @@ struct one_job {
     int64_t n_ff, n_embd;
     enum ffn_act act;
     float act_threshold, thr;
-    float *h; /* (n_ff) ctx->gate */
+    float *h;      /* (n_ff) ctx->gate */
+    int64_t n_act; /* one_ffn_run: the length of the joined list s->idx */
 };
 
-/* Phase 2 of one_run: h of the active neurons act[0..n) (the batch path's
+/* Gate/up of one_ffn_run: h of the active neurons act[0..n) (the batch path's
  * ffn_run for one token, same ops); their indices with h != 0 into nz. */
 static int64_t one_gate_up(const struct one_job *job, const int32_t *act, int64_t n, int32_t *nz) {
     const enum sparse_mode mode = job->s->mode;
@@ -449,32 +460,63 @@ static int64_t one_gate_up(const struct one_job *job, const int32_t *act, int64_
     return n_nz;
 }
 
-static void one_run(void *arg, int ith, int nth) {
+/* Room per thread in s->idx for its active list in one_score_run: the
+ * most neurons its chunks hold. */
+static int64_t one_list_room(int64_t n_ff, int nth) {
+    const int64_t n_ch = (n_ff + ONE_CHUNK - 1) / ONE_CHUNK;
+    return (n_ch + nth - 1) / nth * ONE_CHUNK;
+}
+
+static void one_score_run(void *arg, int ith, int nth) {
     const struct one_job *job = arg;
     struct sparse_state *s = job->s;
-    /* chunks of ONE_CHUNK neurons dealt round-robin: neurons stored by
-     * firing frequency (hottest first) would leave a contiguous first slice
-     * with most of the work (on the Xeon, 16 threads: 11.5 tokens/s against
-     * 25.7 for the same model in random order) */
-    const int64_t n_ch = (job->n_ff + ONE_CHUNK - 1) / ONE_CHUNK, per = (n_ch + nth - 1) / nth * ONE_CHUNK;
-    int32_t *act = s->idx + ith * per, *nz = s->idx_nz + ith * per; /* this thread's lists */
+    /* chunks of ONE_CHUNK neurons dealt round-robin: an equal share of the
+     * scores, and hot neurons stored together (hottest first) spread over
+     * the lists (one_ffn_run balances the gathers in any case) */
+    const int64_t n_ch = (job->n_ff + ONE_CHUNK - 1) / ONE_CHUNK;
+    int32_t *act = s->idx + ith * one_list_room(job->n_ff, nth); /* this thread's list */
     int64_t n_act = 0;
     for (int64_t c = ith; c < n_ch; c += nth) {
         const int64_t i0 = c * ONE_CHUNK, i1 = i0 + ONE_CHUNK < job->n_ff ? i0 + ONE_CHUNK : job->n_ff;
-        memset(job->h + i0, 0, (size_t)(i1 - i0) * sizeof(float));
+        memset(job->h + i0, 0, (size_t)(i1 - i0) * sizeof(float)); /* every neuron's h, once */
         for (int64_t i = i0; i < i1; i++) {
             const float v = row_dot(job->kern, job->score_w, i, &job->in_score, 0);
             s->logits[i] = v;
             if (score_on(s->mode, job->act, v, job->thr)) act[n_act++] = (int32_t)i;
         }
     }
-    /* one list per thread: the gathers' prefetch runs ahead across chunks */
-    const int64_t n_nz = one_gate_up(job, act, n_act, nz);
-    float *y = s->part + ith * job->n_embd;
-    memset(y, 0, (size_t)job->n_embd * sizeof(float));
-    if (job->l->ffn_down_t.data)
-        down_rows(job->kern, &job->l->ffn_down_t, nz, n_nz, job->h, y, s->tmp + ith * s->tmp_n);
     s->counts[2 * ith] = n_act;
+}
+
+/* The threads' active lists (one_score_run) joined in thread order at the
+ * start of s->idx; returns the length. Each list moves down (the room
+ * before it holds the lists before it), in order, so none is overwritten
+ * before it moves. */
+static int64_t one_join(struct sparse_state *s, int64_t n_ff, int nth) {
+    const int64_t room = one_list_room(n_ff, nth);
+    int64_t n = 0;
+    for (int t = 0; t < nth; t++) {
+        const int64_t c = s->counts[2 * t];
+        if (t > 0) memmove(s->idx + n, s->idx + t * room, (size_t)c * sizeof(int32_t));
+        n += c;
+    }
+    return n;
+}
+
+static void one_ffn_run(void *arg, int ith, int nth) {
+    const struct one_job *job = arg;
+    struct sparse_state *s = job->s;
+    /* an equal slice of the joined list (one list: the gathers' prefetch
+     * runs ahead across the threads' lists); its h != 0 neurons go to the
+     * same place in idx_nz */
+    const int64_t k0 = job->n_act * ith / nth, k1 = job->n_act * (ith + 1) / nth;
+    int32_t *nz = s->idx_nz + k0;
+    const int64_t n_nz = one_gate_up(job, s->idx + k0, k1 - k0, nz);
+    if (job->l->ffn_down_t.data) {
+        float *y = s->part + ith * job->n_embd;
+        memset(y, 0, (size_t)job->n_embd * sizeof(float));
+        down_rows(job->kern, &job->l->ffn_down_t, nz, n_nz, job->h, y, s->tmp + ith * s->tmp_n);
+    }
     s->counts[2 * ith + 1] = n_nz;
 }
 
@@ -510,18 +552,19 @@ static bool sparse_ffn_one(optiml_context *ctx, const struct layer *l, int32_t i
     }
     if (l->ffn_gate.data) job.in_gate = row_input_make(ctx, s->xq, done, l->ffn_gate.type, ctx->xb, 1, n_embd);
     job.in_up = row_input_make(ctx, s->xq, done, l->ffn_up.type, ctx->xb, 1, n_embd);
-    threadpool_run(ctx->pool, one_run, &job);
+    threadpool_run(ctx->pool, one_score_run, &job);
 
     const int nth = threadpool_n_threads(ctx->pool);
-    int64_t n_act = 0, n_nz = 0;
-    for (int t = 0; t < nth; t++) {
-        n_act += s->counts[2 * t];
-        n_nz += s->counts[2 * t + 1];
-    }
-    if (!cats && (double)n_act > SPARSE_DENSE_FRAC * (double)n_ff) { /* as the batch path: dense pays off */
+    job.n_act = one_join(s, n_ff, nth);
+    /* as the batch path: dense pays off (before any gate/up or down row is
+     * read; ctx->gate is the dense FFN's to write) */
+    if (!cats && (double)job.n_act > SPARSE_DENSE_FRAC * (double)n_ff) {
         s->n_active += (uint64_t)n_ff;
         return false;
     }
+    threadpool_run(ctx->pool, one_ffn_run, &job);
+    int64_t n_nz = 0;
+    for (int t = 0; t < nth; t++) n_nz += s->counts[2 * t + 1];
     if (ctx->ffn_observer) {
         const bool g_known = s->mode != SPARSE_MODE_PREDICTOR && l->ffn_gate.data;
         ctx->ffn_observer(ctx->ffn_observer_user, il, 1, ctx->xb, g_known ? s->logits : NULL, ctx->gate);

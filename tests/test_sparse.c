@@ -9,16 +9,23 @@
  * whose transposition is exact):
  *   - oracle mode (exact active set) gives the dense logits to float
  *     rounding: |diff| <= 1e-4 * max(1, |logit|) (the down sums run in
- *     another order), token by token and in one batch, with 1 and 2
- *     threads; 1e-2 for the quantized types, where such a rounding
- *     difference can move an 8-bit activation of a later matmul by one
- *     step (gate and up themselves are bit for bit the dense ones);
+ *     another order), token by token with 1, 2 and 3 threads (3: uneven
+ *     shares of the one-token path's chunks and of its active list) and
+ *     in one batch with 1 and 2; 1e-2 for the quantized types, where such
+ *     a rounding difference can move an 8-bit activation of a later
+ *     matmul by one step (gate and up themselves are bit for bit the dense
+ *     ones);
  *   - a negative control: a predictor threshold that drops the neurons
  *     with small gates must miss the dense logits by more than 10x that;
  *   - predictor mode with a perfect-recall predictor (fc1 = the gate rows
  *     dequantized plus a small shift, fc2 = identity, threshold 0: every
  *     neuron with gate > 0 is predicted) gives the same;
- *   - the FFN statistics say the sparse path ran (active share < 30%).
+ *   - the FFN statistics say the sparse path ran (active share < 30%);
+ *   - token by token with 3 threads, a second run gives the same logits
+ *     bit for bit (the threads' shares never depend on timing);
+ *   - a predictor threshold below every logit (all neurons predicted
+ *     active) hands every layer to the dense FFN: the dense logits bit for
+ *     bit, active share 100%.
  * Then: no ffn_down_t (the dense down matmul on the sparse h: bit for bit
  * the dense logits), drelu, relu_nogate, FATReLU
  * (act_threshold), q8_0 down/down_t built from exactly representable
@@ -272,27 +279,48 @@ static double rel_diff(const float *a, const float *b) {
 
 static float dense[N_TOK * N_VOCAB], sparse[N_TOK * N_VOCAB];
 
-/* Sparse mode `mode` against dense, batched and token by token: the
- * logits match within tol, or with !match (a negative control) differ by
- * more than 10 * tol. */
-static void compare(const char *label, const char *path, int mode, double tol, bool match) {
+enum expect {
+    EXPECT_MATCH, /* the logits match within tol, the sparse path ran       */
+    EXPECT_MISS,  /* a negative control: they differ by more than 10 * tol */
+    EXPECT_DENSE, /* every layer went to the dense FFN: within tol (0)     */
+};
+
+/* Sparse mode `mode` against dense, batched and token by token. */
+static void compare(const char *label, const char *path, int mode, double tol, enum expect want) {
+    /* the one-token path splits the work two ways (8 chunks of 64 neurons,
+     * then slices of the joined active list): uneven shares at 3 threads,
+     * slices across the threads' lists (more threads: slow on 2 cores) */
+    static const int thread_counts[2][3] = {{1, 2, 3}, {1, 2}}; /* token by token, batched */
     optiml_model *m = NULL;
     if (optiml_model_load(path, NULL, &m) != OPTIML_OK) {
         CHECK(false, "%s: load: %s", label, optiml_last_error());
         return;
     }
     for (int batched = 0; batched < 2; batched++)
-        for (int threads = 1; threads <= 2; threads++) {
+        for (int ti = 0; ti < 3 && thread_counts[batched][ti]; ti++) {
+            const int threads = thread_counts[batched][ti];
             double share_d, share_s;
             for (int i = 0; i < N_TOK * N_VOCAB; i++) dense[i] = sparse[i] = NAN; /* poison */
             if (!run(m, 1, threads, batched, dense, &share_d) || !run(m, mode, threads, batched, sparse, &share_s))
                 continue;
             const double d = rel_diff(sparse, dense);
-            const bool ok = (match ? d <= tol : d > 10 * tol) && share_s > 0.0 && share_s < 0.3 && share_d == -1.0;
+            const bool match = want != EXPECT_MISS;
+            const bool ran = want == EXPECT_DENSE ? share_s == 1.0 : share_s > 0.0 && share_s < 0.3;
+            const bool ok = (match ? d <= tol : d > 10 * tol) && ran && share_d == -1.0;
             printf("%s %s: %-30s %s, %d thr: max rel diff %.3g (%s %.0e), active %.1f%%\n", ok ? "PASS" : "FAIL",
                    mode == 2 ? "oracle   " : "predictor", label, batched ? "batch" : "1 by 1", threads, d,
                    match ? "tol" : "must exceed", match ? tol : 10 * tol, 100.0 * share_s);
             CHECK(ok, "%s", label);
+            if (batched || threads != 3) continue;
+            /* which thread sums which neurons depends on the mask and the
+             * thread count only: a second run gives the same bits */
+            static float again[N_TOK * N_VOCAB];
+            double share_a;
+            for (int i = 0; i < N_TOK * N_VOCAB; i++) again[i] = NAN;
+            const bool same = run(m, mode, threads, false, again, &share_a) && !memcmp(again, sparse, sizeof(again));
+            printf("%s %s: %-30s 1 by 1, %d thr: a second run gives the same logits bit for bit\n",
+                   same ? "PASS" : "FAIL", mode == 2 ? "oracle   " : "predictor", label, threads);
+            CHECK(same, "%s: second run", label);
         }
     optiml_model_free(m);
 }
@@ -318,27 +346,33 @@ int main(void) {
         /* quantized: the FFN's float rounding moves some 8-bit activations
          * of later matmuls by one step */
         const double tol = types[k] == DTYPE_F32 || types[k] == DTYPE_F16 ? 1e-4 : 1e-2;
-        compare(label, path, 2, tol, true);
-        compare(label, path, 3, tol, true);
+        compare(label, path, 2, tol, EXPECT_MATCH);
+        compare(label, path, 3, tol, EXPECT_MATCH);
         /* negative control: a threshold that drops neurons with small gates */
         write_model(path, &(struct opts){.type = types[k], .down_type = DTYPE_F16, .act = "relu", .down_t = true,
                                          .pred = true, .version = 1, .pred_threshold = 0.3f});
-        compare(label, path, 3, tol, false);
+        compare(label, path, 3, tol, EXPECT_MISS);
     }
+    /* the predicted logits are the hidden layer (fc2 = identity), >= 0 >
+     * -1: all neurons, over the dense hand-back share (SPARSE_DENSE_FRAC,
+     * 0.6), token by token and batched */
+    write_model(path, &(struct opts){.type = DTYPE_Q4_0, .down_type = DTYPE_F16, .act = "relu", .down_t = true,
+                                     .pred = true, .version = 1, .pred_threshold = -1.0f});
+    compare("relu q4_0, all predicted", path, 3, 0.0, EXPECT_DENSE);
     write_model(path, &(struct opts){.type = DTYPE_Q8_0, .down_type = DTYPE_Q4_0, .act = "relu"});
-    compare("relu q8_0, no down_t", path, 2, 0.0, true); /* the dense down on the same h */
+    compare("relu q8_0, no down_t", path, 2, 0.0, EXPECT_MATCH); /* the dense down on the same h */
     write_model(path, &(struct opts){.type = DTYPE_F16, .down_type = DTYPE_F16, .act = "drelu", .down_t = true});
-    compare("drelu f16", path, 2, 1e-4, true);
+    compare("drelu f16", path, 2, 1e-4, EXPECT_MATCH);
     write_model(path, &(struct opts){.type = DTYPE_Q4_0, .down_type = DTYPE_F16, .act = "relu_nogate", .down_t = true});
-    compare("relu_nogate q4_0", path, 2, 1e-2, true);
+    compare("relu_nogate q4_0", path, 2, 1e-2, EXPECT_MATCH);
     write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu2", .down_t = true,
                                      .act_threshold = 0.05f, .version = 1});
-    compare("relu2 f32 FATReLU 0.05", path, 2, 1e-4, true);
+    compare("relu2 f32 FATReLU 0.05", path, 2, 1e-4, EXPECT_MATCH);
     /* the dense FFN multiplies q8_0 down rows by h quantized to 8 bits;
      * the sparse one scales f32 down_t rows by the f32 h */
     write_model(path, &(struct opts){.type = DTYPE_Q8_0, .down_type = DTYPE_Q8_0, .act = "relu", .down_t = true,
                                      .exact_down = true});
-    compare("relu q8_0, exact q8_0 down_t", path, 2, 5e-2, true);
+    compare("relu q8_0, exact q8_0 down_t", path, 2, 5e-2, EXPECT_MATCH);
 
     /* errors */
     write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true,
