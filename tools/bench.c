@@ -2,8 +2,8 @@
  * optiml-bench - prompt and decode speed of a model, like llama-bench.
  *
  *   optiml-bench -m MODEL [-p 512] [-n 128] [-t THREADS[,THREADS...]] [-r 5]
- *                [-o md|json] [--no-floor] [-ngl N] [--vram-budget GIB]
- *                [--sparse-mode M[,M...]]
+ *                [-o md|json] [--no-floor] [--probe-each] [-ngl N]
+ *                [--vram-budget GIB] [--sparse-mode M[,M...]]
  *
  * pp<P>: one batch of P random tokens into an empty cache.
  * tg<N>: N single-token decode steps after a one-token prompt.
@@ -18,6 +18,12 @@
  * floor does not apply; the table's ngl column says how many layers (plus
  * the head) ran there, and bench/gpu.sh computes the GPU floor from the
  * device's measured copy bandwidth.
+ *
+ * A shared or virtual host's bandwidth changes from moment to moment, so a
+ * decode of a model that reads at least 512 MiB per token (far more than a
+ * cache holds; --probe-each: any model) also gets one read pass of the
+ * probe just before each of its runs, and the floor line adds each run
+ * against its own pass (mean and range).
  *
  * --sparse-mode runs each test once per listed optiml_context_params
  * sparse_mode (0 auto, 1 dense, 2 oracle, 3 predictor), so sparse and dense
@@ -57,35 +63,40 @@ static void *bw_read(void *arg) {
     return NULL;
 }
 
-/* Read bandwidth in bytes/s over a 1 GiB buffer, best of 3; 0 on failure. */
-static double measure_bandwidth(int n_threads) {
-    const size_t n = (size_t)1 << 30;
-    unsigned char *buf = malloc(n);
-    if (!buf) return 0.0;
-    memset(buf, 1, n);
+#define BW_BYTES ((size_t)1 << 30) /* the probe's buffer */
+
+/* One read pass over buf (BW_BYTES of 1s) on n_threads threads: bytes/s, 0
+ * on failure. */
+static double read_pass(const unsigned char *buf, int n_threads) {
+    const size_t n = BW_BYTES;
     if (n_threads > 256) n_threads = 256;
     pthread_t th[256];
     struct bw_arg args[256];
-    double best = 0.0;
     bool found = false;
-    for (int rep = 0; rep < 3; rep++) {
-        int64_t t0 = optiml_time_us();
-        int started = 0;
-        for (int i = 0; i < n_threads; i++) {
-            args[i] = (struct bw_arg){buf + n / n_threads * i, n / n_threads, NULL};
-            if (pthread_create(&th[i], NULL, bw_read, &args[i]) != 0) break;
-            started++;
-        }
-        for (int i = 0; i < started; i++) {
-            pthread_join(th[i], NULL);
-            found |= args[i].found != NULL;
-        }
-        double s = (optiml_time_us() - t0) / 1e6;
-        double bytes = (double)(n / n_threads) * started;
-        if (bytes / s > best) best = bytes / s;
+    int64_t t0 = optiml_time_us();
+    int started = 0;
+    for (int i = 0; i < n_threads; i++) {
+        args[i] = (struct bw_arg){buf + n / n_threads * i, n / n_threads, NULL};
+        if (pthread_create(&th[i], NULL, bw_read, &args[i]) != 0) break;
+        started++;
     }
-    free(buf);
-    return found ? 0.0 : best;
+    for (int i = 0; i < started; i++) {
+        pthread_join(th[i], NULL);
+        found |= args[i].found != NULL;
+    }
+    double s = (optiml_time_us() - t0) / 1e6;
+    return found || s <= 0 ? 0.0 : (double)(n / n_threads) * started / s;
+}
+
+/* Read bandwidth in bytes/s, best of 3 passes; 0 on failure. */
+static double measure_bandwidth(const unsigned char *buf, int n_threads) {
+    double best = 0.0;
+    for (int rep = 0; rep < 3; rep++) {
+        const double b = read_pass(buf, n_threads);
+        if (b == 0.0) return 0.0;
+        if (b > best) best = b;
+    }
+    return best;
 }
 
 /* ---- the tests ----------------------------------------------------------------- */
@@ -135,6 +146,10 @@ struct result {
     double ffn_active; /* share of FFN neurons computed, -1: dense FFN */
     char test[48];
     double mean, sd;
+    /* decode with paired probes (see main): the share of the read bandwidth
+     * measured just before each run, mean and range, and that range */
+    int n_paired;
+    double share_mean, share_min, share_max, bw_min, bw_max;
 };
 
 /* ---- arguments ---------------------------------------------------------------- */
@@ -148,7 +163,7 @@ struct bench_args {
     double vram_budget;
     int sparse_modes[MAX_SPARSE_MODES];
     int n_sparse_modes; /* 0: the default mode only, names unchanged */
-    bool json, floor;
+    bool json, floor, probe_each;
 };
 
 static bool parse_int(const char *s, long lo, long hi, int *out) {
@@ -165,9 +180,10 @@ static int parse_args(int argc, char **argv, struct bench_args *a) {
     for (int i = 1; i < argc; i++) {
         const char *f = argv[i];
         if (!strcmp(f, "--no-floor")) { a->floor = false; continue; }
+        if (!strcmp(f, "--probe-each")) { a->probe_each = true; continue; }
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) {
             printf("usage: optiml-bench -m MODEL [-p 512] [-n 128] [-t N[,N...]] [-r 5] [-o md|json] [--no-floor]\n"
-                   "                    [-ngl N] [--vram-budget GIB] [--sparse-mode M[,M...]]\n");
+                   "                    [--probe-each] [-ngl N] [--vram-budget GIB] [--sparse-mode M[,M...]]\n");
             exit(0);
         }
         if (i + 1 >= argc) {
@@ -241,6 +257,21 @@ int main(int argc, char **argv) {
     const int n_modes = a.n_sparse_modes ? a.n_sparse_modes : 1;
     double bw[MAX_THREAD_COUNTS] = {0};
     int n_res = 0;
+    const double step_bytes = (double)optiml_model_decode_bytes(model);
+    const int ngl = optiml_model_n_gpu_layers(model);
+    /* The probe buffer. The host's bandwidth can change from second to
+     * second (a shared or virtual machine: 13-24 GB/s between probes a
+     * minute apart on the 2-core dev VM), so besides the best-of-3 probe
+     * after the tests, a decode that reads far more than any cache holds
+     * (or any, with --probe-each) gets one read pass just before each of
+     * its runs, and each run is compared with its own pass (for a model
+     * that fits a cache the pass evicts it and slows the run it measures). */
+    unsigned char *bwbuf = NULL;
+    if (a.floor && ngl == 0) {
+        bwbuf = malloc(BW_BYTES);
+        if (bwbuf) memset(bwbuf, 1, BW_BYTES);
+    }
+    const bool paired = bwbuf && a.n_gen > 0 && (a.probe_each || step_bytes >= 512.0 * 1048576.0);
     uint64_t rng = 12345;
     for (int ti = 0; ti < a.n_thread_counts; ti++)
     for (int mi = 0; mi < n_modes; mi++) {
@@ -254,9 +285,11 @@ int main(int argc, char **argv) {
         for (int kind = 0; kind < 2; kind++) {
             int n = kind == 0 ? a.n_prompt : 1, n_gen = kind == 0 ? 0 : a.n_gen;
             if ((kind == 0 && a.n_prompt == 0) || (kind == 1 && a.n_gen == 0)) continue;
-            double tps[MAX_REPS];
+            double tps[MAX_REPS], rbw[MAX_REPS];
+            const bool pair = paired && kind == 1 && mi == 0;
             for (int r = -1; r < a.reps; r++) {
                 double t;
+                if (pair && r >= 0) rbw[r] = read_pass(bwbuf, a.threads[ti]);
                 if (run_once(ctx, &batch, n_vocab, n, n_gen, &rng, &t) != OPTIML_OK) {
                     optiml_context_free(ctx);
                     goto fail;
@@ -264,6 +297,23 @@ int main(int argc, char **argv) {
                 if (r >= 0) tps[r] = t;
             }
             struct result *rr = &res[n_res++];
+            rr->n_paired = 0;
+            for (int r = 0; pair && r < a.reps; r++) {
+                if (rbw[r] <= 0) continue;
+                const double sh = tps[r] * step_bytes / rbw[r];
+                if (rr->n_paired == 0) {
+                    rr->share_min = rr->share_max = sh;
+                    rr->bw_min = rr->bw_max = rbw[r];
+                    rr->share_mean = 0.0;
+                }
+                rr->share_mean += sh;
+                rr->share_min = sh < rr->share_min ? sh : rr->share_min;
+                rr->share_max = sh > rr->share_max ? sh : rr->share_max;
+                rr->bw_min = rbw[r] < rr->bw_min ? rbw[r] : rr->bw_min;
+                rr->bw_max = rbw[r] > rr->bw_max ? rbw[r] : rr->bw_max;
+                rr->n_paired++;
+            }
+            if (rr->n_paired) rr->share_mean /= rr->n_paired;
             rr->n_threads = a.threads[ti];
             rr->sparse_mode = cp.sparse_mode;
             uint64_t n_act = 0, n_tot = 0;
@@ -277,14 +327,13 @@ int main(int argc, char **argv) {
             stats(tps, a.reps, &rr->mean, &rr->sd);
         }
         optiml_context_free(ctx);
-        if (a.floor && mi == 0) bw[ti] = measure_bandwidth(a.threads[ti]);
+        if (bwbuf && mi == 0) bw[ti] = measure_bandwidth(bwbuf, a.threads[ti]);
     }
 
     char desc[128];
     optiml_model_desc(model, desc, sizeof(desc));
     const double size_mib = optiml_model_size(model) / 1048576.0, params_m = optiml_model_n_params(model) / 1e6;
-    const double step_bytes = (double)optiml_model_decode_bytes(model);
-    const int ngl = optiml_model_n_gpu_layers(model);
+    free(bwbuf);
     if (a.json) {
         printf("[\n");
         for (int i = 0; i < n_res; i++) {
@@ -292,11 +341,17 @@ int main(int argc, char **argv) {
             while (a.threads[ti] != res[i].n_threads) ti++;
             printf("  {\"model\": \"%s\", \"size_bytes\": %llu, \"n_params\": %llu, \"cpu\": \"%s\", \"n_threads\": %d, "
                    "\"n_gpu_layers\": %d, \"sparse_mode\": %d, \"ffn_active\": %.4f, \"test\": \"%s\", \"t_s\": %.4f, "
-                   "\"t_s_sd\": %.4f, \"decode_bytes\": %.0f, \"read_bw_gbs\": %.3f}%s\n",
+                   "\"t_s_sd\": %.4f, \"decode_bytes\": %.0f, \"read_bw_gbs\": %.3f",
                    desc, (unsigned long long)optiml_model_size(model), (unsigned long long)optiml_model_n_params(model),
                    optiml_cpu_features(), res[i].n_threads, ngl, res[i].sparse_mode, res[i].ffn_active, res[i].test,
                    res[i].mean, res[i].sd, step_bytes,
-                   bw[ti] / 1e9, i + 1 < n_res ? "," : "");
+                   bw[ti] / 1e9);
+            if (res[i].n_paired)
+                printf(", \"paired_runs\": %d, \"paired_read_bw_gbs\": [%.3f, %.3f], \"paired_share\": %.4f, "
+                       "\"paired_share_range\": [%.4f, %.4f]",
+                       res[i].n_paired, res[i].bw_min / 1e9, res[i].bw_max / 1e9, res[i].share_mean,
+                       res[i].share_min, res[i].share_max);
+            printf("}%s\n", i + 1 < n_res ? "," : "");
         }
         printf("]\n");
     } else {
@@ -308,8 +363,12 @@ int main(int argc, char **argv) {
         for (int ti = 0; a.floor && ngl == 0 && ti < a.n_thread_counts; ti++) {
             double floor_tps = bw[ti] > 0 ? bw[ti] / step_bytes : 0.0;
             double tg = 0.0;
+            const struct result *rt = NULL;
             for (int i = 0; i < n_res; i++) /* the first --sparse-mode's decode */
-                if (res[i].n_threads == a.threads[ti] && res[i].test[0] == 't' && tg == 0.0) tg = res[i].mean;
+                if (res[i].n_threads == a.threads[ti] && res[i].test[0] == 't' && !rt) {
+                    rt = &res[i];
+                    tg = res[i].mean;
+                }
             printf("\ndecode floor, %d threads: %.2f MiB read per token / %.2f GB/s measured = %.2f tokens/s",
                    a.threads[ti], step_bytes / 1048576.0, bw[ti] / 1e9, floor_tps);
             if (tg > 0 && floor_tps > 0) printf("; decode reaches %.0f%% of it", 100.0 * tg / floor_tps);
@@ -317,12 +376,18 @@ int main(int argc, char **argv) {
                 printf(" (above the floor: the probe's bandwidth is a lower bound, and caches serve models that "
                        "fit them)");
             printf("\n");
+            if (rt && rt->n_paired)
+                printf("run by run, against a read pass just before each run (%.2f-%.2f GB/s): decode reaches "
+                       "%.0f%% (%.0f-%.0f%%) of it\n",
+                       rt->bw_min / 1e9, rt->bw_max / 1e9, 100.0 * rt->share_mean, 100.0 * rt->share_min,
+                       100.0 * rt->share_max);
         }
     }
     optiml_batch_free(batch);
     optiml_model_free(model);
     return 0;
 fail:
+    free(bwbuf);
     fprintf(stderr, "optiml-bench: %s\n", optiml_last_error());
     optiml_batch_free(batch);
     optiml_model_free(model);
