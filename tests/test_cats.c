@@ -42,8 +42,7 @@
 #define N_FF 512
 #define N_LAYER 2
 #define N_HEAD 4
-#define N_VOCAB 300
-#define N_TOK 6
+#include "sparse_test_util.h"
 
 struct opts {
     uint32_t type; /* gate, up, attention, output */
@@ -64,77 +63,10 @@ static bool use_neuron_thr;
 /* kind "cats_product": the cut is on |silu(g_i) u_i| */
 static bool use_product;
 
-static uint64_t rng_state;
-static float rnd(void) { /* uniform in [-1, 1) */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)(rng_state >> 40) / 8388608.0f - 1.0f;
-}
-static float gauss(void) {
-    float s = 0;
-    for (int i = 0; i < 4; i++) s += rnd();
-    return s * 0.866f;
-}
-
 /* ---- model writer ------------------------------------------------------ */
 
-static void *bufs[256];
-static int n_bufs;
-
-static void *keep(void *p) {
-    bufs[n_bufs++] = p;
-    return p;
-}
-
-static void add(gguf_writer *w, const char *name, uint32_t type, int64_t ne0, int64_t ne1, const float *v) {
-    uint64_t ne[2] = {(uint64_t)ne0, (uint64_t)ne1}, row;
-    dtype_row_size(type, (uint64_t)ne0, &row);
-    void *dst = keep(malloc(row * (uint64_t)ne1));
-    if (type == DTYPE_F32) memcpy(dst, v, (size_t)(ne0 * ne1) * sizeof(float));
-    else if (type == DTYPE_F16)
-        for (int64_t i = 0; i < ne0 * ne1; i++) ((f16_t *)dst)[i] = f32_to_f16(v[i]);
-    else quant_quantizer(type)(ne0 * ne1, v, dst);
-    CHECK(gguf_writer_add_tensor(w, name, type, ne1 > 1 ? 2 : 1, ne, dst) == OPTIML_OK, "%s", optiml_last_error());
-}
-
-static float *randm(int64_t n, float scale) {
-    float *v = keep(malloc((size_t)n * sizeof(float)));
-    for (int64_t i = 0; i < n; i++) v[i] = gauss() * scale;
-    return v;
-}
-
-static void vocab_keys(gguf_writer *w) {
-    static char store[N_VOCAB][16];
-    const char *pieces[N_VOCAB];
-    float scores[N_VOCAB];
-    int32_t types[N_VOCAB];
-    for (int i = 0; i < N_VOCAB; i++) {
-        if (i < 3) snprintf(store[i], 16, "%s", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>");
-        else if (i < 259) snprintf(store[i], 16, "<0x%02X>", (unsigned)(i - 3));
-        else snprintf(store[i], 16, "\xe2\x96\x81t%d", i);
-        pieces[i] = store[i];
-        scores[i] = -(float)i;
-        types[i] = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1;
-    }
-    gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
-    gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", pieces, NULL, N_VOCAB);
-    gguf_writer_set_arr(w, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, scores, N_VOCAB);
-    gguf_writer_set_arr(w, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, types, N_VOCAB);
-    gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1);
-    gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2);
-}
-
 static void write_model(const char *path, const struct opts *o) {
-    rng_state = 0x9876543ull;
-    n_bufs = 0;
-    gguf_writer *w = gguf_writer_init();
-    gguf_writer_set_str(w, "general.architecture", "llama");
-    gguf_writer_set_u32(w, "llama.context_length", 64);
-    gguf_writer_set_u32(w, "llama.embedding_length", N_EMBD);
-    gguf_writer_set_u32(w, "llama.block_count", N_LAYER);
-    gguf_writer_set_u32(w, "llama.feed_forward_length", N_FF);
-    gguf_writer_set_u32(w, "llama.attention.head_count", N_HEAD);
+    gguf_writer *w = model_begin(0x9876543ull, "llama");
     gguf_writer_set_u32(w, "optiml.sparse.version", 1);
     gguf_writer_set_str(w, "optiml.sparse.kind", o->kind ? o->kind : "cats");
     float thr[N_LAYER + 1];
@@ -142,33 +74,27 @@ static void write_model(const char *path, const struct opts *o) {
     if (!o->no_thr)
         gguf_writer_set_arr(w, "optiml.sparse.gate_threshold", GGUF_TYPE_FLOAT32, thr,
                             o->bad_count ? N_LAYER + 1 : N_LAYER);
-    vocab_keys(w);
-    add(w, "token_embd.weight", DTYPE_F32, N_EMBD, N_VOCAB, randm(N_VOCAB * N_EMBD, 1.0f));
-    float *ones = keep(malloc(N_EMBD * sizeof(float)));
-    for (int i = 0; i < N_EMBD; i++) ones[i] = 1.0f;
+    vocab_keys(w, true);
+    add(w, "token_embd.weight", DTYPE_F32, N_EMBD, N_VOCAB, randn(N_VOCAB * N_EMBD, 1.0f));
+    float *ones = ones_embd();
     add(w, "output_norm.weight", DTYPE_F32, N_EMBD, 1, ones);
-    add(w, "output.weight", o->type, N_EMBD, N_VOCAB, randm(N_VOCAB * N_EMBD, 0.1f));
+    add(w, "output.weight", o->type, N_EMBD, N_VOCAB, randn(N_VOCAB * N_EMBD, 0.1f));
     const float s = 1.0f / sqrtf(N_EMBD), sf = 1.0f / sqrtf(N_FF);
     for (int il = 0; il < N_LAYER; il++) {
         char name[64];
 #define NAME(x) (snprintf(name, sizeof(name), "blk.%d." x, il), name)
         add(w, NAME("attn_norm.weight"), DTYPE_F32, N_EMBD, 1, ones);
         add(w, NAME("ffn_norm.weight"), DTYPE_F32, N_EMBD, 1, ones);
-        add(w, NAME("attn_q.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, s));
-        add(w, NAME("attn_k.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, s));
-        add(w, NAME("attn_v.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, s));
-        add(w, NAME("attn_output.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.3f * s));
+        add(w, NAME("attn_q.weight"), o->type, N_EMBD, N_EMBD, randn(N_EMBD * N_EMBD, s));
+        add(w, NAME("attn_k.weight"), o->type, N_EMBD, N_EMBD, randn(N_EMBD * N_EMBD, s));
+        add(w, NAME("attn_v.weight"), o->type, N_EMBD, N_EMBD, randn(N_EMBD * N_EMBD, s));
+        add(w, NAME("attn_output.weight"), o->type, N_EMBD, N_EMBD, randn(N_EMBD * N_EMBD, 0.3f * s));
         /* gate ~ N(0, 1.5^2) over unit-RMS inputs */
-        add(w, NAME("ffn_gate.weight"), o->type, N_EMBD, N_FF, randm(N_FF * N_EMBD, 1.5f * s));
-        add(w, NAME("ffn_up.weight"), o->type, N_EMBD, N_FF, randm(N_FF * N_EMBD, s));
-        float *down = randm(N_FF * N_EMBD, sf);
+        add(w, NAME("ffn_gate.weight"), o->type, N_EMBD, N_FF, randn(N_FF * N_EMBD, 1.5f * s));
+        add(w, NAME("ffn_up.weight"), o->type, N_EMBD, N_FF, randn(N_FF * N_EMBD, s));
+        float *down = randn(N_FF * N_EMBD, sf);
         add(w, NAME("ffn_down.weight"), DTYPE_F16, N_FF, N_EMBD, down);
-        if (o->down_t) {
-            float *dt = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
-            for (int64_t r = 0; r < N_EMBD; r++)
-                for (int64_t c = 0; c < N_FF; c++) dt[c * N_EMBD + r] = down[r * N_FF + c];
-            add(w, NAME("ffn_down_t.weight"), DTYPE_F16, N_EMBD, N_FF, dt);
-        }
+        if (o->down_t) add(w, NAME("ffn_down_t.weight"), DTYPE_F16, N_EMBD, N_FF, transpose(down, N_EMBD, N_FF));
         if (o->neuron_thr && (il == 0 || !o->nthr_one_layer)) {
             float *t = keep(malloc((N_FF + 1) * sizeof(float)));
             for (int i = 0; i <= N_FF; i++) t[i] = o->thr * (1.0f + 0.75f * rnd());
@@ -179,9 +105,7 @@ static void write_model(const char *path, const struct opts *o) {
         }
 #undef NAME
     }
-    CHECK(gguf_writer_write(w, path) == OPTIML_OK, "%s", optiml_last_error());
-    gguf_writer_free(w);
-    for (int i = 0; i < n_bufs; i++) free(bufs[i]);
+    model_end(w, path);
 }
 
 /* ---- scalar reference --------------------------------------------------- */
@@ -220,12 +144,8 @@ static void check_layer(const char *label, const char *path, double tol) {
         CHECK(false, "%s: %s", label, optiml_last_error());
         return;
     }
-    optiml_context_params p = optiml_context_default_params();
-    p.n_ctx = 16;
-    p.n_threads = 2;
-    p.sparse_mode = 4;
     optiml_context *ctx = NULL;
-    CHECK(optiml_context_init(m, &p, &ctx) == OPTIML_OK, "%s", optiml_last_error());
+    CHECK(context_start(m, 16, 4, 2, &ctx) == OPTIML_OK, "%s", optiml_last_error());
     for (int32_t il = 0; ctx && il < N_LAYER; il++) {
         float x0[N_EMBD];
         double y[N_EMBD];
@@ -260,51 +180,6 @@ static void check_layer(const char *label, const char *path, double tol) {
 
 /* ---- whole model ----------------------------------------------------------- */
 
-static const optiml_token toks[N_TOK] = {1, 300 - 7, 261, 45, 280, 99};
-
-static bool run(const optiml_model *m, int mode, bool batched, float *out, double *share) {
-    optiml_context_params p = optiml_context_default_params();
-    p.n_ctx = 32;
-    p.n_threads = 2;
-    p.sparse_mode = mode;
-    optiml_context *ctx = NULL;
-    if (optiml_context_init(m, &p, &ctx) != OPTIML_OK) {
-        CHECK(false, "mode %d: %s", mode, optiml_last_error());
-        return false;
-    }
-    optiml_batch b = optiml_batch_init(N_TOK);
-    uint64_t act_sum = 0, tot_sum = 0;
-    for (int i = 0; i < N_TOK; i += batched ? N_TOK : 1) {
-        b.n_tokens = 0;
-        for (int j = i; j < (batched ? N_TOK : i + 1); j++) {
-            b.token[b.n_tokens] = toks[j];
-            b.pos[b.n_tokens] = j;
-            b.seq_id[b.n_tokens] = 0;
-            b.logits[b.n_tokens++] = 1;
-        }
-        CHECK(optiml_decode(ctx, &b) == OPTIML_OK, "%s", optiml_last_error());
-        for (int j = 0; j < b.n_tokens; j++) memcpy(out + (i + j) * N_VOCAB, optiml_get_logits_ith(ctx, j), N_VOCAB * 4);
-        uint64_t a, t;
-        optiml_context_ffn_stats(ctx, &a, &t);
-        act_sum += a;
-        tot_sum += t;
-    }
-    *share = tot_sum ? (double)act_sum / (double)tot_sum : -1.0;
-    optiml_batch_free(b);
-    optiml_context_free(ctx);
-    return true;
-}
-
-static double rel_diff(const float *a, const float *b) {
-    double d = 0;
-    for (int i = 0; i < N_TOK * N_VOCAB; i++) {
-        double e = fabs((double)a[i] - b[i]) / fmax(1.0, fabs((double)b[i]));
-        if (isnan(e)) return INFINITY;
-        if (e > d) d = e;
-    }
-    return d;
-}
-
 static float one_by_one[N_TOK * N_VOCAB], batch[N_TOK * N_VOCAB], dense[N_TOK * N_VOCAB];
 
 /* want_drop: the thresholds drop neurons (the dense model must differ). */
@@ -314,9 +189,8 @@ static void check_model(const char *label, const char *path, double tol, bool wa
         CHECK(false, "%s: %s", label, optiml_last_error());
         return;
     }
-    for (int i = 0; i < N_TOK * N_VOCAB; i++) one_by_one[i] = batch[i] = dense[i] = NAN; /* poison */
     double s1, sb, sd;
-    if (run(m, 4, false, one_by_one, &s1) && run(m, 4, true, batch, &sb) && run(m, 1, true, dense, &sd)) {
+    if (run(m, 4, 2, false, one_by_one, &s1) && run(m, 4, 2, true, batch, &sb) && run(m, 1, 2, true, dense, &sd)) {
         const double d = rel_diff(one_by_one, batch), dd = rel_diff(one_by_one, dense);
         const bool ok = d <= tol && (want_drop ? dd > 10 * tol && s1 < 0.8 : dd <= tol) && sd == -1.0 &&
                         fabs(s1 - sb) < 0.02;
@@ -357,22 +231,13 @@ static void observe(void *user, int32_t il, int64_t n_tok, const float *x, const
 static void check_observer(const char *path) {
     optiml_model *m = NULL;
     CHECK(optiml_model_load(path, NULL, &m) == OPTIML_OK, "%s", optiml_last_error());
-    optiml_context_params p = optiml_context_default_params();
-    p.n_ctx = 16;
-    p.sparse_mode = 1;
     optiml_context *ctx = NULL;
-    CHECK(m && optiml_context_init(m, &p, &ctx) == OPTIML_OK, "%s", optiml_last_error());
+    CHECK(m && context_start(m, 16, 1, 0, &ctx) == OPTIML_OK, "%s", optiml_last_error());
     if (!ctx) return;
     struct obs o = {.m = m};
     CHECK(context_set_ffn_observer(ctx, observe, &o) == OPTIML_OK);
     optiml_batch b = optiml_batch_init(N_TOK);
-    for (int j = 0; j < N_TOK; j++) {
-        b.token[j] = toks[j];
-        b.pos[j] = j;
-        b.seq_id[j] = 0;
-        b.logits[j] = j == N_TOK - 1;
-    }
-    b.n_tokens = N_TOK;
+    for (int j = 0; j < N_TOK; j++) batch_add(&b, j, j == N_TOK - 1);
     CHECK(optiml_decode(ctx, &b) == OPTIML_OK, "%s", optiml_last_error());
     const bool ok = o.calls == N_LAYER && o.max_err < 1e-4;
     printf("%s observer: g = x Wgate (f32): %d calls, max rel err %.3g (tol 1e-4)\n", ok ? "PASS" : "FAIL", o.calls,
@@ -380,15 +245,6 @@ static void check_observer(const char *path) {
     CHECK(ok);
     optiml_batch_free(b);
     optiml_context_free(ctx);
-    optiml_model_free(m);
-}
-
-static void expect_load_error(const char *label, const char *path, optiml_status want, const char *needle) {
-    optiml_model *m = NULL;
-    optiml_status st = optiml_model_load(path, NULL, &m);
-    const bool ok = st == want && strstr(optiml_last_error(), needle);
-    printf("%s error: %s: status %d: %s\n", ok ? "PASS" : "FAIL", label, (int)st, optiml_last_error());
-    CHECK(ok, "%s: want status %d with \"%s\"", label, (int)want, needle);
     optiml_model_free(m);
 }
 
@@ -445,54 +301,48 @@ int main(void) {
     check_model("silu f32, thresholds 0", path, 1e-4, false);
     check_observer(path);
 
-    /* errors */
-    write_model(path, &(struct opts){.type = DTYPE_F32, .no_thr = true});
-    expect_load_error("cats without thresholds", path, OPTIML_ERR_FORMAT, "without optiml.sparse.gate_threshold");
-    write_model(path, &(struct opts){.type = DTYPE_F32, .bad_count = true, .thr = thr});
-    expect_load_error("threshold count", path, OPTIML_ERR_FORMAT, "gate_threshold has 3 values");
-    write_model(path, &(struct opts){.type = DTYPE_F32, .negative = true});
-    expect_load_error("negative threshold", path, OPTIML_ERR_FORMAT, "gate_threshold[0]");
-    write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "teal", .thr = thr});
-    expect_load_error("unknown kind", path, OPTIML_ERR_UNSUPPORTED, "optiml.sparse.kind 'teal' is not 'relu', 'cats' or");
-    write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "relu", .thr = thr});
-    expect_load_error("thresholds of kind relu", path, OPTIML_ERR_FORMAT, "needs optiml.sparse.kind 'cats'");
-    const struct opts nt = {.type = DTYPE_F32, .thr = thr, .neuron_thr = true};
-    struct opts e = nt;
-    e.nthr_one_layer = true;
-    write_model(path, &e);
-    expect_load_error("per-neuron thresholds in one layer", path, OPTIML_ERR_FORMAT,
-                      "ffn_gate_thr in 1 of 2 layers (blk.1 has none)");
-    e = nt;
-    e.nthr_shape = true;
-    write_model(path, &e);
-    expect_load_error("per-neuron threshold count", path, OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr has shape (513, 1)");
-    e = nt;
-    e.nthr_f16 = true;
-    write_model(path, &e);
-    expect_load_error("per-neuron thresholds f16", path, OPTIML_ERR_UNSUPPORTED, "ffn_gate_thr has type f16");
-    e = nt;
-    e.nthr_negative = true;
-    write_model(path, &e);
-    expect_load_error("negative per-neuron threshold", path, OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr[7] = -0.5");
-    e = nt;
-    e.nthr_nan = true;
-    write_model(path, &e);
-    expect_load_error("NaN per-neuron threshold", path, OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr[9] = nan");
-    e = nt;
-    e.kind = "relu";
-    e.no_thr = true;
-    write_model(path, &e);
-    expect_load_error("per-neuron thresholds of kind relu", path, OPTIML_ERR_FORMAT,
-                      "ffn_gate_thr needs optiml.sparse.kind 'cats'");
+    /* errors: the model each writes must fail to load with that message */
+    const struct {
+        const char *label;
+        struct opts o;
+        optiml_status want;
+        const char *needle;
+    } errors[] = {
+        {"cats without thresholds", {.type = DTYPE_F32, .no_thr = true}, OPTIML_ERR_FORMAT,
+         "without optiml.sparse.gate_threshold"},
+        {"threshold count", {.type = DTYPE_F32, .bad_count = true, .thr = thr}, OPTIML_ERR_FORMAT,
+         "gate_threshold has 3 values"},
+        {"negative threshold", {.type = DTYPE_F32, .negative = true}, OPTIML_ERR_FORMAT, "gate_threshold[0]"},
+        {"unknown kind", {.type = DTYPE_F32, .kind = "teal", .thr = thr}, OPTIML_ERR_UNSUPPORTED,
+         "optiml.sparse.kind 'teal' is not 'relu', 'cats' or"},
+        {"thresholds of kind relu", {.type = DTYPE_F32, .kind = "relu", .thr = thr}, OPTIML_ERR_FORMAT,
+         "needs optiml.sparse.kind 'cats'"},
+        /* per-neuron thresholds */
+        {"per-neuron thresholds in one layer",
+         {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_one_layer = true}, OPTIML_ERR_FORMAT,
+         "ffn_gate_thr in 1 of 2 layers (blk.1 has none)"},
+        {"per-neuron threshold count", {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_shape = true},
+         OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr has shape (513, 1)"},
+        {"per-neuron thresholds f16", {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_f16 = true},
+         OPTIML_ERR_UNSUPPORTED, "ffn_gate_thr has type f16"},
+        {"negative per-neuron threshold", {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_negative = true},
+         OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr[7] = -0.5"},
+        {"NaN per-neuron threshold", {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_nan = true},
+         OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr[9] = nan"},
+        {"per-neuron thresholds of kind relu",
+         {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .kind = "relu", .no_thr = true}, OPTIML_ERR_FORMAT,
+         "ffn_gate_thr needs optiml.sparse.kind 'cats'"},
+    };
+    for (size_t k = 0; k < sizeof(errors) / sizeof(errors[0]); k++) {
+        write_model(path, &errors[k].o);
+        expect_load_error(errors[k].label, path, errors[k].want, errors[k].needle);
+    }
     /* mode 4 on a model without thresholds */
     write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "relu", .no_thr = true});
     optiml_model *m = NULL;
     CHECK(optiml_model_load(path, NULL, &m) == OPTIML_OK, "%s", optiml_last_error());
-    optiml_context_params p = optiml_context_default_params();
-    p.n_ctx = 16;
-    p.sparse_mode = 4;
     optiml_context *ctx = NULL;
-    const optiml_status st = m ? optiml_context_init(m, &p, &ctx) : OPTIML_ERR_INVALID_ARG;
+    const optiml_status st = m ? context_start(m, 16, 4, 0, &ctx) : OPTIML_ERR_INVALID_ARG;
     const bool ok = st == OPTIML_ERR_INVALID_ARG && !ctx && strstr(optiml_last_error(), "gate_threshold");
     printf("%s error: sparse_mode 4 without thresholds: %s\n", ok ? "PASS" : "FAIL", optiml_last_error());
     CHECK(ok);

@@ -40,8 +40,7 @@
 #define N_FF 256
 #define N_LAYER 2
 #define N_HEAD 4
-#define N_VOCAB 300
-#define N_TOK 6
+#include "sparse_test_util.h"
 
 struct opts {
     uint32_t type;      /* attention, gate, up, output                       */
@@ -52,100 +51,15 @@ struct opts {
     bool no_down_t, bad_arch;
 };
 
-static uint64_t rng_state;
-static float rnd(void) { /* uniform in [-1, 1) */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)(rng_state >> 40) / 8388608.0f - 1.0f;
-}
-
-static void *bufs[128];
-static int n_bufs;
-static void *keep(void *p) {
-    bufs[n_bufs++] = p;
-    return p;
-}
-
 /* what the test knows of the model last written: fc1 as the file holds it
  * (dequantized), fc2, ffn_norm, ffn_down_t (dequantized) */
 #define R (2 * N_FF) /* predictor rank */
 static float g_fc1[N_LAYER][R * N_EMBD], g_fc2[N_LAYER][N_FF * R], g_norm[N_LAYER][N_EMBD];
 static float g_down_t[N_LAYER][N_FF * N_EMBD];
 
-static void add(gguf_writer *w, const char *name, uint32_t type, int64_t ne0, int64_t ne1, const float *v) {
-    uint64_t ne[2] = {(uint64_t)ne0, (uint64_t)ne1}, row;
-    dtype_row_size(type, (uint64_t)ne0, &row);
-    void *dst = keep(malloc(row * (uint64_t)ne1));
-    if (type == DTYPE_F32) memcpy(dst, v, (size_t)(ne0 * ne1) * sizeof(float));
-    else if (type == DTYPE_F16)
-        for (int64_t i = 0; i < ne0 * ne1; i++) ((f16_t *)dst)[i] = f32_to_f16(v[i]);
-    else quant_quantizer(type)(ne0 * ne1, v, dst);
-    CHECK(gguf_writer_add_tensor(w, name, type, ne1 > 1 ? 2 : 1, ne, dst) == OPTIML_OK, "%s", optiml_last_error());
-}
-
-/* The values a tensor of this type holds (quantize, dequantize). */
-static void round_trip(uint32_t type, int64_t n, float *v) {
-    if (type == DTYPE_F32) return;
-    if (type == DTYPE_F16) {
-        for (int64_t i = 0; i < n; i++) v[i] = f16_to_f32(f32_to_f16(v[i]));
-        return;
-    }
-    uint64_t row;
-    dtype_row_size(type, (uint64_t)n, &row);
-    void *q = malloc(row);
-    quant_quantizer(type)(n, v, q);
-    quant_dequantizer(type)(n, q, v);
-    free(q);
-}
-
-static float *randm(int64_t n, float scale) {
-    float *v = keep(malloc((size_t)n * sizeof(float)));
-    for (int64_t i = 0; i < n; i++) v[i] = rnd() * scale;
-    return v;
-}
-
-static void vocab_keys(gguf_writer *w) {
-    static char store[N_VOCAB][16];
-    const char *pieces[N_VOCAB];
-    float scores[N_VOCAB];
-    int32_t types[N_VOCAB];
-    for (int i = 0; i < N_VOCAB; i++) {
-        if (i < 3) snprintf(store[i], 16, "%s", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>");
-        else if (i < 259) snprintf(store[i], 16, "<0x%02X>", (unsigned)(i - 3));
-        else snprintf(store[i], 16, "\xe2\x96\x81t%d", i);
-        pieces[i] = store[i];
-        scores[i] = -(float)i;
-        types[i] = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1;
-    }
-    gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
-    gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", pieces, NULL, N_VOCAB);
-    gguf_writer_set_arr(w, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, scores, N_VOCAB);
-    gguf_writer_set_arr(w, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, types, N_VOCAB);
-}
-
 static void set_magic(const char *path, const char *magic) {
     FILE *fp = fopen(path, "r+b");
     CHECK(fp && fwrite(magic, 1, 4, fp) == 4 && fclose(fp) == 0, "patching %s", path);
-}
-
-static void hparams(gguf_writer *w, const char *arch) {
-    char key[64];
-    gguf_writer_set_str(w, "general.architecture", arch);
-#define KEY(s) (snprintf(key, sizeof(key), "%s." s, arch), key)
-    gguf_writer_set_u32(w, KEY("context_length"), 64);
-    gguf_writer_set_u32(w, KEY("embedding_length"), N_EMBD);
-    gguf_writer_set_u32(w, KEY("block_count"), N_LAYER);
-    gguf_writer_set_u32(w, KEY("feed_forward_length"), N_FF);
-    gguf_writer_set_u32(w, KEY("attention.head_count"), N_HEAD);
-    gguf_writer_set_f32(w, KEY("attention.layer_norm_rms_epsilon"), 1e-5f);
-#undef KEY
-}
-
-/* Down weights k * 2^-9, |k| <= 127, 127 wherever (r - c) % 32 == 0:
- * q8_0 holds them exactly as rows of down and of down_t. */
-static float exact_value(int64_t r, int64_t c) {
-    return ((r - c) % 32 == 0 ? 127.0f : floorf(rnd() * 126.0f)) / 512.0f;
 }
 
 /* A PowerInfer file, or (optiml_ref) the same model as an OptiML GGUF. The
@@ -155,11 +69,11 @@ static float exact_value(int64_t r, int64_t c) {
  * the normed input that covers every neuron that fires; the file's fc1 is
  * that times ffn_norm per column, as PowerInfer's reads the raw input. */
 static void write_model(const char *path, const struct opts *o) {
-    rng_state = 0x7654321ull;
-    n_bufs = 0;
     const char *arch = o->bad_arch ? "falcon" : o->bamboo && !o->optiml_ref ? "bamboo" : "llama";
-    gguf_writer *w = gguf_writer_init();
-    hparams(w, arch);
+    gguf_writer *w = model_begin(0x7654321ull, arch);
+    char key[64];
+    snprintf(key, sizeof(key), "%s.attention.layer_norm_rms_epsilon", arch);
+    gguf_writer_set_f32(w, key, 1e-5f);
     if (o->optiml_ref) {
         gguf_writer_set_str(w, "optiml.ffn_activation", o->bamboo ? "drelu" : "relu");
         float thr[N_LAYER];
@@ -168,12 +82,11 @@ static void write_model(const char *path, const struct opts *o) {
     } else if (!isnan(o->threshold)) {
         gguf_writer_set_f32(w, "powerinfer.sparse_threshold", o->threshold);
     }
-    vocab_keys(w);
+    vocab_keys(w, false);
     float *emb = keep(malloc((size_t)N_VOCAB * N_EMBD * sizeof(float)));
     for (int64_t i = 0; i < N_VOCAB * N_EMBD; i++) emb[i] = 0.6f + 0.7f * rnd() * 1.7f;
     add(w, "token_embd.weight", DTYPE_F32, N_EMBD, N_VOCAB, emb);
-    float *ones = keep(malloc(N_EMBD * sizeof(float)));
-    for (int i = 0; i < N_EMBD; i++) ones[i] = 1.0f;
+    float *ones = ones_embd();
     add(w, "output_norm.weight", DTYPE_F32, N_EMBD, 1, ones);
     add(w, "output.weight", o->type, N_EMBD, N_VOCAB, randm(N_VOCAB * N_EMBD, 0.1f));
     for (int il = 0; il < N_LAYER; il++) {
@@ -186,12 +99,7 @@ static void write_model(const char *path, const struct opts *o) {
         add(w, NAME("attn_k.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.1f));
         add(w, NAME("attn_v.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.1f));
         add(w, NAME("attn_output.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.01f));
-        float *gate = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
-        for (int64_t i = 0; i < N_FF; i++) {
-            float *g = gate + i * N_EMBD, mean = 0, c = 1.7f + 0.5f * rnd();
-            for (int j = 0; j < N_EMBD; j++) mean += (g[j] = rnd() / 9.0f) / N_EMBD;
-            for (int j = 0; j < N_EMBD; j++) g[j] += -mean - c / N_EMBD;
-        }
+        float *gate = sparse_gate(rnd, 9.0f);
         add(w, NAME("ffn_gate.weight"), o->type, N_EMBD, N_FF, gate);
         /* bamboo: up positive where it matters half the time */
         add(w, NAME("ffn_up.weight"), o->type, N_EMBD, N_FF, randm(N_FF * N_EMBD, 0.1f));
@@ -200,12 +108,7 @@ static void write_model(const char *path, const struct opts *o) {
             for (int64_t j = 0; j < N_EMBD; j++)
                 dt[i * N_EMBD + j] = o->down_type == DTYPE_Q8_0 ? exact_value(j, i) : 0.2f * rnd();
         round_trip(o->down_type, N_FF * N_EMBD, dt);
-        if (o->optiml_ref) {
-            float *down = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
-            for (int64_t i = 0; i < N_FF; i++)
-                for (int64_t j = 0; j < N_EMBD; j++) down[j * N_FF + i] = dt[i * N_EMBD + j];
-            add(w, NAME("ffn_down.weight"), o->down_type, N_FF, N_EMBD, down);
-        }
+        if (o->optiml_ref) add(w, NAME("ffn_down.weight"), o->down_type, N_FF, N_EMBD, transpose(dt, N_FF, N_EMBD));
         if (!o->no_down_t) add(w, NAME("ffn_down_t.weight"), o->down_type, N_EMBD, N_FF, dt);
         float *fc1 = g_fc1[il], *fc2 = g_fc2[il];
         float *g = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
@@ -230,59 +133,13 @@ static void write_model(const char *path, const struct opts *o) {
         add(w, NAME("fc2.weight"), DTYPE_F32, R, N_FF, fc2);
 #undef NAME
     }
-    CHECK(gguf_writer_write(w, path) == OPTIML_OK, "%s", optiml_last_error());
-    gguf_writer_free(w);
-    for (int i = 0; i < n_bufs; i++) free(bufs[i]);
+    model_end(w, path);
     if (!o->optiml_ref) set_magic(path, "PWRI");
 }
 
 /* ---- runs ---------------------------------------------------------------- */
 
-static const optiml_token toks[N_TOK] = {1, 293, 261, 45, 280, 99};
-
-static bool run(const optiml_model *m, int mode, bool batched, float *out, double *share) {
-    optiml_context_params p = optiml_context_default_params();
-    p.n_ctx = 32;
-    p.n_threads = 2;
-    p.sparse_mode = mode;
-    optiml_context *ctx = NULL;
-    if (optiml_context_init(m, &p, &ctx) != OPTIML_OK) {
-        CHECK(false, "context mode %d: %s", mode, optiml_last_error());
-        return false;
-    }
-    for (int i = 0; i < N_TOK * N_VOCAB; i++) out[i] = NAN; /* poison */
-    optiml_batch b = optiml_batch_init(N_TOK);
-    uint64_t act = 0, tot = 0;
-    for (int i = 0; i < N_TOK; i += batched ? N_TOK : 1) {
-        b.n_tokens = 0;
-        for (int j = i; j < (batched ? N_TOK : i + 1); j++) {
-            b.token[b.n_tokens] = toks[j];
-            b.pos[b.n_tokens] = j;
-            b.seq_id[b.n_tokens] = 0;
-            b.logits[b.n_tokens++] = 1;
-        }
-        CHECK(optiml_decode(ctx, &b) == OPTIML_OK, "%s", optiml_last_error());
-        for (int j = 0; j < b.n_tokens; j++) memcpy(out + (i + j) * N_VOCAB, optiml_get_logits_ith(ctx, j), N_VOCAB * 4);
-        uint64_t a, t;
-        optiml_context_ffn_stats(ctx, &a, &t);
-        act += a;
-        tot += t;
-    }
-    *share = tot ? (double)act / (double)tot : -1.0;
-    optiml_batch_free(b);
-    optiml_context_free(ctx);
-    return true;
-}
-
-static double rel_diff(const float *a, const float *b) {
-    double d = 0;
-    for (int i = 0; i < N_TOK * N_VOCAB; i++) {
-        double e = fabs((double)a[i] - b[i]) / fmax(1.0, fabs((double)b[i]));
-        if (isnan(e)) return INFINITY;
-        d = e > d ? e : d;
-    }
-    return d;
-}
+/* ---- checks -------------------------------------------------------------- */
 
 static float la[N_TOK * N_VOCAB], lb[N_TOK * N_VOCAB];
 
@@ -374,7 +231,7 @@ static void check_logits(const char *label, const char *pw_path, const char *ref
         double sa, sb;
         /* same model twice: dense and predictor bit for bit */
         for (int mode = 1; mode <= 3; mode += 2) {
-            if (!run(pw, mode, batched, la, &sa) || !run(ref, mode, batched, lb, &sb)) continue;
+            if (!run(pw, mode, 2, batched, la, &sa) || !run(ref, mode, 2, batched, lb, &sb)) continue;
             const bool ok = memcmp(la, lb, sizeof(la)) == 0 && rel_diff(la, lb) == 0.0;
             printf("%s %s %-8s %s: PWRI file = OptiML file, bit for bit\n", ok ? "PASS" : "FAIL", label,
                    mode == 1 ? "dense" : "predictor", batched ? "batch" : "1 by 1");
@@ -382,7 +239,7 @@ static void check_logits(const char *label, const char *pw_path, const char *ref
         }
         /* sparse against dense on the PWRI file */
         for (int mode = 2; mode <= 3; mode++) {
-            if (!run(pw, 1, batched, lb, &sb) || !run(pw, mode, batched, la, &sa)) continue;
+            if (!run(pw, 1, 2, batched, lb, &sb) || !run(pw, mode, 2, batched, la, &sa)) continue;
             const double d = rel_diff(la, lb);
             const bool ok = d <= tol && sa > 0.0 && sa < 0.5;
             printf("%s %s %-8s %s vs dense: max rel diff %.3g (tol %.0e), active %.1f%%\n", ok ? "PASS" : "FAIL",
@@ -392,15 +249,6 @@ static void check_logits(const char *label, const char *pw_path, const char *ref
     }
     optiml_model_free(pw);
     optiml_model_free(ref);
-}
-
-static void expect_error(const char *label, const char *path, optiml_status want, const char *needle) {
-    optiml_model *m = NULL;
-    const optiml_status st = optiml_model_load(path, NULL, &m);
-    const bool ok = st == want && strstr(optiml_last_error(), needle);
-    printf("%s error: %s: status %d: %s\n", ok ? "PASS" : "FAIL", label, (int)st, optiml_last_error());
-    CHECK(ok, "%s: want status %d with \"%s\"", label, (int)want, needle);
-    optiml_model_free(m);
 }
 
 /* A .generated.gpuidx as powerinfer-py writes it: PWRI, version 3, per
@@ -478,17 +326,17 @@ int main(void) {
     optiml_model_free(m);
 
     write_model(pw, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .threshold = INFINITY});
-    expect_error("infinite threshold", pw, OPTIML_ERR_FORMAT, "powerinfer.sparse_threshold");
+    expect_load_error("infinite threshold", pw, OPTIML_ERR_FORMAT, "powerinfer.sparse_threshold");
     write_model(pw, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .no_down_t = true});
-    expect_error("no down, no down_t", pw, OPTIML_ERR_FORMAT, "blk.0.ffn_down_t.weight");
+    expect_load_error("no down, no down_t", pw, OPTIML_ERR_FORMAT, "blk.0.ffn_down_t.weight");
     write_model(pw, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .bad_arch = true});
-    expect_error("falcon", pw, OPTIML_ERR_UNSUPPORTED, "falcon");
+    expect_load_error("falcon", pw, OPTIML_ERR_UNSUPPORTED, "falcon");
     write_model(pw, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .bamboo = true});
     set_magic(pw, "GGUF"); /* bamboo is PowerInfer's; and GGUF needs ffn_down */
-    expect_error("bamboo as GGUF", pw, OPTIML_ERR_UNSUPPORTED, "bamboo");
+    expect_load_error("bamboo as GGUF", pw, OPTIML_ERR_UNSUPPORTED, "bamboo");
     write_model(pw, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32});
     set_magic(pw, "PWRJ");
-    expect_error("bad magic", pw, OPTIML_ERR_FORMAT, "magic");
+    expect_load_error("bad magic", pw, OPTIML_ERR_FORMAT, "magic");
 
     check_gpuidx(pw, 18, OPTIML_OK);
     check_gpuidx(pw, 19, OPTIML_ERR_UNSUPPORTED);

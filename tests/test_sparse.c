@@ -50,8 +50,7 @@
 #define N_FF 512
 #define N_LAYER 2
 #define N_HEAD 4
-#define N_VOCAB 300
-#define N_TOK 6
+#include "sparse_test_util.h"
 
 struct opts {
     uint32_t type;      /* gate, up, attention, output                     */
@@ -64,103 +63,18 @@ struct opts {
     uint32_t version;
 };
 
-static uint64_t rng_state;
-static float rnd(void) { /* uniform in [-1, 1) */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)(rng_state >> 40) / 8388608.0f - 1.0f;
-}
-static float gauss(void) {
-    float s = 0;
-    for (int i = 0; i < 4; i++) s += rnd();
-    return s * 0.866f; /* variance 4/3 * 3/4 = 1 */
-}
-
 /* ---- model writer ------------------------------------------------------ */
 
-static void *bufs[256];
-static int n_bufs;
-
-static void *keep(void *p) {
-    bufs[n_bufs++] = p;
-    return p;
-}
-
-static void add(gguf_writer *w, const char *name, uint32_t type, int64_t ne0, int64_t ne1, const float *v) {
-    uint64_t ne[2] = {(uint64_t)ne0, (uint64_t)ne1}, row;
-    dtype_row_size(type, (uint64_t)ne0, &row);
-    void *dst = keep(malloc(row * (uint64_t)ne1));
-    if (type == DTYPE_F32) memcpy(dst, v, (size_t)(ne0 * ne1) * sizeof(float));
-    else if (type == DTYPE_F16)
-        for (int64_t i = 0; i < ne0 * ne1; i++) ((f16_t *)dst)[i] = f32_to_f16(v[i]);
-    else quant_quantizer(type)(ne0 * ne1, v, dst);
-    CHECK(gguf_writer_add_tensor(w, name, type, ne1 > 1 ? 2 : 1, ne, dst) == OPTIML_OK, "%s", optiml_last_error());
-}
-
-/* The values a weight of this type really holds (quantize, dequantize). */
-static void round_trip(uint32_t type, int64_t n, float *v) {
-    if (type == DTYPE_F32) return;
-    uint64_t row;
-    dtype_row_size(type, (uint64_t)n, &row);
-    void *q = malloc(row);
-    if (type == DTYPE_F16) {
-        for (int64_t i = 0; i < n; i++) v[i] = f16_to_f32(f32_to_f16(v[i]));
-    } else {
-        quant_quantizer(type)(n, v, q);
-        quant_dequantizer(type)(n, q, v);
-    }
-    free(q);
-}
-
-static float *randm(int64_t n, float scale) {
-    float *v = keep(malloc((size_t)n * sizeof(float)));
-    for (int64_t i = 0; i < n; i++) v[i] = rnd() * scale;
-    return v;
-}
-
-static void vocab_keys(gguf_writer *w) {
-    static char store[N_VOCAB][16];
-    const char *pieces[N_VOCAB];
-    float scores[N_VOCAB];
-    int32_t types[N_VOCAB];
-    for (int i = 0; i < N_VOCAB; i++) {
-        if (i < 3) snprintf(store[i], 16, "%s", i == 0 ? "<unk>" : i == 1 ? "<s>" : "</s>");
-        else if (i < 259) snprintf(store[i], 16, "<0x%02X>", (unsigned)(i - 3));
-        else snprintf(store[i], 16, "\xe2\x96\x81t%d", i);
-        pieces[i] = store[i];
-        scores[i] = -(float)i;
-        types[i] = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1;
-    }
-    gguf_writer_set_str(w, "tokenizer.ggml.model", "llama");
-    gguf_writer_set_arr_str(w, "tokenizer.ggml.tokens", pieces, NULL, N_VOCAB);
-    gguf_writer_set_arr(w, "tokenizer.ggml.scores", GGUF_TYPE_FLOAT32, scores, N_VOCAB);
-    gguf_writer_set_arr(w, "tokenizer.ggml.token_type", GGUF_TYPE_INT32, types, N_VOCAB);
-    gguf_writer_set_u32(w, "tokenizer.ggml.bos_token_id", 1);
-    gguf_writer_set_u32(w, "tokenizer.ggml.eos_token_id", 2);
-}
-
-/* Down weights k * 2^-9 with |k| <= 127 and k = 127 on the diagonals
- * (r - c) % 32 == 0: every 32-block of a row and of a column holds the
- * maximum, so q8_0 stores them exactly in both layouts. */
+/* Down weights exactly representable in q8_0 (exact_value). */
 static float *exact_down(void) {
     float *v = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
     for (int64_t r = 0; r < N_EMBD; r++)
-        for (int64_t c = 0; c < N_FF; c++)
-            v[r * N_FF + c] = ((r - c) % 32 == 0 ? 127.0f : floorf(rnd() * 126.0f)) / 512.0f;
+        for (int64_t c = 0; c < N_FF; c++) v[r * N_FF + c] = exact_value(r, c);
     return v;
 }
 
 static void write_model(const char *path, const struct opts *o) {
-    rng_state = 0x1234567ull;
-    n_bufs = 0;
-    gguf_writer *w = gguf_writer_init();
-    gguf_writer_set_str(w, "general.architecture", "llama");
-    gguf_writer_set_u32(w, "llama.context_length", 64);
-    gguf_writer_set_u32(w, "llama.embedding_length", N_EMBD);
-    gguf_writer_set_u32(w, "llama.block_count", N_LAYER);
-    gguf_writer_set_u32(w, "llama.feed_forward_length", N_FF);
-    gguf_writer_set_u32(w, "llama.attention.head_count", N_HEAD);
+    gguf_writer *w = model_begin(0x1234567ull, "llama");
     gguf_writer_set_str(w, "optiml.ffn_activation", o->act);
     if (o->version) gguf_writer_set_u32(w, "optiml.sparse.version", o->version);
     if (o->act_threshold > 0) gguf_writer_set_f32(w, "optiml.sparse.act_threshold", o->act_threshold);
@@ -168,14 +82,13 @@ static void write_model(const char *path, const struct opts *o) {
     for (int i = 0; i <= N_LAYER; i++) thr[i] = o->pred_threshold;
     gguf_writer_set_arr(w, "optiml.sparse.layer_threshold", GGUF_TYPE_FLOAT32, thr,
                         o->bad_thresholds ? N_LAYER + 1 : N_LAYER);
-    vocab_keys(w);
+    vocab_keys(w, true);
 
     /* embeddings: offset 0.6 in every dimension plus noise */
     float *emb = keep(malloc((size_t)N_VOCAB * N_EMBD * sizeof(float)));
     for (int64_t i = 0; i < N_VOCAB * N_EMBD; i++) emb[i] = 0.6f + 0.8f * gauss();
     add(w, "token_embd.weight", DTYPE_F32, N_EMBD, N_VOCAB, emb);
-    float *ones = keep(malloc(N_EMBD * sizeof(float)));
-    for (int i = 0; i < N_EMBD; i++) ones[i] = 1.0f;
+    float *ones = ones_embd();
     add(w, "output_norm.weight", DTYPE_F32, N_EMBD, 1, ones);
     add(w, "output.weight", o->type, N_EMBD, N_VOCAB, randm(N_VOCAB * N_EMBD, 0.1f));
     const bool nogate = !strcmp(o->act, "relu_nogate");
@@ -188,25 +101,14 @@ static void write_model(const char *path, const struct opts *o) {
         add(w, NAME("attn_k.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.1f));
         add(w, NAME("attn_v.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.1f));
         add(w, NAME("attn_output.weight"), o->type, N_EMBD, N_EMBD, randm(N_EMBD * N_EMBD, 0.01f));
-        /* gate (up without a gate): zero-mean noise minus c_i times the
-         * mean, c_i in [1.2, 2.2]: P(> 0) about 0.12 */
-        float *gate = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
-        for (int64_t i = 0; i < N_FF; i++) {
-            float *g = gate + i * N_EMBD, mean = 0, c = 1.7f + 0.5f * rnd();
-            for (int j = 0; j < N_EMBD; j++) mean += (g[j] = gauss() / 16.0f) / N_EMBD;
-            for (int j = 0; j < N_EMBD; j++) g[j] += -mean - c / N_EMBD; /* x . 1 / n ~ 0.6 */
-        }
+        /* gate (up without a gate): P(> 0) about 0.12 */
+        float *gate = sparse_gate(gauss, 16.0f);
         float *up = randm(N_FF * N_EMBD, 0.1f);
         if (!nogate) add(w, NAME("ffn_gate.weight"), o->type, N_EMBD, N_FF, gate);
         add(w, NAME("ffn_up.weight"), o->type, N_EMBD, N_FF, nogate ? gate : up);
         float *down = o->exact_down ? exact_down() : randm(N_FF * N_EMBD, 0.2f);
         add(w, NAME("ffn_down.weight"), o->down_type, N_FF, N_EMBD, down);
-        if (o->down_t) {
-            float *dt = keep(malloc((size_t)N_FF * N_EMBD * sizeof(float)));
-            for (int64_t r = 0; r < N_EMBD; r++)
-                for (int64_t c = 0; c < N_FF; c++) dt[c * N_EMBD + r] = down[r * N_FF + c];
-            add(w, NAME("ffn_down_t.weight"), o->down_type, N_EMBD, N_FF, dt);
-        }
+        if (o->down_t) add(w, NAME("ffn_down_t.weight"), o->down_type, N_EMBD, N_FF, transpose(down, N_EMBD, N_FF));
         if (o->pred) {
             /* fc1 = the gate rows as the model holds them plus 0.03 / n
              * (logit = relu(gate + ~0.02): covers the dense path's 8-bit
@@ -223,59 +125,10 @@ static void write_model(const char *path, const struct opts *o) {
         }
 #undef NAME
     }
-    CHECK(gguf_writer_write(w, path) == OPTIML_OK, "%s", optiml_last_error());
-    gguf_writer_free(w);
-    for (int i = 0; i < n_bufs; i++) free(bufs[i]);
+    model_end(w, path);
 }
 
 /* ---- runs ---------------------------------------------------------------- */
-
-static const optiml_token toks[N_TOK] = {1, 300 - 7, 261, 45, 280, 99};
-
-/* Logits of every prompt token, in one batch or one token per decode. */
-static bool run(const optiml_model *m, int mode, int threads, bool batched, float *out, double *active_share) {
-    optiml_context_params p = optiml_context_default_params();
-    p.n_ctx = 32;
-    p.n_threads = threads;
-    p.sparse_mode = mode;
-    optiml_context *ctx = NULL;
-    if (optiml_context_init(m, &p, &ctx) != OPTIML_OK) {
-        CHECK(false, "context mode %d: %s", mode, optiml_last_error());
-        return false;
-    }
-    optiml_batch b = optiml_batch_init(N_TOK);
-    uint64_t act_sum = 0, tot_sum = 0;
-    for (int i = 0; i < N_TOK; i += batched ? N_TOK : 1) {
-        b.n_tokens = 0;
-        for (int j = i; j < (batched ? N_TOK : i + 1); j++) {
-            b.token[b.n_tokens] = toks[j];
-            b.pos[b.n_tokens] = j;
-            b.seq_id[b.n_tokens] = 0;
-            b.logits[b.n_tokens++] = 1;
-        }
-        CHECK(optiml_decode(ctx, &b) == OPTIML_OK, "%s", optiml_last_error());
-        for (int j = 0; j < b.n_tokens; j++) memcpy(out + (i + j) * N_VOCAB, optiml_get_logits_ith(ctx, j), N_VOCAB * 4);
-        uint64_t a, t;
-        optiml_context_ffn_stats(ctx, &a, &t);
-        act_sum += a;
-        tot_sum += t;
-    }
-    *active_share = tot_sum ? (double)act_sum / (double)tot_sum : -1.0;
-    optiml_batch_free(b);
-    optiml_context_free(ctx);
-    return true;
-}
-
-/* max over logits of |a - b| / max(1, |b|) */
-static double rel_diff(const float *a, const float *b) {
-    double d = 0;
-    for (int i = 0; i < N_TOK * N_VOCAB; i++) {
-        double e = fabs((double)a[i] - b[i]) / fmax(1.0, fabs((double)b[i]));
-        if (isnan(e)) return INFINITY;
-        if (e > d) d = e;
-    }
-    return d;
-}
 
 static float dense[N_TOK * N_VOCAB], sparse[N_TOK * N_VOCAB];
 
@@ -300,7 +153,6 @@ static void compare(const char *label, const char *path, int mode, double tol, e
         for (int ti = 0; ti < 3 && thread_counts[batched][ti]; ti++) {
             const int threads = thread_counts[batched][ti];
             double share_d, share_s;
-            for (int i = 0; i < N_TOK * N_VOCAB; i++) dense[i] = sparse[i] = NAN; /* poison */
             if (!run(m, 1, threads, batched, dense, &share_d) || !run(m, mode, threads, batched, sparse, &share_s))
                 continue;
             const double d = rel_diff(sparse, dense);
@@ -316,21 +168,11 @@ static void compare(const char *label, const char *path, int mode, double tol, e
              * thread count only: a second run gives the same bits */
             static float again[N_TOK * N_VOCAB];
             double share_a;
-            for (int i = 0; i < N_TOK * N_VOCAB; i++) again[i] = NAN;
             const bool same = run(m, mode, threads, false, again, &share_a) && !memcmp(again, sparse, sizeof(again));
             printf("%s %s: %-30s 1 by 1, %d thr: a second run gives the same logits bit for bit\n",
                    same ? "PASS" : "FAIL", mode == 2 ? "oracle   " : "predictor", label, threads);
             CHECK(same, "%s: second run", label);
         }
-    optiml_model_free(m);
-}
-
-static void expect_load_error(const char *label, const char *path, optiml_status want, const char *needle) {
-    optiml_model *m = NULL;
-    optiml_status st = optiml_model_load(path, NULL, &m);
-    const bool ok = st == want && strstr(optiml_last_error(), needle);
-    printf("%s error: %s: status %d: %s\n", ok ? "PASS" : "FAIL", label, (int)st, optiml_last_error());
-    CHECK(ok, "%s: want status %d with \"%s\"", label, (int)want, needle);
     optiml_model_free(m);
 }
 
@@ -374,33 +216,38 @@ int main(void) {
                                      .exact_down = true});
     compare("relu q8_0, exact q8_0 down_t", path, 2, 5e-2, EXPECT_MATCH);
 
-    /* errors */
-    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true,
-                                     .fc1_only = true});
-    expect_load_error("fc1 without fc2", path, OPTIML_ERR_FORMAT, "without blk.0.fc2.weight");
-    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true,
-                                     .bad_fc2_shape = true});
-    expect_load_error("fc2 shape", path, OPTIML_ERR_FORMAT, "blk.0.fc2.weight has shape");
-    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true,
-                                     .fc1_q4_0 = true});
-    expect_load_error("fc1 type", path, OPTIML_ERR_UNSUPPORTED, "expected f32, f16 or q8_0");
-    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .version = 2});
-    expect_load_error("version 2", path, OPTIML_ERR_UNSUPPORTED, "optiml.sparse.version 2");
-    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .bad_thresholds = true});
-    expect_load_error("threshold count", path, OPTIML_ERR_FORMAT, "layer_threshold has 3 values");
-    write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "silu", .act_threshold = 0.1f});
-    expect_load_error("FATReLU on silu", path, OPTIML_ERR_UNSUPPORTED, "act_threshold");
+    /* errors: the model each writes must fail to load with that message */
+    const struct {
+        const char *label;
+        struct opts o;
+        optiml_status want;
+        const char *needle;
+    } errors[] = {
+        {"fc1 without fc2", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true, .fc1_only = true},
+         OPTIML_ERR_FORMAT, "without blk.0.fc2.weight"},
+        {"fc2 shape", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true, .bad_fc2_shape = true},
+         OPTIML_ERR_FORMAT, "blk.0.fc2.weight has shape"},
+        {"fc1 type", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true, .fc1_q4_0 = true},
+         OPTIML_ERR_UNSUPPORTED, "expected f32, f16 or q8_0"},
+        {"version 2", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .version = 2}, OPTIML_ERR_UNSUPPORTED,
+         "optiml.sparse.version 2"},
+        {"threshold count", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .bad_thresholds = true},
+         OPTIML_ERR_FORMAT, "layer_threshold has 3 values"},
+        {"FATReLU on silu", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "silu", .act_threshold = 0.1f},
+         OPTIML_ERR_UNSUPPORTED, "act_threshold"},
+    };
+    for (size_t k = 0; k < sizeof(errors) / sizeof(errors[0]); k++) {
+        write_model(path, &errors[k].o);
+        expect_load_error(errors[k].label, path, errors[k].want, errors[k].needle);
+    }
 
     /* context init: mode 3 without predictors, unknown mode */
     write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .down_t = true});
     optiml_model *m = NULL;
     CHECK(optiml_model_load(path, NULL, &m) == OPTIML_OK, "%s", optiml_last_error());
     for (int mode = 3; m && mode <= 5; mode += 2) { /* 4 (cats) has its own test: test_cats.c */
-        optiml_context_params p = optiml_context_default_params();
-        p.n_ctx = 16;
-        p.sparse_mode = mode;
         optiml_context *ctx = NULL;
-        const optiml_status st = optiml_context_init(m, &p, &ctx);
+        const optiml_status st = context_start(m, 16, mode, 0, &ctx);
         const bool ok = st == OPTIML_ERR_INVALID_ARG && !ctx && strstr(optiml_last_error(), "sparse_mode");
         printf("%s error: sparse_mode %d: %s\n", ok ? "PASS" : "FAIL", mode, optiml_last_error());
         CHECK(ok);
