@@ -1,8 +1,12 @@
 /*
  * threadpool.h - a persistent pool of worker threads for CPU ops.
  *
- * threadpool_run(tp, fn, arg) calls fn(arg, ith, nth) on every thread of the
- * pool (the calling thread is ith = 0) and returns when all have finished.
+ * threadpool_run(tp, fn, arg) calls fn(arg, ith, nth) once for every ith in
+ * 0..nth-1 and returns when all have finished: ith = 0 on the calling
+ * thread, ith = i on worker i, or also on the calling thread when worker i
+ * has not picked its share up by the time the caller is done with its own
+ * (a worker asleep or without a core). So fn must not depend on which
+ * thread runs it (no thread-local state, no waiting for another share).
  * Workers spin briefly between runs (ops of one forward pass follow each
  * other within microseconds), then sleep on a condition variable, so an
  * idle pool costs no CPU. One thread at a time may call threadpool_run on a
