@@ -146,8 +146,9 @@ struct result {
     double ffn_active; /* share of FFN neurons computed, -1: dense FFN */
     char test[48];
     double mean, sd;
-    /* decode with paired probes (see main): the share of the read bandwidth
-     * measured just before each run, mean and range, and that range */
+    /* decode with paired probes (see main): n_paired runs, each run's share
+     * of the read pass just before it (mean, min, max), and the passes'
+     * bandwidth (min, max) */
     int n_paired;
     double share_mean, share_min, share_max, bw_min, bw_max;
 };
@@ -297,20 +298,16 @@ int main(int argc, char **argv) {
                 if (r >= 0) tps[r] = t;
             }
             struct result *rr = &res[n_res++];
-            rr->n_paired = 0;
+            *rr = (struct result){.share_min = INFINITY, .share_max = -INFINITY, .bw_min = INFINITY,
+                                  .bw_max = -INFINITY};
             for (int r = 0; pair && r < a.reps; r++) {
                 if (rbw[r] <= 0) continue;
                 const double sh = tps[r] * step_bytes / rbw[r];
-                if (rr->n_paired == 0) {
-                    rr->share_min = rr->share_max = sh;
-                    rr->bw_min = rr->bw_max = rbw[r];
-                    rr->share_mean = 0.0;
-                }
                 rr->share_mean += sh;
-                rr->share_min = sh < rr->share_min ? sh : rr->share_min;
-                rr->share_max = sh > rr->share_max ? sh : rr->share_max;
-                rr->bw_min = rbw[r] < rr->bw_min ? rbw[r] : rr->bw_min;
-                rr->bw_max = rbw[r] > rr->bw_max ? rbw[r] : rr->bw_max;
+                rr->share_min = fmin(rr->share_min, sh);
+                rr->share_max = fmax(rr->share_max, sh);
+                rr->bw_min = fmin(rr->bw_min, rbw[r]);
+                rr->bw_max = fmax(rr->bw_max, rbw[r]);
                 rr->n_paired++;
             }
             if (rr->n_paired) rr->share_mean /= rr->n_paired;
