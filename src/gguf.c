@@ -1,5 +1,6 @@
 /*
- * gguf.c - GGUF reader (mmap or caller buffer, every read bounds-checked)
+ * gguf.c - GGUF reader (mmap, a read into memory, or caller buffer; every
+ * read bounds-checked)
  * and writer (temporary file renamed into place).
  *
  * Reader: a cursor walks the image; scalars are decoded into struct
@@ -18,6 +19,7 @@
  * time in insertion order, and the last one is not padded, so the file ends
  * where its last tensor ends.
  */
+#define _DEFAULT_SOURCE /* MAP_ANONYMOUS, madvise */
 #define _POSIX_C_SOURCE 200809L
 #include "gguf.h"
 
@@ -561,7 +563,38 @@ optiml_status gguf_parse(const void *buf, uint64_t size, const char *name, gguf_
     return st;
 }
 
-optiml_status gguf_open(const char *path, gguf_file **out) {
+/* The file's bytes in anonymous memory (gguf_open_ex without mmap), with
+ * transparent huge pages asked for where Linux has them (one TLB entry for
+ * 2 MiB of weights; a mapped file stays in 4 KiB page-cache pages). On the
+ * Xeon of the GPU host the sparse FFN's scattered rows ran no faster with
+ * them (bench/RESULTS.md, sixth session); the copy costs the read and,
+ * while the page cache keeps the file, twice its memory. */
+static optiml_status read_whole(int fd, uint64_t size, const char *path, void **out) {
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return optiml_fail(OPTIML_ERR_NOMEM, "%s: cannot allocate %" PRIu64 " bytes to read the file into: %s", path,
+                           size, strerror(errno));
+#ifdef MADV_HUGEPAGE
+    (void)madvise(p, (size_t)size, MADV_HUGEPAGE); /* a hint: 4 KiB pages if refused */
+#endif
+    for (uint64_t off = 0; off < size;) {
+        const size_t chunk = size - off < ((size_t)1 << 30) ? (size_t)(size - off) : (size_t)1 << 30;
+        const ssize_t r = pread(fd, (char *)p + off, chunk, (off_t)off);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            const char *why = r < 0 ? strerror(errno) : "the file shrank";
+            munmap(p, (size_t)size);
+            return optiml_fail(OPTIML_ERR_IO, "%s: read failed at byte %" PRIu64 " of %" PRIu64 ": %s", path, off,
+                               size, why);
+        }
+        off += (uint64_t)r;
+    }
+    (void)mprotect(p, (size_t)size, PROT_READ); /* as a mapped file: read-only */
+    *out = p;
+    return OPTIML_OK;
+}
+
+optiml_status gguf_open_ex(const char *path, bool use_mmap, gguf_file **out) {
     struct stat sb;
     void *map = NULL;
     if (!path || !out) return optiml_fail(OPTIML_ERR_INVALID_ARG, "gguf_open: NULL argument");
@@ -570,12 +603,18 @@ optiml_status gguf_open(const char *path, gguf_file **out) {
     if (fd < 0) return optiml_fail(OPTIML_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     bool ok = fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && (uint64_t)sb.st_size <= SIZE_MAX;
     uint64_t size = ok ? (uint64_t)sb.st_size : 0;
-    if (ok && size > 0) map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
-    int e = errno;
-    close(fd);
-    if (!ok || map == MAP_FAILED)
-        return optiml_fail(OPTIML_ERR_IO, "%s: cannot map %s: %s", path,
-                           ok ? "the file" : "a non-regular file", ok ? strerror(e) : "-");
+    if (ok && size > 0 && !use_mmap) {
+        const optiml_status st = read_whole(fd, size, path, &map);
+        close(fd);
+        if (st != OPTIML_OK) return st;
+    } else {
+        if (ok && size > 0) map = mmap(NULL, (size_t)size, PROT_READ, MAP_PRIVATE, fd, 0);
+        int e = errno;
+        close(fd);
+        if (!ok || map == MAP_FAILED)
+            return optiml_fail(OPTIML_ERR_IO, "%s: cannot map %s: %s", path,
+                               ok ? "the file" : "a non-regular file", ok ? strerror(e) : "-");
+    }
     optiml_status st = gguf_parse(map, size, path, out);
     if (st != OPTIML_OK) {
         if (map) munmap(map, (size_t)size);
@@ -585,6 +624,8 @@ optiml_status gguf_open(const char *path, gguf_file **out) {
     (*out)->map_size = size;
     return OPTIML_OK;
 }
+
+optiml_status gguf_open(const char *path, gguf_file **out) { return gguf_open_ex(path, true, out); }
 
 /* ==== lookups and typed getters ========================================== */
 

@@ -122,7 +122,8 @@ typedef struct gguf_file {
     const uint8_t *base;  /* the whole file                  */
     uint64_t size;        /* its size in bytes               */
     /* private */
-    void *map;            /* mmap'd region, or NULL for gguf_parse buffers  */
+    void *map;            /* mmap'd region (the file, or anonymous memory it
+                             was read into), or NULL for gguf_parse buffers */
     uint64_t map_size;
     void *arena;          /* allocations owned by the file                  */
 } gguf_file;
@@ -130,6 +131,9 @@ typedef struct gguf_file {
 /* Map and parse the file at path. On failure *out is NULL and the status
  * says why (optiml_last_error() has the message, which names path). */
 optiml_status gguf_open(const char *path, gguf_file **out);
+/* The same; use_mmap false reads the whole file into memory instead (huge
+ * pages where the OS gives them; see gguf.c). */
+optiml_status gguf_open_ex(const char *path, bool use_mmap, gguf_file **out);
 
 /* Parse a GGUF image held in memory (not copied: buf must outlive *out).
  * name is used in messages. */

@@ -373,7 +373,7 @@ optiml_model_params optiml_model_default_params(void) {
 }
 
 static optiml_status model_load(optiml_model *m, const char *path, const optiml_model_params *params) {
-    TRY(gguf_open(path, &m->file));
+    TRY(gguf_open_ex(path, params->use_mmap, &m->file));
     struct gguf_str arch;
     optiml_status st = gguf_get_str(m->file, "general.architecture", &arch);
     if (st == OPTIML_ERR_INVALID_ARG) return optiml_fail(OPTIML_ERR_FORMAT, "%s: missing key general.architecture", path);

@@ -407,6 +407,20 @@ static void test_roundtrip(void) {
     }
     gguf_close(f);
 
+    /* read into memory instead of mapped (--no-mmap): the same file, and a
+     * copy of its bytes rather than the mapping */
+    CHECK(gguf_open_ex(path, false, &f) == OPTIML_OK, "%s", optiml_last_error());
+    if (!f) return;
+    check_kvs(f);
+    check_tensors(f, GGUF_DEFAULT_ALIGNMENT);
+    gguf_file *m = NULL;
+    CHECK(gguf_open(path, &m) == OPTIML_OK);
+    if (m) {
+        CHECK(f->size == m->size && f->base != m->base && memcmp(f->base, m->base, (size_t)f->size) == 0);
+        gguf_close(m);
+    }
+    gguf_close(f);
+
     /* custom alignment */
     write_reference(tmp_path(path, "ref64.gguf"), 64);
     CHECK(gguf_open(path, &f) == OPTIML_OK, "%s", optiml_last_error());
@@ -588,6 +602,9 @@ static void test_writer_errors(void) {
     CHECK(gguf_open(tmp_path(path, "missing.gguf"), &f) == OPTIML_ERR_IO && f == NULL);
     CHECK(has(optiml_last_error(), "missing.gguf"));
     CHECK(gguf_open(tmp_dir, &f) == OPTIML_ERR_IO);
+    CHECK(gguf_open_ex(tmp_path(path, "missing.gguf"), false, &f) == OPTIML_ERR_IO && f == NULL);
+    CHECK(gguf_open_ex(tmp_dir, false, &f) == OPTIML_ERR_IO && f == NULL);
+    CHECK(has(optiml_last_error(), "non-regular"));
 }
 
 /* ==== corrupt files ====================================================== */

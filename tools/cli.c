@@ -48,6 +48,7 @@ struct cli_args {
     int32_t n_gpu_layers;      /* -ngl */
     double vram_budget;        /* --vram-budget GiB */
     bool seed_set;
+    bool no_mmap;              /* --no-mmap */
     bool show_ids;
     bool no_bos;
     bool verbose;
@@ -70,6 +71,8 @@ static void usage(FILE *out) {
             "  -ngl, --n-gpu-layers N   CUDA builds: run the last N layers on the GPU; more than the\n"
             "                           model has (or -1) also puts the output head there (default 0)\n"
             "      --vram-budget GIB    CUDA builds: offload the most layers that fit GIB of VRAM\n"
+            "      --no-mmap            read the model into memory (huge pages where the OS gives them)\n"
+            "                           instead of mapping the file\n"
             "      --temp T             temperature, 0 = greedy (default 0.8)\n"
             "      --top-k K            top-k, 0 = off (default 40)\n"
             "      --top-p P            top-p, 1 = off (default 0.95)\n"
@@ -119,6 +122,7 @@ static int parse_args(int argc, char **argv, struct cli_args *a) {
         }
         if (!strcmp(arg, "--show-ids")) { a->show_ids = true; continue; }
         if (!strcmp(arg, "--no-bos")) { a->no_bos = true; continue; }
+        if (!strcmp(arg, "--no-mmap")) { a->no_mmap = true; continue; }
         if (!strcmp(arg, "-v") || !strcmp(arg, "--verbose")) { a->verbose = true; continue; }
         if (!strcmp(arg, "-cnv") || !strcmp(arg, "--conversation")) { a->chat = true; continue; }
         static const char *const with_value[] = {"-m", "--model", "-p", "--prompt", "-f", "--file", "-n",
@@ -554,6 +558,7 @@ int main(int argc, char **argv) {
     optiml_model_params mp = optiml_model_default_params();
     mp.n_gpu_layers = a.n_gpu_layers;
     mp.vram_budget_gib = a.vram_budget;
+    mp.use_mmap = !a.no_mmap;
     if (optiml_model_load(a.model, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-cli: %s\n", optiml_last_error());
         goto done;

@@ -364,6 +364,30 @@ def test_missing_and_corrupt_files(venv, tmp_path):
             assert str(path) in msg
 
 
+def test_use_mmap_false_reads_the_file(venv, tmp_path):
+    """use_mmap=False reads the weights into memory instead of mapping the
+    file: the same logits; a truncated file fails the same way."""
+    trunc = tmp_path / "truncated.gguf"
+    trunc.write_bytes(STORIES.read_bytes()[:100000])
+    out = py(venv, f"""
+        import json, optiml
+        res = []
+        for mm in (True, False):
+            with optiml.Model("models/stories260K.gguf", use_mmap=mm) as m, \\
+                 optiml.Context(m, n_ctx=64, n_threads=1) as c:
+                c.eval(m.tokenize("Once upon a time"))
+                res.append(list(c.logits()))
+        try:
+            optiml.Model({str(trunc)!r}, use_mmap=False)
+            err = None
+        except optiml.OptimlError as e:
+            err = [type(e).__name__, str(e)]
+        print(json.dumps({{"logits": res, "err": err}}))
+    """)
+    assert len(out["logits"][0]) == 512 and out["logits"][0] == out["logits"][1]
+    assert out["err"][0] == "FormatError" and str(trunc) in out["err"][1]
+
+
 # ---- low level --------------------------------------------------------------------------
 
 

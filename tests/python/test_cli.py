@@ -60,6 +60,17 @@ def test_greedy_matches_llama2c(case, which, threads, stories_gguf):
     assert r.stdout == case["text"]
 
 
+@pytest.mark.parametrize("case", reference_cases(), ids=["bos-only", "once-upon-a-time"])
+def test_no_mmap_matches_llama2c(case):
+    """--no-mmap reads the file into memory instead of mapping it: the same
+    reference output."""
+    r = run([tool("optiml-cli"), "-m", str(MODELS / "stories260K.gguf"), "-p", case["prompt"], "--temp", "0",
+             "-n", str(len(case["generated_ids"])), "--no-mmap", "--show-ids"])
+    assert r.returncode == 0, r.stderr
+    assert ids_from(r.stderr, "generated_ids") == case["generated_ids"]
+    assert r.stdout == case["text"]
+
+
 def test_default_model_and_timings():
     r = run([tool("optiml-cli"), "-p", "Once upon a time", "-n", "16", "-s", "1"])
     assert r.returncode == 0, r.stderr
@@ -95,6 +106,8 @@ def test_prompt_file(tmp_path):
     (["-t", "0"], "invalid value '0'"),
     (["--temp", "nan"], "invalid value 'nan'"),
     (["-m", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+    (["--no-mmap", "-m", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+    (["--no-mmap", "-m", "/"], "non-regular file"),
     (["-f", "/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
 ])
 def test_errors_are_one_line(args, needle):
@@ -105,10 +118,11 @@ def test_errors_are_one_line(args, needle):
     assert len([l for l in r.stderr.splitlines() if l.startswith("optiml-cli:")]) == 1
 
 
-def test_not_a_gguf(tmp_path):
+@pytest.mark.parametrize("load", [[], ["--no-mmap"]], ids=["mmap", "no-mmap"])
+def test_not_a_gguf(tmp_path, load):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 8)
-    r = run([tool("optiml-cli"), "-m", str(bad)])
+    r = run([tool("optiml-cli"), "-m", str(bad)] + load)
     assert r.returncode != 0 and r.stdout == ""
     assert str(bad) in r.stderr
 

@@ -34,6 +34,7 @@ typedef struct server_args {
     double grace_s;
     int32_t n_gpu_layers;
     double vram_budget;
+    bool no_mmap;
 } server_args;
 
 static void usage(FILE *f) {
@@ -47,6 +48,7 @@ static void usage(FILE *f) {
                "  -ngl, --n-gpu-layers N  CUDA builds: the last N layers on the GPU (more than the model has, or\n"
                "                          -1: the output head too)\n"
                "  --vram-budget GIB       CUDA builds: offload the most layers that fit GIB of VRAM\n"
+               "  --no-mmap               read the model into memory (huge pages where the OS gives them)\n"
                "  --api-key KEY           require 'Authorization: Bearer KEY' (all endpoints but /health and /)\n"
                "  --chat-template T       built-in name (llama2, llama3, chatml, mistral, gemma, phi3) or a file\n"
                "                          holding a Jinja template (default: the model's)\n"
@@ -80,6 +82,10 @@ static int parse_args(int argc, char **argv, server_args *a) {
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) {
             usage(stdout);
             exit(0);
+        }
+        if (!strcmp(f, "--no-mmap")) {
+            a->no_mmap = true;
+            continue;
         }
         if (i + 1 >= argc) {
             fprintf(stderr, "optiml-server: unknown flag or missing value: %s\n", f);
@@ -199,6 +205,7 @@ int main(int argc, char **argv) {
     optiml_model_params mp = optiml_model_default_params();
     mp.n_gpu_layers = a.n_gpu_layers;
     mp.vram_budget_gib = a.vram_budget;
+    mp.use_mmap = !a.no_mmap;
     if (optiml_model_load(a.model, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-server: %s\n", optiml_last_error());
         free(tmpl);
