@@ -234,6 +234,15 @@ static inline float row_dot(const struct cpu_kernels *kern, const struct tensor 
     return kern->dot[w->type](n, tensor_row(w, r), in->x + t * n);
 }
 
+/* row_dot of one scattered row (the gathers, which prefetch their next
+ * rows themselves): no read-ahead past the row. */
+static inline float gather_dot(const struct cpu_kernels *kern, const struct tensor *w, int64_t r,
+                               const struct row_input *in, int64_t t) {
+    const cpu_dot_q_fn dot = kern->dot_q_gather[w->type];
+    if (in->xq && dot) return dot(w->ne[0], tensor_row(w, r), in->xq + (uint64_t)t * in->xq_row);
+    return row_dot(kern, w, r, in, t);
+}
+
 /* y[t * y_stride + r] (+)= row r of w . input t, for every row r. */
 struct rows_job {
     const struct cpu_kernels *kern;
@@ -257,11 +266,24 @@ static void rows_run(void *arg, int ith, int nth) {
 }
 
 /* Scattered rows defeat the hardware prefetcher (it follows one stream):
- * ask for the rows PREFETCH_AHEAD neurons ahead, every cache line. */
-#define PREFETCH_AHEAD 4
+ * ask for the next neuron's rows (PREFETCH_AHEAD neurons ahead), every
+ * cache line, into all cache levels. Non-temporal prefetches (locality 0)
+ * four neurons ahead, as before, made the one-token gate/up/down round
+ * twice as slow on the Xeon of the GPU host (13.1-14.6 ms a token against
+ * 6.8-8.0 ms at 16 threads, 7B synth q4_0; Intel keeps such lines in a
+ * sliver of L1, which 18 KB ahead overruns) and slower than no prefetch
+ * at all (8.0 ms). One neuron ahead and two are alike there (sparse/dense
+ * 1.62-1.87 against 1.43-1.89, two runs each at 16, 8 and 4 threads, one
+ * ahead steadier); on the dev EPYC no prefetch is the slowest, one ahead
+ * the quickest (62-69 ms at 2 threads; two ahead 68-77, the old one
+ * 65-71). */
+#ifndef OPTIML_SPARSE_PREFETCH_AHEAD /* a build-time override, for measuring */
+#define OPTIML_SPARSE_PREFETCH_AHEAD 1
+#endif
+#define PREFETCH_AHEAD OPTIML_SPARSE_PREFETCH_AHEAD
 
 static inline void prefetch_bytes(const void *p, uint64_t n) {
-    for (uint64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 0);
+    for (uint64_t o = 0; o < n; o += 64) __builtin_prefetch((const char *)p + o, 0, 3);
 }
 
 /* Is a neuron with score v active? v is a predictor logit (thr: the
@@ -319,8 +341,8 @@ static void ffn_run(void *arg, int ith, int nth) {
             const float thr = cats_thr(job->neuron_thr, job->logit_threshold, i);
             if (!score_on(mode, job->act, lg, thr)) continue; /* h stays 0 */
             float g = 0.0f, u;
-            if (!nogate) g = oracle ? lg : row_dot(job->kern, &job->l->ffn_gate, i, &job->in_gate, t);
-            u = nogate && oracle ? lg : row_dot(job->kern, &job->l->ffn_up, i, &job->in_up, t);
+            if (!nogate) g = oracle ? lg : gather_dot(job->kern, &job->l->ffn_gate, i, &job->in_gate, t);
+            u = nogate && oracle ? lg : gather_dot(job->kern, &job->l->ffn_up, i, &job->in_up, t);
             /* exactly the dense FFN's ops, one element at a time */
             if (job->act_threshold > 0.0f) ops_threshold(nogate ? &u : &g, 1, job->act_threshold);
             ops_act_mul(&g, &u, 1, job->act);
@@ -450,8 +472,8 @@ static int64_t one_gate_up(const struct one_job *job, const int32_t *act, int64_
         }
         const float lg = job->s->logits[i];
         float g = 0.0f, u;
-        if (!nogate) g = scores_gate ? lg : row_dot(job->kern, &l->ffn_gate, i, &job->in_gate, 0);
-        u = nogate && scores_gate ? lg : row_dot(job->kern, &l->ffn_up, i, &job->in_up, 0);
+        if (!nogate) g = scores_gate ? lg : gather_dot(job->kern, &l->ffn_gate, i, &job->in_gate, 0);
+        u = nogate && scores_gate ? lg : gather_dot(job->kern, &l->ffn_up, i, &job->in_up, 0);
         if (job->act_threshold > 0.0f) ops_threshold(nogate ? &u : &g, 1, job->act_threshold);
         ops_act_mul(&g, &u, 1, job->act);
         job->h[i] = g;

@@ -133,7 +133,7 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
         /* the tiles (1x4, 2x1, 2x4): the same bits as dot_q of this table,
          * for 1..3 blocks and a 7B row (odd block counts too) */
         int tile_differ = 0, tile_cases = 0;
-        const bool has_tiles = k->dot_q_x4[t] || k->dot_q_2x1[t] || k->dot_q_2x4[t];
+        const bool has_tiles = k->dot_q_x4[t] || k->dot_q_2x1[t] || k->dot_q_2x4[t] || k->dot_q_gather[t];
         for (int rep = 0; has_tiles && rep < 8; rep++) {
             const int64_t n = rep < 3 ? 4096 : rep == 3 ? 11008 / bs * bs : bs * (1 + rep % 3);
             if (n % bs || n <= 0) continue;
@@ -149,6 +149,11 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
             }
             float want[8], out[8];
             for (int r = 0; r < 8; r++) want[r] = k->dot_q[t](n, w2 + (r / 4) * wrow, x4q + (r % 4) * row);
+            if (k->dot_q_gather[t]) {
+                for (int r = 0; r < 8; r++)
+                    tile_differ += k->dot_q_gather[t](n, w2 + (r / 4) * wrow, x4q + (r % 4) * row) != want[r];
+                tile_cases += 8;
+            }
             if (k->dot_q_x4[t]) {
                 for (int r = 0; r < 4; r++) out[r] = NAN; /* poison */
                 k->dot_q_x4[t](n, w2, x4q, row, out);
@@ -173,8 +178,9 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
             free(x4q);
         }
         if (has_tiles) {
-            printf("%s tiles %-4s (%s%s%s): %d of %d results differ from dot_q\n", name, dtype_name(t),
-                   k->dot_q_x4[t] ? "1x4 " : "", k->dot_q_2x1[t] ? "2x1 " : "", k->dot_q_2x4[t] ? "2x4" : "",
+            printf("%s tiles %-4s (%s%s%s%s): %d of %d results differ from dot_q\n", name, dtype_name(t),
+                   k->dot_q_x4[t] ? "1x4 " : "", k->dot_q_2x1[t] ? "2x1 " : "", k->dot_q_2x4[t] ? "2x4 " : "",
+                   k->dot_q_gather[t] ? "gather" : "",
                    tile_differ, tile_cases);
             CHECK(tile_cases > 0 && tile_differ == 0, "%s tiles %s", name, dtype_name(t));
         }
@@ -429,6 +435,7 @@ int main(void) {
                 k.dot_q_x4[t] = v->dot_q_x4[t];
                 k.dot_q_2x1[t] = v->dot_q_2x1[t];
                 k.dot_q_2x4[t] = v->dot_q_2x4[t];
+                k.dot_q_gather[t] = v->dot_q_gather[t];
             }
             if (v->gemm[t]) k.gemm[t] = v->gemm[t];
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];

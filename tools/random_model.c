@@ -165,7 +165,8 @@ int main(int argc, char **argv) {
     }
     if (!out || n_embd % n_head || n_head % n_head_kv || n_vocab < 260) {
         fprintf(stderr, "usage: optiml-random-model --outfile M.gguf [--n-embd N --n-layer N --n-ff N --n-head N "
-                        "--n-head-kv N --n-vocab N(>=260) --ctx N --type f32|f16|bf16 --act silu|relu|relu2 --seed N]\n");
+                        "--n-head-kv N --n-vocab N(>=260) --ctx N --type f32|f16|bf16|q4_0|q8_0|... "
+                        "--act silu|relu|relu2 --seed N]\n");
         return 1;
     }
 

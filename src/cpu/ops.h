@@ -95,6 +95,9 @@ struct cpu_kernels {
     cpu_dot_q_x4_fn dot_q_x4[DTYPE_COUNT];  /* optional: NULL = 4 dot_q      */
     cpu_dot_q_tile_fn dot_q_2x1[DTYPE_COUNT]; /* optional: 2 rows x 1 input */
     cpu_dot_q_tile_fn dot_q_2x4[DTYPE_COUNT]; /* optional: 2 rows x 4 inputs */
+    cpu_dot_q_fn dot_q_gather[DTYPE_COUNT]; /* optional: dot_q without its
+                                               read-ahead, for one scattered
+                                               row (equal bits); NULL = dot_q */
     cpu_gemm_fn gemm[DTYPE_COUNT];          /* optional: NULL = the tiles  */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:

@@ -260,12 +260,13 @@ static float dot_q5_K_avx2(int64_t n, const void *w, const void *xq) {
 }
 
 /* ---- tiles: R weight rows x T input rows ---------------------------------
- * One template per weight type, instantiated for 1x1 (dot_q), 1x4, 2x1
- * and 2x4. Every (row, input) pair has one float accumulator that takes
- * the blocks in order through the same operations whatever the tile, so
- * all shapes give the same bits (tests/test_ops.c checks it); the tile
- * only shares the loads and unpacking: a weight block is unpacked once
- * for T inputs, an input block loaded once for R rows. */
+ * One template per weight type, instantiated for 1x1 (dot_q, and
+ * dot_q_gather without the read-ahead PF), 1x4, 2x1 and 2x4. Every (row,
+ * input) pair has one float accumulator that takes the blocks in order
+ * through the same operations whatever the tile, so all shapes give the
+ * same bits (tests/test_ops.c checks it); the tile only shares the loads
+ * and unpacking: a weight block is unpacked once for T inputs, an input
+ * block loaded once for R rows. */
 #define TILE_INLINE static inline __attribute__((always_inline))
 #define FOR_R for (int r = 0; r < R; r++)
 #define FOR_T for (int t = 0; t < T; t++)
@@ -281,21 +282,27 @@ static inline __m256i nibbles32_v(const uint8_t *qs) {
     return _mm256_and_si256(_mm256_srlv_epi64(t, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0xF));
 }
 
-/* Decode (T = 1) streams the weights from memory: the tiles prefetch this
- * far ahead (measured on a 2-core Zen 3: one row at a time plus this
+/* Decode (dot_q, PF) streams the weights from memory: the tiles prefetch
+ * this far ahead (measured on a 2-core Zen 3: one row at a time plus this
  * prefetch reads 10-20% faster than without it, and two rows at a time,
  * two streams, 30-40% slower, so decode uses the 1x1 kernels). 512 bytes
  * ahead was too short: 7B q4_0 decode at 2 threads, same machine, runs
  * alternating, 3.30 tokens/s (512) / 3.84 (2048) / 4.04 (4096) / 3.91
- * (8192) averaged over three runs each; q4_k unchanged (3.99 vs 4.08). */
-#define PREFETCH_AHEAD 4096
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + PREFETCH_AHEAD, _MM_HINT_T0)
+ * (8192) averaged over three runs each; q4_k unchanged (3.99 vs 4.08).
+ * dot_q_gather (one scattered row: the sparse FFN's gathers, which
+ * prefetch their next rows themselves) reads no further than its row: 4096
+ * bytes past a 7B q4_0 row of 2304 is another neuron's row, read for
+ * nothing (the sparse gate/up round took 12-15% longer with it). */
+#ifndef OPTIML_PREFETCH_AHEAD /* a build-time override, for measuring */
+#define OPTIML_PREFETCH_AHEAD 4096
+#endif
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + OPTIML_PREFETCH_AHEAD, _MM_HINT_T0)
 
 /* q4_0 (Q8 = false: weights - 8 through the input sums: maddubs(w, x) -
  * maddubs(8, x), both exact in int16) and q8_0 (Q8 = true: the sign trick)
  * against q8_0 inputs. */
-TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool Q8, int64_t n, const void *w, uint64_t w_stride,
-                                const void *xq, uint64_t xq_stride, float *out) {
+TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool PF, const bool Q8, int64_t n, const void *w,
+                                uint64_t w_stride, const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / 32;
     const __m256i ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
     __m256 acc[2][4];
@@ -311,12 +318,12 @@ TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool Q8, int64_t
                 const block_q8_0 *a = (const block_q8_0 *)((const char *)w + r * w_stride) + i;
                 wv[r] = _mm256_loadu_si256((const __m256i *)a->qs);
                 dw[r] = f16_bcast(&a->d);
-                if (T == 1) PREFETCH(a);
+                if (PF) PREFETCH(a);
             } else {
                 const block_q4_0 *a = (const block_q4_0 *)((const char *)w + r * w_stride) + i;
                 wv[r] = nibbles32_v(a->qs);
                 dw[r] = f16_bcast(&a->d);
-                if (T == 1 && (i & 1) == 0) PREFETCH(a); /* 36 bytes per two blocks */
+                if (PF && (i & 1) == 0) PREFETCH(a); /* 36 bytes per two blocks */
             }
         }
 #pragma GCC unroll 4
@@ -360,8 +367,8 @@ static inline __m256i bcast16_mask(int k) {
 
 /* q4_k: chunk c of 64 values = sub-block 2c (low nibbles of 32 bytes) and
  * 2c + 1 (high nibbles). The mins go through the input's 16-value sums. */
-TILE_INLINE void tile_q4_K(const int R, const int T, int64_t n, const void *w, uint64_t w_stride, const void *xq,
-                           uint64_t xq_stride, float *out) {
+TILE_INLINE void tile_q4_K(const int R, const int T, const bool PF, int64_t n, const void *w, uint64_t w_stride,
+                           const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF);
     __m256 acc[2][4];
@@ -380,7 +387,7 @@ TILE_INLINE void tile_q4_K(const int R, const int T, int64_t n, const void *w, u
 #pragma GCC unroll 2
         FOR_R {
             const block_q4_K *a = (const block_q4_K *)((const char *)w + r * w_stride) + i;
-            if (T == 1) for (int o = 0; o < (int)sizeof(*a); o += 64) PREFETCH((const char *)a + o);
+            if (PF) for (int o = 0; o < (int)sizeof(*a); o += 64) PREFETCH((const char *)a + o);
             const __m128i sm = k4_scales_mins(a->scales);
             const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
             const __m256i mins = _mm256_zextsi128_si256(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
@@ -417,8 +424,8 @@ TILE_INLINE void tile_q4_K(const int R, const int T, int64_t n, const void *w, u
  * group (16 values each: the low and high 128 bits). The -32 offset goes
  * through the input's 16-value sums: sum sc (q - 32) x = sum sc q x -
  * 32 sum sc bsum. */
-TILE_INLINE void tile_q6_K(const int R, const int T, int64_t n, const void *w, uint64_t w_stride, const void *xq,
-                           uint64_t xq_stride, float *out) {
+TILE_INLINE void tile_q6_K(const int R, const int T, const bool PF, int64_t n, const void *w, uint64_t w_stride,
+                           const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
     __m256 acc[2][4];
@@ -435,7 +442,7 @@ TILE_INLINE void tile_q6_K(const int R, const int T, int64_t n, const void *w, u
 #pragma GCC unroll 2
         FOR_R {
             const block_q6_K *a = (const block_q6_K *)((const char *)w + r * w_stride) + i;
-            if (T == 1) for (int o = 0; o < (int)sizeof(*a); o += 64) PREFETCH((const char *)a + o);
+            if (PF) for (int o = 0; o < (int)sizeof(*a); o += 64) PREFETCH((const char *)a + o);
             const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a->scales));
             const __m256 dw = f16_bcast(&a->d);
             __m256i isum[4];
@@ -481,23 +488,28 @@ TILE_INLINE void tile_q6_K(const int R, const int T, int64_t n, const void *w, u
 #define TILE_INSTANCES(NAME, CALL)                                                                               \
     static float dot_##NAME##_avx2(int64_t n, const void *w, const void *xq) {                                  \
         float o;                                                                                                 \
-        CALL(1, 1, n, w, 0, xq, 0, &o);                                                                          \
+        CALL(1, 1, true, n, w, 0, xq, 0, &o);                                                                    \
+        return o;                                                                                                \
+    }                                                                                                            \
+    static float dot_##NAME##_gather_avx2(int64_t n, const void *w, const void *xq) {                           \
+        float o;                                                                                                 \
+        CALL(1, 1, false, n, w, 0, xq, 0, &o);                                                                   \
         return o;                                                                                                \
     }                                                                                                            \
     static void dot_##NAME##_x4_avx2(int64_t n, const void *w, const void *xq, uint64_t xs, float out[4]) {     \
-        CALL(1, 4, n, w, 0, xq, xs, out);                                                                        \
+        CALL(1, 4, false, n, w, 0, xq, xs, out);                                                                 \
     }                                                                                                            \
     static void dot_##NAME##_2x1_avx2(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,       \
                                       float *out) {                                                              \
-        CALL(2, 1, n, w, ws, xq, xs, out);                                                                       \
+        CALL(2, 1, false, n, w, ws, xq, xs, out);                                                                \
     }                                                                                                            \
     static void dot_##NAME##_2x4_avx2(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,       \
                                       float *out) {                                                              \
-        CALL(2, 4, n, w, ws, xq, xs, out);                                                                       \
+        CALL(2, 4, false, n, w, ws, xq, xs, out);                                                                \
     }
 
-#define CALL_Q4_0(R, T, ...) tile_q4_0_q8_0(R, T, false, __VA_ARGS__)
-#define CALL_Q8_0(R, T, ...) tile_q4_0_q8_0(R, T, true, __VA_ARGS__)
+#define CALL_Q4_0(R, T, PF, ...) tile_q4_0_q8_0(R, T, PF, false, __VA_ARGS__)
+#define CALL_Q8_0(R, T, PF, ...) tile_q4_0_q8_0(R, T, PF, true, __VA_ARGS__)
 TILE_INSTANCES(q4_0, CALL_Q4_0)
 TILE_INSTANCES(q8_0, CALL_Q8_0)
 TILE_INSTANCES(q4_K, tile_q4_K)
@@ -954,6 +966,8 @@ static const struct cpu_kernels kernels_avx2 = {
                   [DTYPE_Q6_K] = dot_q6_K_2x1_avx2},
     .dot_q_2x4 = {[DTYPE_Q4_0] = dot_q4_0_2x4_avx2, [DTYPE_Q8_0] = dot_q8_0_2x4_avx2, [DTYPE_Q4_K] = dot_q4_K_2x4_avx2,
                   [DTYPE_Q6_K] = dot_q6_K_2x4_avx2},
+    .dot_q_gather = {[DTYPE_Q4_0] = dot_q4_0_gather_avx2, [DTYPE_Q8_0] = dot_q8_0_gather_avx2,
+                     [DTYPE_Q4_K] = dot_q4_K_gather_avx2, [DTYPE_Q6_K] = dot_q6_K_gather_avx2},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx2, [DTYPE_Q8_0] = gemm_q8_0_avx2, [DTYPE_Q4_K] = gemm_q4_K_avx2,
              [DTYPE_Q6_K] = gemm_q6_K_avx2},
     .quantize = {[DTYPE_Q8_0] = quantize_q8_0_avx2, [DTYPE_Q8_K] = quantize_q8_K_avx2},

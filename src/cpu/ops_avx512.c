@@ -9,10 +9,11 @@
  * -mavx512f -mavx512bw -mavx512vl -mavx512vnni (plus AVX2, FMA, F16C);
  * cpu_kernels_avx512vnni() checks cpuid and XCR0 first (dispatch.c).
  *
- * As in ops_avx2.c, one template per type gives dot_q (1x1), dot_q_x4
- * (1x4) and the 2x1 and 2x4 tiles; every (row, input) pair has one
- * accumulator taking the blocks in order through the same operations in
- * every shape, so the shapes agree bit for bit (tests/test_ops.c checks
+ * As in ops_avx2.c, one template per type gives dot_q (1x1, with
+ * read-ahead), dot_q_gather (1x1 without), dot_q_x4 (1x4) and the 2x1 and
+ * 2x4 tiles; every (row, input) pair has one accumulator taking the blocks
+ * in order through the same operations in every shape, so the shapes
+ * agree bit for bit (tests/test_ops.c checks
  * them, and each against the scalar reference, on any CPU that runs them).
  */
 #include "cpu/ops.h"
@@ -25,6 +26,13 @@
 #define TILE_INLINE static inline __attribute__((always_inline))
 #define FOR_R for (int r = 0; r < R; r++)
 #define FOR_T for (int t = 0; t < T; t++)
+
+/* Decode (dot_q, PF) prefetches the weights this far ahead of the row it
+ * reads, as ops_avx2.c does; dot_q_gather (one scattered row) does not. */
+#ifndef OPTIML_PREFETCH_AHEAD /* a build-time override, for measuring */
+#define OPTIML_PREFETCH_AHEAD 4096
+#endif
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + OPTIML_PREFETCH_AHEAD, _MM_HINT_T0)
 
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
@@ -50,8 +58,8 @@ static inline __m512 f16_bcast512(const uint16_t *h) { return _mm512_cvtph_ps(_m
  * starts each lane at -8 * (its 4 input bytes), computed once per input
  * block. q8_0: |w| (unsigned) times x with w's sign (|w| = 128 for -128 is
  * right as unsigned; inputs never hold -128). vpdpbusd does not saturate. */
-TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool Q8, int64_t n, const void *w, uint64_t w_stride,
-                                const void *xq, uint64_t xq_stride, float *out) {
+TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool PF, const bool Q8, int64_t n, const void *w,
+                                uint64_t w_stride, const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / 32;
     const __m256i m4 = _mm256_set1_epi8(0xF), eights = _mm256_set1_epi8(8), zero = _mm256_setzero_si256();
     const __m256i shift = _mm256_setr_epi64x(0, 0, 4, 4);
@@ -75,12 +83,14 @@ TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool Q8, int64_t
                 const block_q8_0 *a = (const block_q8_0 *)((const char *)w + r * w_stride) + i;
                 wv = _mm256_loadu_si256((const __m256i *)a->qs);
                 dw = f16_bcast256(&a->d);
+                if (PF) PREFETCH(a);
             } else {
                 /* low nibbles (values 0..15) in the low 128 bits, high in the high */
                 const block_q4_0 *a = (const block_q4_0 *)((const char *)w + r * w_stride) + i;
                 const __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)a->qs));
                 wv = _mm256_and_si256(_mm256_srlv_epi64(q, shift), m4);
                 dw = f16_bcast256(&a->d);
+                if (PF && (i & 1) == 0) PREFETCH(a); /* 36 bytes per two blocks */
             }
             const __m256i wu = Q8 ? _mm256_sign_epi8(wv, wv) : wv;
 #pragma GCC unroll 4
@@ -119,8 +129,8 @@ static inline __m512i perm_halves(int a, int b) {
     return _mm512_inserti64x4(_mm512_set1_epi16((short)a), _mm256_set1_epi16((short)b), 1);
 }
 
-TILE_INLINE void tile_q4_K(const int R, const int T, int64_t n, const void *w, uint64_t w_stride, const void *xq,
-                           uint64_t xq_stride, float *out) {
+TILE_INLINE void tile_q4_K(const int R, const int T, const bool PF, int64_t n, const void *w, uint64_t w_stride,
+                           const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF);
     __m512 acc[2][4];
@@ -139,6 +149,7 @@ TILE_INLINE void tile_q4_K(const int R, const int T, int64_t n, const void *w, u
 #pragma GCC unroll 2
         FOR_R {
             const block_q4_K *a = (const block_q4_K *)((const char *)w + r * w_stride) + i;
+            if (PF) for (int o = 0; o < (int)sizeof(*a); o += 64) PREFETCH((const char *)a + o);
             const __m128i sm = k4_scales_mins(a->scales);
             const __m512i sc = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(sm)); /* int16 lanes 0..7 */
             const __m512i mins = _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
@@ -175,8 +186,8 @@ TILE_INLINE void tile_q4_K(const int R, const int T, int64_t n, const void *w, u
  * 2p + 1 share a 512-bit step (their 64 inputs are contiguous); scales per
  * 16 values: 128-bit quarter k of the step takes scale 8h + 4p + k. The
  * -32 offset goes through the input's 16-value sums. */
-TILE_INLINE void tile_q6_K(const int R, const int T, int64_t n, const void *w, uint64_t w_stride, const void *xq,
-                           uint64_t xq_stride, float *out) {
+TILE_INLINE void tile_q6_K(const int R, const int T, const bool PF, int64_t n, const void *w, uint64_t w_stride,
+                           const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
     /* vpermw indices: int16 lane l of the step takes scale base + l / 8 */
@@ -198,6 +209,7 @@ TILE_INLINE void tile_q6_K(const int R, const int T, int64_t n, const void *w, u
 #pragma GCC unroll 2
         FOR_R {
             const block_q6_K *a = (const block_q6_K *)((const char *)w + r * w_stride) + i;
+            if (PF) for (int o = 0; o < (int)sizeof(*a); o += 64) PREFETCH((const char *)a + o);
             const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)a->scales));
             const __m512i sc = _mm512_zextsi256_si512(sc16); /* scales in int16 lanes 0..15 */
             const __m256 dw = f16_bcast256(&a->d);
@@ -324,23 +336,28 @@ static void axpy4_q8_0_avx512(int64_t n, const float a[4], const void *const w[4
 #define TILE_INSTANCES(NAME, CALL)                                                                               \
     static float dot_##NAME##_avx512(int64_t n, const void *w, const void *xq) {                                \
         float o;                                                                                                 \
-        CALL(1, 1, n, w, 0, xq, 0, &o);                                                                          \
+        CALL(1, 1, true, n, w, 0, xq, 0, &o);                                                                    \
+        return o;                                                                                                \
+    }                                                                                                            \
+    static float dot_##NAME##_gather_avx512(int64_t n, const void *w, const void *xq) {                         \
+        float o;                                                                                                 \
+        CALL(1, 1, false, n, w, 0, xq, 0, &o);                                                                   \
         return o;                                                                                                \
     }                                                                                                            \
     static void dot_##NAME##_x4_avx512(int64_t n, const void *w, const void *xq, uint64_t xs, float out[4]) {   \
-        CALL(1, 4, n, w, 0, xq, xs, out);                                                                        \
+        CALL(1, 4, false, n, w, 0, xq, xs, out);                                                                 \
     }                                                                                                            \
     static void dot_##NAME##_2x1_avx512(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,     \
                                         float *out) {                                                            \
-        CALL(2, 1, n, w, ws, xq, xs, out);                                                                       \
+        CALL(2, 1, false, n, w, ws, xq, xs, out);                                                                \
     }                                                                                                            \
     static void dot_##NAME##_2x4_avx512(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,     \
                                         float *out) {                                                            \
-        CALL(2, 4, n, w, ws, xq, xs, out);                                                                       \
+        CALL(2, 4, false, n, w, ws, xq, xs, out);                                                                \
     }
 
-#define CALL_Q4_0(R, T, ...) tile_q4_0_q8_0(R, T, false, __VA_ARGS__)
-#define CALL_Q8_0(R, T, ...) tile_q4_0_q8_0(R, T, true, __VA_ARGS__)
+#define CALL_Q4_0(R, T, PF, ...) tile_q4_0_q8_0(R, T, PF, false, __VA_ARGS__)
+#define CALL_Q8_0(R, T, PF, ...) tile_q4_0_q8_0(R, T, PF, true, __VA_ARGS__)
 TILE_INSTANCES(q4_0, CALL_Q4_0)
 TILE_INSTANCES(q8_0, CALL_Q8_0)
 TILE_INSTANCES(q4_K, tile_q4_K)
@@ -356,6 +373,7 @@ static const struct cpu_kernels kernels_avx512 = {
     .dot_q_x4 = {ENTRIES(_x4)},
     .dot_q_2x1 = {ENTRIES(_2x1)},
     .dot_q_2x4 = {ENTRIES(_2x4)},
+    .dot_q_gather = {ENTRIES(_gather)},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx512, [DTYPE_Q8_0] = gemm_q8_0_avx512},
     .axpy = {[DTYPE_Q4_0] = axpy_q4_0_avx512, [DTYPE_Q8_0] = axpy_q8_0_avx512},
     .axpy4 = {[DTYPE_Q4_0] = axpy4_q4_0_avx512, [DTYPE_Q8_0] = axpy4_q8_0_avx512},
