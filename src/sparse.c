@@ -45,11 +45,16 @@
 #include "sparse.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* neurons per chunk of the one-token round (one_run) */
+/* neurons per chunk of the one-token scoring round (one_score_run) */
 #define ONE_CHUNK 64
+/* pieces of the joined active list per thread in the one-token gate/up/down
+ * round (one_ffn_run): threads take them in turn, so one whose gathers wait
+ * longer takes fewer */
+#define ONE_SPLIT 4
 
 /* The dense FFN takes over a batch whose union of active neurons exceeds
  * this share of n_ff (it reads rows at a better rate: 4-token kernels) */
@@ -74,10 +79,12 @@ struct sparse_state {
                             * one list; room for n_ff + threads * ONE_CHUNK */
     float *tmp;            /* (n_threads, n_embd) dequantized down_t rows    */
     int64_t tmp_n;
-    float *part;           /* (n_threads, n_embd) one-token path: each thread's
-                              share of the down sum                         */
-    int64_t *counts;       /* (n_threads, 2) one-token path: active (of the
-                              thread's chunks), h != 0 (of its slice)      */
+    float *part;           /* (ONE_SPLIT * n_threads, n_embd) one-token path:
+                              each piece's share of the down sum          */
+    int64_t *counts;       /* (n_threads) one-token path: active neurons of
+                              the thread's chunks                          */
+    int64_t *piece_nz;     /* (ONE_SPLIT * n_threads) h != 0 in each piece */
+    atomic_int_fast64_t next_piece; /* one_ffn_run: the next piece to take */
     /* inputs quantized for the weights' dot_q: xb per activation type, and
      * the predictor's hidden layer */
     void *xq[DTYPE_COUNT]; /* (n_batch, row bytes of n_embd) */
@@ -115,8 +122,9 @@ static optiml_status sparse_alloc(optiml_context *ctx, struct sparse_state *s) {
         {(void **)&s->idx, (uint64_t)(hp->n_ff + nth * ONE_CHUNK) * sizeof(int32_t)},
         {(void **)&s->idx_nz, (uint64_t)(hp->n_ff + nth * ONE_CHUNK) * sizeof(int32_t)},
         {(void **)&s->tmp, (uint64_t)(nth * s->tmp_n) * sizeof(float)},
-        {(void **)&s->part, (uint64_t)(nth * hp->n_embd) * sizeof(float)},
-        {(void **)&s->counts, (uint64_t)(nth * 2) * sizeof(int64_t)},
+        {(void **)&s->part, (uint64_t)(ONE_SPLIT * nth * hp->n_embd) * sizeof(float)},
+        {(void **)&s->counts, (uint64_t)nth * sizeof(int64_t)},
+        {(void **)&s->piece_nz, (uint64_t)(ONE_SPLIT * nth) * sizeof(int64_t)},
     };
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
         *bufs[i].p = optiml_alloc_aligned(bufs[i].n);
@@ -187,7 +195,7 @@ optiml_status sparse_init(optiml_context *ctx) {
 
 void sparse_free(struct sparse_state *s) {
     if (!s) return;
-    void *bufs[] = {s->hidden, s->logits, s->idx, s->idx_nz, s->tmp, s->part, s->counts};
+    void *bufs[] = {s->hidden, s->logits, s->idx, s->idx_nz, s->tmp, s->part, s->counts, s->piece_nz};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) optiml_free_aligned(bufs[i]);
     for (int t = 0; t < DTYPE_COUNT; t++) {
         optiml_free_aligned(s->xq[t]);
@@ -435,12 +443,14 @@ static void down_rows(const struct cpu_kernels *kern, const struct tensor *w, co
 /* One token (decode), two rounds. one_score_run: each thread scores its
  * share of the neurons (chunks of ONE_CHUNK dealt round-robin; predictor
  * fc2 rows, a sequential read, or the dense gate) into its own active
- * list. The caller joins the lists in thread order. one_ffn_run: each
- * thread takes an equal slice of the joined list, runs gate/up of those
- * neurons and sums their down_t rows into its own part (whole rows, each
- * read by one thread); the caller adds the parts into x. Which neurons a
- * thread gets, and so every float sum, depends on the mask and the thread
- * count only, never on timing; the batch path takes three rounds with
+ * list. The caller joins the lists in thread order. one_ffn_run: the
+ * joined list is cut into ONE_SPLIT pieces per thread, of equal length;
+ * threads take pieces in turn (an atomic counter), run gate/up of their
+ * neurons and sum their down_t rows into the piece's own part (whole rows,
+ * each read by one thread). one_reduce_run: each thread adds the parts,
+ * in piece order, into its slice of x. Which neurons a piece holds, and so
+ * every float sum, depends on the mask and the thread count only, never on
+ * which thread took it or when. The batch path takes three rounds with
  * serial passes over n_ff between them. */
 struct one_job {
     const struct cpu_kernels *kern;
@@ -452,7 +462,9 @@ struct one_job {
     enum ffn_act act;
     float act_threshold, thr;
     float *h;      /* (n_ff) ctx->gate */
+    float *x;      /* (n_embd) ctx->x: the residual the down sum goes into */
     int64_t n_act; /* one_ffn_run: the length of the joined list s->idx */
+    int64_t n_pieces;
 };
 
 /* Gate/up of one_ffn_run: h of the active neurons act[0..n) (the batch path's
@@ -507,7 +519,7 @@ static void one_score_run(void *arg, int ith, int nth) {
             if (score_on(s->mode, job->act, v, job->thr)) act[n_act++] = (int32_t)i;
         }
     }
-    s->counts[2 * ith] = n_act;
+    s->counts[ith] = n_act;
 }
 
 /* The threads' active lists (one_score_run) joined in thread order at the
@@ -518,7 +530,7 @@ static int64_t one_join(struct sparse_state *s, int64_t n_ff, int nth) {
     const int64_t room = one_list_room(n_ff, nth);
     int64_t n = 0;
     for (int t = 0; t < nth; t++) {
-        const int64_t c = s->counts[2 * t];
+        const int64_t c = s->counts[t];
         if (t > 0) memmove(s->idx + n, s->idx + t * room, (size_t)c * sizeof(int32_t));
         n += c;
     }
@@ -528,18 +540,33 @@ static int64_t one_join(struct sparse_state *s, int64_t n_ff, int nth) {
 static void one_ffn_run(void *arg, int ith, int nth) {
     const struct one_job *job = arg;
     struct sparse_state *s = job->s;
-    /* an equal slice of the joined list (one list: the gathers' prefetch
-     * runs ahead across the threads' lists); its h != 0 neurons go to the
-     * same place in idx_nz */
-    const int64_t k0 = job->n_act * ith / nth, k1 = job->n_act * (ith + 1) / nth;
-    int32_t *nz = s->idx_nz + k0;
-    const int64_t n_nz = one_gate_up(job, s->idx + k0, k1 - k0, nz);
-    if (job->l->ffn_down_t.data) {
-        float *y = s->part + ith * job->n_embd;
-        memset(y, 0, (size_t)job->n_embd * sizeof(float));
-        down_rows(job->kern, &job->l->ffn_down_t, nz, n_nz, job->h, y, s->tmp + ith * s->tmp_n);
+    (void)nth;
+    for (;;) {
+        const int64_t c = atomic_fetch_add_explicit(&s->next_piece, 1, memory_order_relaxed);
+        if (c >= job->n_pieces) break;
+        /* piece c of the joined list (one list: the gathers' prefetch runs
+         * ahead across the threads' lists); its h != 0 neurons go to the
+         * same place in idx_nz */
+        const int64_t k0 = job->n_act * c / job->n_pieces, k1 = job->n_act * (c + 1) / job->n_pieces;
+        int32_t *nz = s->idx_nz + k0;
+        const int64_t n_nz = one_gate_up(job, s->idx + k0, k1 - k0, nz);
+        if (job->l->ffn_down_t.data) {
+            float *y = s->part + c * job->n_embd;
+            memset(y, 0, (size_t)job->n_embd * sizeof(float));
+            down_rows(job->kern, &job->l->ffn_down_t, nz, n_nz, job->h, y, s->tmp + ith * s->tmp_n);
+        }
+        s->piece_nz[c] = n_nz;
     }
-    s->counts[2 * ith + 1] = n_nz;
+}
+
+static void one_reduce_run(void *arg, int ith, int nth) {
+    const struct one_job *job = arg;
+    int64_t j0, j1;
+    threadpool_split(job->n_embd, ith, nth, &j0, &j1);
+    for (int64_t c = 0; c < job->n_pieces; c++) {
+        const float *p = job->s->part + c * job->n_embd;
+        for (int64_t j = j0; j < j1; j++) job->x[j] += p[j];
+    }
 }
 
 /* s->hidden = relu(xb fc1^T) (one token). */
@@ -563,7 +590,8 @@ static bool sparse_ffn_one(optiml_context *ctx, const struct layer *l, int32_t i
     }
     bool done[DTYPE_COUNT] = {0}, hdone[DTYPE_COUNT] = {0};
     struct one_job job = {.kern = ctx->kern, .l = l, .s = s, .n_ff = n_ff, .n_embd = n_embd, .act = hp->ffn_act,
-                          .act_threshold = ctx->model->sparse.act_threshold, .thr = thr, .h = ctx->gate};
+                          .act_threshold = ctx->model->sparse.act_threshold, .thr = thr, .h = ctx->gate,
+                          .x = ctx->x};
     if (s->mode == SPARSE_MODE_PREDICTOR) {
         predictor_hidden(ctx, l, done);
         job.score_w = &l->fc2;
@@ -584,9 +612,11 @@ static bool sparse_ffn_one(optiml_context *ctx, const struct layer *l, int32_t i
         s->n_active += (uint64_t)n_ff;
         return false;
     }
+    job.n_pieces = job.n_act < ONE_SPLIT * nth ? job.n_act : ONE_SPLIT * nth; /* none empty */
+    atomic_store_explicit(&s->next_piece, 0, memory_order_relaxed); /* threadpool_run publishes it */
     threadpool_run(ctx->pool, one_ffn_run, &job);
     int64_t n_nz = 0;
-    for (int t = 0; t < nth; t++) n_nz += s->counts[2 * t + 1];
+    for (int64_t c = 0; c < job.n_pieces; c++) n_nz += s->piece_nz[c];
     if (ctx->ffn_observer) {
         const bool g_known = s->mode != SPARSE_MODE_PREDICTOR && l->ffn_gate.data;
         ctx->ffn_observer(ctx->ffn_observer_user, il, 1, ctx->xb, g_known ? s->logits : NULL, ctx->gate);
@@ -600,10 +630,7 @@ static bool sparse_ffn_one(optiml_context *ctx, const struct layer *l, int32_t i
         threadpool_run(ctx->pool, rows_run, &rj);
         return true;
     }
-    for (int t = 0; t < nth; t++) {
-        const float *p = s->part + t * n_embd;
-        for (int64_t j = 0; j < n_embd; j++) ctx->x[j] += p[j];
-    }
+    threadpool_run(ctx->pool, one_reduce_run, &job);
     return true;
 }
 
