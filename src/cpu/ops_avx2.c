@@ -484,36 +484,8 @@ TILE_INLINE void tile_q6_K(const int R, const int T, const bool PF, int64_t n, c
     FOR_R FOR_T out[r * T + t] = hsum256(acc[r][t]);
 }
 
-/* The instances: dot_q (1x1), dot_q_x4 (1x4), 2x1 and 2x4 per type. */
-#define TILE_INSTANCES(NAME, CALL)                                                                               \
-    static float dot_##NAME##_avx2(int64_t n, const void *w, const void *xq) {                                  \
-        float o;                                                                                                 \
-        CALL(1, 1, true, n, w, 0, xq, 0, &o);                                                                    \
-        return o;                                                                                                \
-    }                                                                                                            \
-    static float dot_##NAME##_gather_avx2(int64_t n, const void *w, const void *xq) {                           \
-        float o;                                                                                                 \
-        CALL(1, 1, false, n, w, 0, xq, 0, &o);                                                                   \
-        return o;                                                                                                \
-    }                                                                                                            \
-    static void dot_##NAME##_x4_avx2(int64_t n, const void *w, const void *xq, uint64_t xs, float out[4]) {     \
-        CALL(1, 4, false, n, w, 0, xq, xs, out);                                                                 \
-    }                                                                                                            \
-    static void dot_##NAME##_2x1_avx2(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,       \
-                                      float *out) {                                                              \
-        CALL(2, 1, false, n, w, ws, xq, xs, out);                                                                \
-    }                                                                                                            \
-    static void dot_##NAME##_2x4_avx2(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,       \
-                                      float *out) {                                                              \
-        CALL(2, 4, false, n, w, ws, xq, xs, out);                                                                \
-    }
-
-#define CALL_Q4_0(R, T, PF, ...) tile_q4_0_q8_0(R, T, PF, false, __VA_ARGS__)
-#define CALL_Q8_0(R, T, PF, ...) tile_q4_0_q8_0(R, T, PF, true, __VA_ARGS__)
-TILE_INSTANCES(q4_0, CALL_Q4_0)
-TILE_INSTANCES(q8_0, CALL_Q8_0)
-TILE_INSTANCES(q4_K, tile_q4_K)
-TILE_INSTANCES(q6_K, tile_q6_K)
+#define TILE_SFX avx2
+#include "cpu/tiles.h" /* dot_q, dot_q_gather, dot_q_x4 and the 2-row tiles */
 
 /* ---- prompt GEMM on repacked panels (gemm_panel.h) ----------------------
  * q4_0: the nibble products (|p| <= 2 * 15 * 127 per int16 pair) of a

@@ -333,35 +333,8 @@ static void axpy4_q8_0_avx512(int64_t n, const float a[4], const void *const w[4
 
 /* ---- instances and the table ----------------------------------------------- */
 
-#define TILE_INSTANCES(NAME, CALL)                                                                               \
-    static float dot_##NAME##_avx512(int64_t n, const void *w, const void *xq) {                                \
-        float o;                                                                                                 \
-        CALL(1, 1, true, n, w, 0, xq, 0, &o);                                                                    \
-        return o;                                                                                                \
-    }                                                                                                            \
-    static float dot_##NAME##_gather_avx512(int64_t n, const void *w, const void *xq) {                         \
-        float o;                                                                                                 \
-        CALL(1, 1, false, n, w, 0, xq, 0, &o);                                                                   \
-        return o;                                                                                                \
-    }                                                                                                            \
-    static void dot_##NAME##_x4_avx512(int64_t n, const void *w, const void *xq, uint64_t xs, float out[4]) {   \
-        CALL(1, 4, false, n, w, 0, xq, xs, out);                                                                 \
-    }                                                                                                            \
-    static void dot_##NAME##_2x1_avx512(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,     \
-                                        float *out) {                                                            \
-        CALL(2, 1, false, n, w, ws, xq, xs, out);                                                                \
-    }                                                                                                            \
-    static void dot_##NAME##_2x4_avx512(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,     \
-                                        float *out) {                                                            \
-        CALL(2, 4, false, n, w, ws, xq, xs, out);                                                                \
-    }
-
-#define CALL_Q4_0(R, T, PF, ...) tile_q4_0_q8_0(R, T, PF, false, __VA_ARGS__)
-#define CALL_Q8_0(R, T, PF, ...) tile_q4_0_q8_0(R, T, PF, true, __VA_ARGS__)
-TILE_INSTANCES(q4_0, CALL_Q4_0)
-TILE_INSTANCES(q8_0, CALL_Q8_0)
-TILE_INSTANCES(q4_K, tile_q4_K)
-TILE_INSTANCES(q6_K, tile_q6_K)
+#define TILE_SFX avx512
+#include "cpu/tiles.h" /* dot_q, dot_q_gather, dot_q_x4 and the 2-row tiles */
 
 #define ENTRIES(NAME)                                                                                           \
     [DTYPE_Q4_0] = dot_q4_0##NAME##_avx512, [DTYPE_Q8_0] = dot_q8_0##NAME##_avx512,                              \
