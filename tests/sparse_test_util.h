@@ -267,4 +267,26 @@ static inline void expect_load_error(const char *label, const char *path, optiml
     optiml_model_free(m);
 }
 
+/* Each test defines its struct opts (what its small model holds) and
+ * write_model(path, o), which writes that model to path. */
+struct opts;
+static void write_model(const char *path, const struct opts *o);
+
+/* A model that must not load: what write_model writes for it, the status
+ * and a piece of the message expected. */
+struct load_error {
+    const char *label;
+    const struct opts *o;
+    optiml_status want;
+    const char *needle;
+};
+
+/* write_model, then expect_load_error, for each of the n cases. */
+static inline void expect_load_errors(const char *path, const struct load_error *e, size_t n) {
+    for (size_t k = 0; k < n; k++) {
+        write_model(path, e[k].o);
+        expect_load_error(e[k].label, path, e[k].want, e[k].needle);
+    }
+}
+
 #endif /* OPTIML_SPARSE_TEST_UTIL_H */

@@ -302,41 +302,38 @@ int main(void) {
     check_observer(path);
 
     /* errors: the model each writes must fail to load with that message */
-    const struct {
-        const char *label;
-        struct opts o;
-        optiml_status want;
-        const char *needle;
-    } errors[] = {
-        {"cats without thresholds", {.type = DTYPE_F32, .no_thr = true}, OPTIML_ERR_FORMAT,
+    const struct load_error errors[] = {
+        {"cats without thresholds", &(struct opts){.type = DTYPE_F32, .no_thr = true}, OPTIML_ERR_FORMAT,
          "without optiml.sparse.gate_threshold"},
-        {"threshold count", {.type = DTYPE_F32, .bad_count = true, .thr = thr}, OPTIML_ERR_FORMAT,
+        {"threshold count", &(struct opts){.type = DTYPE_F32, .bad_count = true, .thr = thr}, OPTIML_ERR_FORMAT,
          "gate_threshold has 3 values"},
-        {"negative threshold", {.type = DTYPE_F32, .negative = true}, OPTIML_ERR_FORMAT, "gate_threshold[0]"},
-        {"unknown kind", {.type = DTYPE_F32, .kind = "teal", .thr = thr}, OPTIML_ERR_UNSUPPORTED,
+        {"negative threshold", &(struct opts){.type = DTYPE_F32, .negative = true}, OPTIML_ERR_FORMAT,
+         "gate_threshold[0]"},
+        {"unknown kind", &(struct opts){.type = DTYPE_F32, .kind = "teal", .thr = thr}, OPTIML_ERR_UNSUPPORTED,
          "optiml.sparse.kind 'teal' is not 'relu', 'cats' or"},
-        {"thresholds of kind relu", {.type = DTYPE_F32, .kind = "relu", .thr = thr}, OPTIML_ERR_FORMAT,
+        {"thresholds of kind relu", &(struct opts){.type = DTYPE_F32, .kind = "relu", .thr = thr}, OPTIML_ERR_FORMAT,
          "needs optiml.sparse.kind 'cats'"},
         /* per-neuron thresholds */
         {"per-neuron thresholds in one layer",
-         {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_one_layer = true}, OPTIML_ERR_FORMAT,
+         &(struct opts){.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_one_layer = true}, OPTIML_ERR_FORMAT,
          "ffn_gate_thr in 1 of 2 layers (blk.1 has none)"},
-        {"per-neuron threshold count", {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_shape = true},
-         OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr has shape (513, 1)"},
-        {"per-neuron thresholds f16", {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_f16 = true},
-         OPTIML_ERR_UNSUPPORTED, "ffn_gate_thr has type f16"},
-        {"negative per-neuron threshold", {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_negative = true},
-         OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr[7] = -0.5"},
-        {"NaN per-neuron threshold", {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_nan = true},
-         OPTIML_ERR_FORMAT, "blk.0.ffn_gate_thr[9] = nan"},
+        {"per-neuron threshold count",
+         &(struct opts){.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_shape = true}, OPTIML_ERR_FORMAT,
+         "blk.0.ffn_gate_thr has shape (513, 1)"},
+        {"per-neuron thresholds f16",
+         &(struct opts){.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_f16 = true}, OPTIML_ERR_UNSUPPORTED,
+         "ffn_gate_thr has type f16"},
+        {"negative per-neuron threshold",
+         &(struct opts){.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_negative = true}, OPTIML_ERR_FORMAT,
+         "blk.0.ffn_gate_thr[7] = -0.5"},
+        {"NaN per-neuron threshold",
+         &(struct opts){.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .nthr_nan = true}, OPTIML_ERR_FORMAT,
+         "blk.0.ffn_gate_thr[9] = nan"},
         {"per-neuron thresholds of kind relu",
-         {.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .kind = "relu", .no_thr = true}, OPTIML_ERR_FORMAT,
-         "ffn_gate_thr needs optiml.sparse.kind 'cats'"},
+         &(struct opts){.type = DTYPE_F32, .thr = thr, .neuron_thr = true, .kind = "relu", .no_thr = true},
+         OPTIML_ERR_FORMAT, "ffn_gate_thr needs optiml.sparse.kind 'cats'"},
     };
-    for (size_t k = 0; k < sizeof(errors) / sizeof(errors[0]); k++) {
-        write_model(path, &errors[k].o);
-        expect_load_error(errors[k].label, path, errors[k].want, errors[k].needle);
-    }
+    expect_load_errors(path, errors, sizeof(errors) / sizeof(errors[0]));
     /* mode 4 on a model without thresholds */
     write_model(path, &(struct opts){.type = DTYPE_F32, .kind = "relu", .no_thr = true});
     optiml_model *m = NULL;

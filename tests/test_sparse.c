@@ -217,29 +217,26 @@ int main(void) {
     compare("relu q8_0, exact q8_0 down_t", path, 2, 5e-2, EXPECT_MATCH);
 
     /* errors: the model each writes must fail to load with that message */
-    const struct {
-        const char *label;
-        struct opts o;
-        optiml_status want;
-        const char *needle;
-    } errors[] = {
-        {"fc1 without fc2", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true, .fc1_only = true},
+    const struct load_error errors[] = {
+        {"fc1 without fc2",
+         &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true, .fc1_only = true},
          OPTIML_ERR_FORMAT, "without blk.0.fc2.weight"},
-        {"fc2 shape", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true, .bad_fc2_shape = true},
+        {"fc2 shape",
+         &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true, .bad_fc2_shape = true},
          OPTIML_ERR_FORMAT, "blk.0.fc2.weight has shape"},
-        {"fc1 type", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true, .fc1_q4_0 = true},
+        {"fc1 type",
+         &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .pred = true, .fc1_q4_0 = true},
          OPTIML_ERR_UNSUPPORTED, "expected f32, f16 or q8_0"},
-        {"version 2", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .version = 2}, OPTIML_ERR_UNSUPPORTED,
-         "optiml.sparse.version 2"},
-        {"threshold count", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .bad_thresholds = true},
+        {"version 2", &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .version = 2},
+         OPTIML_ERR_UNSUPPORTED, "optiml.sparse.version 2"},
+        {"threshold count",
+         &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .bad_thresholds = true},
          OPTIML_ERR_FORMAT, "layer_threshold has 3 values"},
-        {"FATReLU on silu", {.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "silu", .act_threshold = 0.1f},
+        {"FATReLU on silu",
+         &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "silu", .act_threshold = 0.1f},
          OPTIML_ERR_UNSUPPORTED, "act_threshold"},
     };
-    for (size_t k = 0; k < sizeof(errors) / sizeof(errors[0]); k++) {
-        write_model(path, &errors[k].o);
-        expect_load_error(errors[k].label, path, errors[k].want, errors[k].needle);
-    }
+    expect_load_errors(path, errors, sizeof(errors) / sizeof(errors[0]));
 
     /* context init: mode 3 without predictors, unknown mode */
     write_model(path, &(struct opts){.type = DTYPE_F32, .down_type = DTYPE_F32, .act = "relu", .down_t = true});
