@@ -242,20 +242,26 @@ static inline float row_dot(const struct cpu_kernels *kern, const struct tensor 
     return kern->dot[w->type](n, tensor_row(w, r), in->x + t * n);
 }
 
-/* row_dot of a gathered row (the gathers prefetch their next rows
- * themselves): no read-ahead past the row unless the gather is dense
+/* row_dot of a gathered row r: no read-ahead past the row unless the gather is dense
  * (gather_streams: a third or more of the rows, so the rows after this one
  * are mostly read next; CATS keeps about 60%). At 10% (the 7B synth), the
  * read-ahead fetched other neurons' rows for nothing: the dev EPYC's
  * gate/up/down round took 70-71 ms a token with it, 59-63 ms without;
  * CATS at 60%, the same machine, three runs each: 3.07-3.49 tokens/s with
- * it, 2.78-3.41 without. */
+ * it, 2.78-3.41 without. Where it reads no further (dot_q_next), it asks
+ * for row r_next (-1: none) as it goes. */
 static inline bool gather_streams(int64_t n_rows, int64_t n_all) { return 3 * n_rows >= n_all; }
 
+static inline bool gather_next(const struct cpu_kernels *kern, const struct tensor *w, const struct row_input *in,
+                               bool streams) {
+    return in->xq && kern->dot_q_next[w->type] && !streams;
+}
+
 static inline float gather_dot(const struct cpu_kernels *kern, const struct tensor *w, int64_t r,
-                               const struct row_input *in, int64_t t, bool streams) {
-    const cpu_dot_q_fn dot = kern->dot_q_gather[w->type];
-    if (in->xq && dot && !streams) return dot(w->ne[0], tensor_row(w, r), in->xq + (uint64_t)t * in->xq_row);
+                               const struct row_input *in, int64_t t, bool streams, int64_t r_next) {
+    if (gather_next(kern, w, in, streams))
+        return kern->dot_q_next[w->type](w->ne[0], tensor_row(w, r), in->xq + (uint64_t)t * in->xq_row,
+                                         r_next >= 0 ? tensor_row(w, r_next) : NULL);
     return row_dot(kern, w, r, in, t);
 }
 
@@ -292,7 +298,15 @@ static void rows_run(void *arg, int ith, int nth) {
  * 1.62-1.87 against 1.43-1.89, two runs each at 16, 8 and 4 threads, one
  * ahead steadier); on the dev EPYC no prefetch is the slowest, one ahead
  * the quickest (62-69 ms at 2 threads; two ahead 68-77, the old one
- * 65-71). */
+ * 65-71). The one-token round asks for them more gently still: the dot of
+ * a neuron's row asks for the next neuron's row at the same offset as it
+ * reads (dot_q_next; axpy4 the same for the next four down rows), so the
+ * requests are spread over the row's work, not issued 72 lines at once
+ * (which stalls the core until most have arrived): that round went from
+ * 7.8-8.6 to 4.9-5.2 ms a token on the Xeon at 16 threads, sparse/dense
+ * 1.71-1.88 to 1.80-2.07 at 16, 8 and 4 threads (bench/RESULTS.md). The
+ * batch path and the types without dot_q_next keep the whole-row requests
+ * below. */
 #ifndef OPTIML_SPARSE_PREFETCH_AHEAD /* a build-time override, for measuring */
 #define OPTIML_SPARSE_PREFETCH_AHEAD 1
 #endif
@@ -359,8 +373,8 @@ static void ffn_run(void *arg, int ith, int nth) {
             if (!score_on(mode, job->act, lg, thr)) continue; /* h stays 0 */
             float g = 0.0f, u;
             const bool st = job->streams;
-            if (!nogate) g = oracle ? lg : gather_dot(job->kern, &job->l->ffn_gate, i, &job->in_gate, t, st);
-            u = nogate && oracle ? lg : gather_dot(job->kern, &job->l->ffn_up, i, &job->in_up, t, st);
+            if (!nogate) g = oracle ? lg : gather_dot(job->kern, &job->l->ffn_gate, i, &job->in_gate, t, st, -1);
+            u = nogate && oracle ? lg : gather_dot(job->kern, &job->l->ffn_up, i, &job->in_up, t, st, -1);
             /* exactly the dense FFN's ops, one element at a time */
             if (job->act_threshold > 0.0f) ops_threshold(nogate ? &u : &g, 1, job->act_threshold);
             ops_act_mul(&g, &u, 1, job->act);
@@ -418,8 +432,9 @@ static void down_t_run(void *arg, int ith, int nth) {
 /* ---- one token: the whole FFN in two parallel rounds ------------------ */
 
 /* y += h[i] * row i of w (ffn_down_t) for the neurons in idx: four rows per
- * pass over y where the type has axpy4; whole rows prefetched a group
- * ahead (scattered rows defeat the hardware prefetcher). */
+ * pass over y where the type has axpy4, which asks for the next group's
+ * rows a line at a time as it goes (scattered rows defeat the hardware
+ * prefetcher); the rows after the last full group are asked for at once. */
 static void down_rows(const struct cpu_kernels *kern, const struct tensor *w, const int32_t *idx, int64_t n,
                       const float *h, float *y, float *tmp) {
     const int64_t n_embd = w->ne[0];
@@ -428,14 +443,17 @@ static void down_rows(const struct cpu_kernels *kern, const struct tensor *w, co
     int64_t k = 0;
     if (axpy4)
         for (; k + 4 <= n; k += 4) {
-            for (int64_t p = k + 4; p < k + 8 && p < n; p++) prefetch_bytes(tensor_row(w, idx[p]), w->row_size);
-            const void *rows[4];
+            const bool full = k + 8 <= n; /* a whole next group */
+            if (!full)
+                for (int64_t p = k + 4; p < n; p++) prefetch_bytes(tensor_row(w, idx[p]), w->row_size);
+            const void *rows[4], *next[4];
             float a[4];
             for (int r = 0; r < 4; r++) {
                 rows[r] = tensor_row(w, idx[k + r]);
                 a[r] = h[idx[k + r]];
+                next[r] = full ? tensor_row(w, idx[k + 4 + r]) : NULL;
             }
-            axpy4(n_embd, a, rows, y);
+            axpy4(n_embd, a, rows, y, full ? next : NULL);
         }
     for (; k < n; k++) {
         if (k + 1 < n) prefetch_bytes(tensor_row(w, idx[k + 1]), w->row_size);
@@ -485,18 +503,24 @@ static int64_t one_gate_up(const struct one_job *job, const int32_t *act, int64_
     const bool scores_gate = mode == SPARSE_MODE_ORACLE || mode == SPARSE_MODE_CATS;
     const bool nogate = job->act == FFN_ACT_RELU_NOGATE;
     const struct layer *l = job->l;
+    const bool gate = !nogate && !scores_gate, up = !(nogate && scores_gate); /* the rows read */
+    /* the next neuron's rows: asked for by the dot of this one's (dot_q_next)
+     * or all at once here */
+    const bool gate_pf = gate && !gather_next(job->kern, &l->ffn_gate, &job->in_gate, job->streams);
+    const bool up_pf = up && !gather_next(job->kern, &l->ffn_up, &job->in_up, job->streams);
     int64_t n_nz = 0;
     for (int64_t k = 0; k < n; k++) {
-        const int32_t i = act[k];
+        const int32_t i = act[k], next = k + 1 < n ? act[k + 1] : -1;
         if (k + PREFETCH_AHEAD < n) {
             const int32_t ip = act[k + PREFETCH_AHEAD];
-            if (!nogate && !scores_gate) prefetch_bytes(tensor_row(&l->ffn_gate, ip), l->ffn_gate.row_size);
-            if (!(nogate && scores_gate)) prefetch_bytes(tensor_row(&l->ffn_up, ip), l->ffn_up.row_size);
+            if (gate_pf) prefetch_bytes(tensor_row(&l->ffn_gate, ip), l->ffn_gate.row_size);
+            if (up_pf) prefetch_bytes(tensor_row(&l->ffn_up, ip), l->ffn_up.row_size);
         }
         const float lg = job->s->logits[i];
         float g = 0.0f, u;
-        if (!nogate) g = scores_gate ? lg : gather_dot(job->kern, &l->ffn_gate, i, &job->in_gate, 0, job->streams);
-        u = nogate && scores_gate ? lg : gather_dot(job->kern, &l->ffn_up, i, &job->in_up, 0, job->streams);
+        if (gate) g = gather_dot(job->kern, &l->ffn_gate, i, &job->in_gate, 0, job->streams, next);
+        else if (!nogate) g = lg;
+        u = up ? gather_dot(job->kern, &l->ffn_up, i, &job->in_up, 0, job->streams, next) : lg;
         if (job->act_threshold > 0.0f) ops_threshold(nogate ? &u : &g, 1, job->act_threshold);
         ops_act_mul(&g, &u, 1, job->act);
         job->h[i] = g;

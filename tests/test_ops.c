@@ -133,7 +133,7 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
         /* the tiles (1x4, 2x1, 2x4): the same bits as dot_q of this table,
          * for 1..3 blocks and a 7B row (odd block counts too) */
         int tile_differ = 0, tile_cases = 0;
-        const bool has_tiles = k->dot_q_x4[t] || k->dot_q_2x1[t] || k->dot_q_2x4[t] || k->dot_q_gather[t];
+        const bool has_tiles = k->dot_q_x4[t] || k->dot_q_2x1[t] || k->dot_q_2x4[t] || k->dot_q_next[t];
         for (int rep = 0; has_tiles && rep < 8; rep++) {
             const int64_t n = rep < 3 ? 4096 : rep == 3 ? 11008 / bs * bs : bs * (1 + rep % 3);
             if (n % bs || n <= 0) continue;
@@ -149,9 +149,12 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
             }
             float want[8], out[8];
             for (int r = 0; r < 8; r++) want[r] = k->dot_q[t](n, w2 + (r / 4) * wrow, x4q + (r % 4) * row);
-            if (k->dot_q_gather[t]) {
-                for (int r = 0; r < 8; r++)
-                    tile_differ += k->dot_q_gather[t](n, w2 + (r / 4) * wrow, x4q + (r % 4) * row) != want[r];
+            if (k->dot_q_next[t]) { /* next: none, the other row, the input (any address) */
+                for (int r = 0; r < 8; r++) {
+                    const uint8_t *wr = w2 + (r / 4) * wrow, *other = w2 + (1 - r / 4) * wrow;
+                    const void *next = r % 3 == 0 ? NULL : r % 3 == 1 ? (const void *)other : (const void *)x4q;
+                    tile_differ += k->dot_q_next[t](n, wr, x4q + (r % 4) * row, next) != want[r];
+                }
                 tile_cases += 8;
             }
             if (k->dot_q_x4[t]) {
@@ -180,7 +183,7 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
         if (has_tiles) {
             printf("%s tiles %-4s (%s%s%s%s): %d of %d results differ from dot_q\n", name, dtype_name(t),
                    k->dot_q_x4[t] ? "1x4 " : "", k->dot_q_2x1[t] ? "2x1 " : "", k->dot_q_2x4[t] ? "2x4 " : "",
-                   k->dot_q_gather[t] ? "gather" : "",
+                   k->dot_q_next[t] ? "next" : "",
                    tile_differ, tile_cases);
             CHECK(tile_cases > 0 && tile_differ == 0, "%s tiles %s", name, dtype_name(t));
         }
@@ -349,7 +352,8 @@ static void compare_axpy(const char *name, const struct cpu_kernels *k) {
 /* axpy4 (y += a0 w0 + a1 w1 + a2 w2 + a3 w3, four independent random rows):
  * against the double sum of the rows dequantized by the reference
  * converters; 1e-6 of |y| + sum |a w| (four roundings of a partial sum no
- * larger than that). */
+ * larger than that). Its `next` rows (a prefetch hint) change no bit: the
+ * same call with the rows themselves, reversed, as next. */
 static void compare_axpy4(const char *name, const struct cpu_kernels *k) {
     static const uint32_t types[] = {DTYPE_F32, DTYPE_F16, DTYPE_Q8_0, DTYPE_Q4_0};
     static const int64_t sizes[] = {32, 64, 96, 256, 4096, 11008};
@@ -365,6 +369,7 @@ static void compare_axpy4(const char *name, const struct cpu_kernels *k) {
             continue;
         }
         double worst = 0;
+        int next_differ = 0;
         for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
             const int64_t n = sizes[si] + (t == DTYPE_F32 || t == DTYPE_F16 ? (int64_t)si % 3 + 1 : 0); /* ragged */
             const void *w[4];
@@ -380,7 +385,13 @@ static void compare_axpy4(const char *name, const struct cpu_kernels *k) {
                 a[r] = frand() * 3.0f;
             }
             for (int64_t i = 0; i < n; i++) y[i] = y0[i] = 0.1f * (float)i + frand(); /* poisoned by the values */
-            k->axpy4[t](n, a, w, y);
+            k->axpy4[t](n, a, w, y, NULL);
+            float *y2 = malloc((size_t)n * sizeof(float));
+            for (int64_t i = 0; i < n; i++) y2[i] = y0[i];
+            const void *next[4] = {w[3], w[2], w[1], w[0]};
+            k->axpy4[t](n, a, w, y2, next);
+            next_differ += memcmp(y, y2, (size_t)n * sizeof(float)) != 0;
+            free(y2);
             for (int64_t i = 0; i < n; i++) {
                 double want = y0[i], mag = fabs((double)y0[i]);
                 for (int r = 0; r < 4; r++) {
@@ -391,8 +402,10 @@ static void compare_axpy4(const char *name, const struct cpu_kernels *k) {
                 if (!(e <= worst)) worst = e;
             }
         }
-        printf("%s axpy4 %s: max rel diff %.3g\n", name, dtype_name(t), worst);
+        printf("%s axpy4 %s: max rel diff %.3g, %d sizes differ with next rows\n", name, dtype_name(t), worst,
+               next_differ);
         CHECK(worst < 1e-6, "%s axpy4 %s: %g", name, dtype_name(t), worst);
+        CHECK(next_differ == 0, "%s axpy4 %s: next rows changed y", name, dtype_name(t));
     }
     free(src);
     free(wf);
@@ -435,7 +448,7 @@ int main(void) {
                 k.dot_q_x4[t] = v->dot_q_x4[t];
                 k.dot_q_2x1[t] = v->dot_q_2x1[t];
                 k.dot_q_2x4[t] = v->dot_q_2x4[t];
-                k.dot_q_gather[t] = v->dot_q_gather[t];
+                k.dot_q_next[t] = v->dot_q_next[t];
             }
             if (v->gemm[t]) k.gemm[t] = v->gemm[t];
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];

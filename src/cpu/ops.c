@@ -263,19 +263,27 @@ void cpu_gemm_ref(uint32_t type, int64_t n, const void *w, uint64_t w_stride, in
 
 /* Four rows, element by element in row order (each row's product rounded
  * and added as axpy does). */
-static void axpy4_f32_ref(int64_t n, const float a[4], const void *const w[4], float *y) {
+static void axpy4_f32_ref(int64_t n, const float a[4], const void *const w[4], float *y,
+                          const void *const next[4]) {
+    (void)next;
     for (int r = 0; r < 4; r++) axpy_f32_ref(n, a[r], w[r], y);
 }
 
-static void axpy4_f16_ref(int64_t n, const float a[4], const void *const w[4], float *y) {
+static void axpy4_f16_ref(int64_t n, const float a[4], const void *const w[4], float *y,
+                          const void *const next[4]) {
+    (void)next;
     for (int r = 0; r < 4; r++) axpy_f16_ref(n, a[r], w[r], y);
 }
 
-static void axpy4_q8_0_ref(int64_t n, const float a[4], const void *const w[4], float *y) {
+static void axpy4_q8_0_ref(int64_t n, const float a[4], const void *const w[4], float *y,
+                          const void *const next[4]) {
+    (void)next;
     for (int r = 0; r < 4; r++) axpy_q8_0_ref(n, a[r], w[r], y);
 }
 
-static void axpy4_q4_0_ref(int64_t n, const float a[4], const void *const w[4], float *y) {
+static void axpy4_q4_0_ref(int64_t n, const float a[4], const void *const w[4], float *y,
+                          const void *const next[4]) {
+    (void)next;
     for (int r = 0; r < 4; r++) axpy_q4_0_ref(n, a[r], w[r], y);
 }
 

@@ -22,6 +22,11 @@ typedef void (*cpu_to_f32_fn)(int64_t n, const void *src, float *dst);
 /* Quantized weight row of type T (n values) dot an activation row already
  * quantized to vec_dot_type[T] (q8_0, q8_1 or q8_k blocks of n values). */
 typedef float (*cpu_dot_q_fn)(int64_t n, const void *w, const void *xq);
+/* dot_q of one scattered row that also asks for the row `next` (NULL:
+ * none), a cache line at a time as it reads w (the sparse FFN's gathers:
+ * the next neuron's row, spread over this row's work instead of asked for
+ * at once), and reads nothing past w. Equal bits to dot_q. */
+typedef float (*cpu_dot_q_next_fn)(int64_t n, const void *w, const void *xq, const void *next);
 /* The same for 4 input rows at once (xq, xq + xq_stride, ...: quantized
  * rows of a batch): out[k] = dot_q(n, w, row k). A weight row is unpacked
  * once for the 4 rows; the result equals 4 dot_q calls of the same table
@@ -77,8 +82,12 @@ typedef void (*cpu_quantize_fn)(int64_t n, const float *x, void *dst);
 typedef void (*cpu_axpy_fn)(int64_t n, float a, const void *w, float *y);
 /* y[i] += a[0] w[0][i] + a[1] w[1][i] + a[2] w[2][i] + a[3] w[3][i]: four
  * rows of type T in one pass over y (one load and store of y per four rows
- * instead of per row): the down step of four active neurons. */
-typedef void (*cpu_axpy4_fn)(int64_t n, const float a[4], const void *const w[4], float *y);
+ * instead of per row): the down step of four active neurons. next: NULL,
+ * or four more rows of type T (the next group) that the SIMD kernels ask
+ * for a cache line at a time as they read w (the scalar ones ignore it);
+ * it never changes y. */
+typedef void (*cpu_axpy4_fn)(int64_t n, const float a[4], const void *const w[4], float *y,
+                             const void *const next[4]);
 
 /* Matrix-vector products take one of two paths per weight type T:
  *   vec_dot_type[T] == DTYPE_F32: dot[T](n, w_row, x) on f32 activations
@@ -95,9 +104,7 @@ struct cpu_kernels {
     cpu_dot_q_x4_fn dot_q_x4[DTYPE_COUNT];  /* optional: NULL = 4 dot_q      */
     cpu_dot_q_tile_fn dot_q_2x1[DTYPE_COUNT]; /* optional: 2 rows x 1 input */
     cpu_dot_q_tile_fn dot_q_2x4[DTYPE_COUNT]; /* optional: 2 rows x 4 inputs */
-    cpu_dot_q_fn dot_q_gather[DTYPE_COUNT]; /* optional: dot_q without its
-                                               read-ahead, for one scattered
-                                               row (equal bits); NULL = dot_q */
+    cpu_dot_q_next_fn dot_q_next[DTYPE_COUNT]; /* optional: NULL = dot_q */
     cpu_gemm_fn gemm[DTYPE_COUNT];          /* optional: NULL = the tiles  */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:

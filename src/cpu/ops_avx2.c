@@ -261,7 +261,8 @@ static float dot_q5_K_avx2(int64_t n, const void *w, const void *xq) {
 
 /* ---- tiles: R weight rows x T input rows ---------------------------------
  * One template per weight type, instantiated for 1x1 (dot_q, and
- * dot_q_gather without the read-ahead PF), 1x4, 2x1 and 2x4. Every (row,
+ * dot_q_next with the next row's offset as PF instead of the read-ahead),
+ * 1x4, 2x1 and 2x4. Every (row,
  * input) pair has one float accumulator that takes the blocks in order
  * through the same operations whatever the tile, so all shapes give the
  * same bits (tests/test_ops.c checks it); the tile only shares the loads
@@ -289,19 +290,21 @@ static inline __m256i nibbles32_v(const uint8_t *qs) {
  * ahead was too short: 7B q4_0 decode at 2 threads, same machine, runs
  * alternating, 3.30 tokens/s (512) / 3.84 (2048) / 4.04 (4096) / 3.91
  * (8192) averaged over three runs each; q4_k unchanged (3.99 vs 4.08).
- * dot_q_gather (one scattered row: the sparse FFN's gathers, which
- * prefetch their next rows themselves) reads no further than its row: 4096
- * bytes past a 7B q4_0 row of 2304 is another neuron's row, read for
- * nothing (the sparse gate/up round took 12-15% longer with it). */
+ * dot_q_next (one scattered row: the sparse FFN's gathers) reads no
+ * further than its row: 4096 bytes past a 7B q4_0 row of 2304 is another
+ * neuron's row, read for nothing (the sparse gate/up round took 12-15%
+ * longer with it); it asks for the next neuron's row instead, at the same
+ * offset as it reads, so the requests are spread over the row's work. */
 #ifndef OPTIML_PREFETCH_AHEAD /* a build-time override, for measuring */
 #define OPTIML_PREFETCH_AHEAD 4096
 #endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + OPTIML_PREFETCH_AHEAD, _MM_HINT_T0)
+/* the line PF bytes past p (PF: a template argument, 0 = none) */
+#define PREFETCH(p) _mm_prefetch((const char *)((uintptr_t)(p) + PF), _MM_HINT_T0)
 
 /* q4_0 (Q8 = false: weights - 8 through the input sums: maddubs(w, x) -
  * maddubs(8, x), both exact in int16) and q8_0 (Q8 = true: the sign trick)
  * against q8_0 inputs. */
-TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool PF, const bool Q8, int64_t n, const void *w,
+TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const uintptr_t PF, const bool Q8, int64_t n, const void *w,
                                 uint64_t w_stride, const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / 32;
     const __m256i ones = _mm256_set1_epi16(1), eights = _mm256_set1_epi8(8);
@@ -367,7 +370,7 @@ static inline __m256i bcast16_mask(int k) {
 
 /* q4_k: chunk c of 64 values = sub-block 2c (low nibbles of 32 bytes) and
  * 2c + 1 (high nibbles). The mins go through the input's 16-value sums. */
-TILE_INLINE void tile_q4_K(const int R, const int T, const bool PF, int64_t n, const void *w, uint64_t w_stride,
+TILE_INLINE void tile_q4_K(const int R, const int T, const uintptr_t PF, int64_t n, const void *w, uint64_t w_stride,
                            const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF);
@@ -424,7 +427,7 @@ TILE_INLINE void tile_q4_K(const int R, const int T, const bool PF, int64_t n, c
  * group (16 values each: the low and high 128 bits). The -32 offset goes
  * through the input's 16-value sums: sum sc (q - 32) x = sum sc q x -
  * 32 sum sc bsum. */
-TILE_INLINE void tile_q6_K(const int R, const int T, const bool PF, int64_t n, const void *w, uint64_t w_stride,
+TILE_INLINE void tile_q6_K(const int R, const int T, const uintptr_t PF, int64_t n, const void *w, uint64_t w_stride,
                            const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
@@ -485,7 +488,7 @@ TILE_INLINE void tile_q6_K(const int R, const int T, const bool PF, int64_t n, c
 }
 
 #define TILE_SFX avx2
-#include "cpu/tiles.h" /* dot_q, dot_q_gather, dot_q_x4 and the 2-row tiles */
+#include "cpu/tiles.h" /* dot_q, dot_q_next, dot_q_x4 and the 2-row tiles */
 
 /* ---- prompt GEMM on repacked panels (gemm_panel.h) ----------------------
  * q4_0: the nibble products (|p| <= 2 * 15 * 127 per int16 pair) of a
@@ -846,12 +849,19 @@ static void axpy_q4_0_avx2(int64_t n, float a, const void *w, float *y) {
 /* Four rows in one pass over y: y is loaded and stored once per block for
  * the four rows (the single-row axpy moves y through the registers once
  * per row). Each row's term is one fma, rows in order. */
-static void axpy4_f32_avx2(int64_t n, const float a[4], const void *const w[4], float *y) {
+/* axpy4's next: the line of each next row at this offset (bytes into the row) */
+static inline void prefetch_next4(const void *const next[4], uint64_t off) {
+    for (int r = 0; r < 4; r++) _mm_prefetch((const char *)next[r] + off, _MM_HINT_T0);
+}
+
+static void axpy4_f32_avx2(int64_t n, const float a[4], const void *const w[4], float *y,
+                           const void *const next[4]) {
     const float *v0 = w[0], *v1 = w[1], *v2 = w[2], *v3 = w[3];
     const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]), a2 = _mm256_set1_ps(a[2]),
                  a3 = _mm256_set1_ps(a[3]);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
+        if (next && (i & 15) == 0) prefetch_next4(next, (uint64_t)i * 4);
         __m256 acc = _mm256_fmadd_ps(a0, _mm256_loadu_ps(v0 + i), _mm256_loadu_ps(y + i));
         acc = _mm256_fmadd_ps(a1, _mm256_loadu_ps(v1 + i), acc);
         acc = _mm256_fmadd_ps(a2, _mm256_loadu_ps(v2 + i), acc);
@@ -860,12 +870,14 @@ static void axpy4_f32_avx2(int64_t n, const float a[4], const void *const w[4], 
     for (; i < n; i++) y[i] = y[i] + a[0] * v0[i] + a[1] * v1[i] + a[2] * v2[i] + a[3] * v3[i];
 }
 
-static void axpy4_f16_avx2(int64_t n, const float a[4], const void *const w[4], float *y) {
+static void axpy4_f16_avx2(int64_t n, const float a[4], const void *const w[4], float *y,
+                           const void *const next[4]) {
     const f16_t *v0 = w[0], *v1 = w[1], *v2 = w[2], *v3 = w[3];
     const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]), a2 = _mm256_set1_ps(a[2]),
                  a3 = _mm256_set1_ps(a[3]);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
+        if (next && (i & 31) == 0) prefetch_next4(next, (uint64_t)i * 2);
         __m256 acc = _mm256_fmadd_ps(a0, LOAD_F16(v0 + i), _mm256_loadu_ps(y + i));
         acc = _mm256_fmadd_ps(a1, LOAD_F16(v1 + i), acc);
         acc = _mm256_fmadd_ps(a2, LOAD_F16(v2 + i), acc);
@@ -892,9 +904,11 @@ static inline void store32(float *y, const __m256 acc[4]) {
     for (int k = 0; k < 4; k++) _mm256_storeu_ps(y + 8 * k, acc[k]);
 }
 
-static void axpy4_q8_0_avx2(int64_t n, const float a[4], const void *const w[4], float *y) {
+static void axpy4_q8_0_avx2(int64_t n, const float a[4], const void *const w[4], float *y,
+                            const void *const next[4]) {
     const block_q8_0 *b[4] = {w[0], w[1], w[2], w[3]};
     for (int64_t k = 0; k < n / QK8_0; k++, y += QK8_0) {
+        if (next) prefetch_next4(next, (uint64_t)k * sizeof(block_q8_0)); /* 34 bytes a block */
         __m256 acc[4];
         load32(acc, y);
         for (int r = 0; r < 4; r++) {
@@ -907,10 +921,12 @@ static void axpy4_q8_0_avx2(int64_t n, const float a[4], const void *const w[4],
 }
 
 /* q4_0: the nibbles minus 8 as signed bytes (exact), then as q8_0 */
-static void axpy4_q4_0_avx2(int64_t n, const float a[4], const void *const w[4], float *y) {
+static void axpy4_q4_0_avx2(int64_t n, const float a[4], const void *const w[4], float *y,
+                            const void *const next[4]) {
     const block_q4_0 *b[4] = {w[0], w[1], w[2], w[3]};
     const __m128i m4 = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
     for (int64_t k = 0; k < n / QK4_0; k++, y += QK4_0) {
+        if (next && (k & 1) == 0) prefetch_next4(next, (uint64_t)k * sizeof(block_q4_0)); /* 36 bytes */
         __m256 acc[4];
         load32(acc, y);
         for (int r = 0; r < 4; r++) {
@@ -938,8 +954,8 @@ static const struct cpu_kernels kernels_avx2 = {
                   [DTYPE_Q6_K] = dot_q6_K_2x1_avx2},
     .dot_q_2x4 = {[DTYPE_Q4_0] = dot_q4_0_2x4_avx2, [DTYPE_Q8_0] = dot_q8_0_2x4_avx2, [DTYPE_Q4_K] = dot_q4_K_2x4_avx2,
                   [DTYPE_Q6_K] = dot_q6_K_2x4_avx2},
-    .dot_q_gather = {[DTYPE_Q4_0] = dot_q4_0_gather_avx2, [DTYPE_Q8_0] = dot_q8_0_gather_avx2,
-                     [DTYPE_Q4_K] = dot_q4_K_gather_avx2, [DTYPE_Q6_K] = dot_q6_K_gather_avx2},
+    .dot_q_next = {[DTYPE_Q4_0] = dot_q4_0_next_avx2, [DTYPE_Q8_0] = dot_q8_0_next_avx2,
+                   [DTYPE_Q4_K] = dot_q4_K_next_avx2, [DTYPE_Q6_K] = dot_q6_K_next_avx2},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx2, [DTYPE_Q8_0] = gemm_q8_0_avx2, [DTYPE_Q4_K] = gemm_q4_K_avx2,
              [DTYPE_Q6_K] = gemm_q6_K_avx2},
     .quantize = {[DTYPE_Q8_0] = quantize_q8_0_avx2, [DTYPE_Q8_K] = quantize_q8_K_avx2},

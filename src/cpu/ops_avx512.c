@@ -10,7 +10,7 @@
  * cpu_kernels_avx512vnni() checks cpuid and XCR0 first (dispatch.c).
  *
  * As in ops_avx2.c, one template per type gives dot_q (1x1, with
- * read-ahead), dot_q_gather (1x1 without), dot_q_x4 (1x4) and the 2x1 and
+ * read-ahead), dot_q_next (1x1 with the next row instead), dot_q_x4 (1x4) and the 2x1 and
  * 2x4 tiles; every (row, input) pair has one accumulator taking the blocks
  * in order through the same operations in every shape, so the shapes
  * agree bit for bit (tests/test_ops.c checks
@@ -28,11 +28,13 @@
 #define FOR_T for (int t = 0; t < T; t++)
 
 /* Decode (dot_q, PF) prefetches the weights this far ahead of the row it
- * reads, as ops_avx2.c does; dot_q_gather (one scattered row) does not. */
+ * reads, as ops_avx2.c does; dot_q_next (one scattered row) asks for the
+ * next row instead. */
 #ifndef OPTIML_PREFETCH_AHEAD /* a build-time override, for measuring */
 #define OPTIML_PREFETCH_AHEAD 4096
 #endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + OPTIML_PREFETCH_AHEAD, _MM_HINT_T0)
+/* the line PF bytes past p (PF: a template argument, 0 = none) */
+#define PREFETCH(p) _mm_prefetch((const char *)((uintptr_t)(p) + PF), _MM_HINT_T0)
 
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);
@@ -58,7 +60,7 @@ static inline __m512 f16_bcast512(const uint16_t *h) { return _mm512_cvtph_ps(_m
  * starts each lane at -8 * (its 4 input bytes), computed once per input
  * block. q8_0: |w| (unsigned) times x with w's sign (|w| = 128 for -128 is
  * right as unsigned; inputs never hold -128). vpdpbusd does not saturate. */
-TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const bool PF, const bool Q8, int64_t n, const void *w,
+TILE_INLINE void tile_q4_0_q8_0(const int R, const int T, const uintptr_t PF, const bool Q8, int64_t n, const void *w,
                                 uint64_t w_stride, const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / 32;
     const __m256i m4 = _mm256_set1_epi8(0xF), eights = _mm256_set1_epi8(8), zero = _mm256_setzero_si256();
@@ -129,7 +131,7 @@ static inline __m512i perm_halves(int a, int b) {
     return _mm512_inserti64x4(_mm512_set1_epi16((short)a), _mm256_set1_epi16((short)b), 1);
 }
 
-TILE_INLINE void tile_q4_K(const int R, const int T, const bool PF, int64_t n, const void *w, uint64_t w_stride,
+TILE_INLINE void tile_q4_K(const int R, const int T, const uintptr_t PF, int64_t n, const void *w, uint64_t w_stride,
                            const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF);
@@ -186,7 +188,7 @@ TILE_INLINE void tile_q4_K(const int R, const int T, const bool PF, int64_t n, c
  * 2p + 1 share a 512-bit step (their 64 inputs are contiguous); scales per
  * 16 values: 128-bit quarter k of the step takes scale 8h + 4p + k. The
  * -32 offset goes through the input's 16-value sums. */
-TILE_INLINE void tile_q6_K(const int R, const int T, const bool PF, int64_t n, const void *w, uint64_t w_stride,
+TILE_INLINE void tile_q6_K(const int R, const int T, const uintptr_t PF, int64_t n, const void *w, uint64_t w_stride,
                            const void *xq, uint64_t xq_stride, float *out) {
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
@@ -298,8 +300,12 @@ static inline void q4_0_bytes(const block_q4_0 *b, __m128i *lo, __m128i *hi) {
     *hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight);
 }
 
-TILE_INLINE void axpy_q_rows(const int R, const bool Q8, int64_t n, const float *a, const void *const *w, float *y) {
+TILE_INLINE void axpy_q_rows(const int R, const bool Q8, int64_t n, const float *a, const void *const *w, float *y,
+                             const void *const *next) {
+    const uint64_t bs = Q8 ? sizeof(block_q8_0) : sizeof(block_q4_0);
     for (int64_t k = 0; k < n / 32; k++, y += 32) {
+        if (next && (Q8 || (k & 1) == 0)) /* axpy4's next rows, a line per 34-36 bytes read */
+            FOR_R _mm_prefetch((const char *)next[r] + (uint64_t)k * bs, _MM_HINT_T0);
         __m512 acc[2] = {_mm512_loadu_ps(y), _mm512_loadu_ps(y + 16)};
         FOR_R {
             __m128i q0, q1;
@@ -322,19 +328,25 @@ TILE_INLINE void axpy_q_rows(const int R, const bool Q8, int64_t n, const float 
     }
 }
 
-static void axpy_q4_0_avx512(int64_t n, float a, const void *w, float *y) { axpy_q_rows(1, false, n, &a, &w, y); }
-static void axpy_q8_0_avx512(int64_t n, float a, const void *w, float *y) { axpy_q_rows(1, true, n, &a, &w, y); }
-static void axpy4_q4_0_avx512(int64_t n, const float a[4], const void *const w[4], float *y) {
-    axpy_q_rows(4, false, n, a, w, y);
+static void axpy_q4_0_avx512(int64_t n, float a, const void *w, float *y) {
+    axpy_q_rows(1, false, n, &a, &w, y, NULL);
 }
-static void axpy4_q8_0_avx512(int64_t n, const float a[4], const void *const w[4], float *y) {
-    axpy_q_rows(4, true, n, a, w, y);
+static void axpy_q8_0_avx512(int64_t n, float a, const void *w, float *y) {
+    axpy_q_rows(1, true, n, &a, &w, y, NULL);
+}
+static void axpy4_q4_0_avx512(int64_t n, const float a[4], const void *const w[4], float *y,
+                              const void *const next[4]) {
+    axpy_q_rows(4, false, n, a, w, y, next);
+}
+static void axpy4_q8_0_avx512(int64_t n, const float a[4], const void *const w[4], float *y,
+                              const void *const next[4]) {
+    axpy_q_rows(4, true, n, a, w, y, next);
 }
 
 /* ---- instances and the table ----------------------------------------------- */
 
 #define TILE_SFX avx512
-#include "cpu/tiles.h" /* dot_q, dot_q_gather, dot_q_x4 and the 2-row tiles */
+#include "cpu/tiles.h" /* dot_q, dot_q_next, dot_q_x4 and the 2-row tiles */
 
 #define ENTRIES(NAME)                                                                                           \
     [DTYPE_Q4_0] = dot_q4_0##NAME##_avx512, [DTYPE_Q8_0] = dot_q8_0##NAME##_avx512,                              \
@@ -346,7 +358,7 @@ static const struct cpu_kernels kernels_avx512 = {
     .dot_q_x4 = {ENTRIES(_x4)},
     .dot_q_2x1 = {ENTRIES(_2x1)},
     .dot_q_2x4 = {ENTRIES(_2x4)},
-    .dot_q_gather = {ENTRIES(_gather)},
+    .dot_q_next = {ENTRIES(_next)},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx512, [DTYPE_Q8_0] = gemm_q8_0_avx512},
     .axpy = {[DTYPE_Q4_0] = axpy_q4_0_avx512, [DTYPE_Q8_0] = axpy_q8_0_avx512},
     .axpy4 = {[DTYPE_Q4_0] = axpy4_q4_0_avx512, [DTYPE_Q8_0] = axpy4_q8_0_avx512},
