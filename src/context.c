@@ -342,6 +342,9 @@ static void matmul_rows(const struct matmul_job *job, int j, int64_t r0, int64_t
     const cpu_dot_fn dot = kern->dot[w->type];
     const cpu_dot_q_fn dot_q = kern->dot_q[w->type];
     const cpu_dot_q_x4_fn dot_q_x4 = kern->dot_q_x4[w->type];
+    /* decode's rows with the input's block summaries, where there are both */
+    const cpu_dot_q_xi_fn dot_q_xi = job->gemm_xi && kern->vec_dot_type[w->type] == DTYPE_Q8_0 ? kern->dot_q_xi[w->type]
+                                                                                               : NULL;
     const cpu_dot_q_tile_fn dot_2x1 = kern->dot_q_2x1[w->type], dot_2x4 = kern->dot_q_2x4[w->type];
     const char *xq = job->xq[j];
     const uint64_t xs = job->xq_row[j];
@@ -383,7 +386,9 @@ static void matmul_rows(const struct matmul_job *job, int j, int64_t r0, int64_t
             }
         }
         for (int64_t t = n_x4; t < n_tok; t++) {
-            float s = xq ? dot_q(n_in, row, xq + (uint64_t)t * xs) : dot(n_in, row, job->x + t * n_in);
+            float s = dot_q_xi ? dot_q_xi(n_in, row, xq + (uint64_t)t * xs, job->gemm_xi + t * (n_in / 32), NULL)
+                      : xq     ? dot_q(n_in, row, xq + (uint64_t)t * xs)
+                               : dot(n_in, row, job->x + t * n_in);
             float *y = &yj[t * n_out + r];
             *y = acc ? *y + s : s;
         }
@@ -454,6 +459,8 @@ static void matmul(optiml_context *ctx, const float *x, int64_t n_tok, bool accu
         job.gemm_panel_size = ctx->gemm_panel_size;
         job.gemm_xi = qj.gemm_xi = ctx->gemm_xi;
     }
+    for (int j = 0; j < n_mat && !job.gemm_xi; j++) /* decode: the summaries dot_q_xi reads */
+        if (ctx->gemm_xi && ctx->kern->dot_q_xi[job.w[j]->type]) job.gemm_xi = qj.gemm_xi = ctx->gemm_xi;
     for (int j = 0; j < n_mat; j++) {
         const uint32_t t = ctx->kern->vec_dot_type[job.w[j]->type];
         if (t == DTYPE_F32) continue;

@@ -86,7 +86,8 @@ struct sparse_state {
     int64_t *piece_nz;     /* (ONE_SPLIT * n_threads) h != 0 in each piece */
     atomic_int_fast64_t next_piece; /* one_ffn_run: the next piece to take */
     /* inputs quantized for the weights' dot_q: xb per activation type, and
-     * the predictor's hidden layer */
+     * the predictor's hidden layer; a q8_0 buffer holds n_batch rows, then
+     * (at q8_0_xi_offset) their block summaries for dot_q_xi */
     void *xq[DTYPE_COUNT]; /* (n_batch, row bytes of n_embd) */
     void *hq[DTYPE_COUNT]; /* (n_batch, row bytes of r_max)  */
     void *dq[DTYPE_COUNT]; /* (n_batch, row bytes of n_ff): h, no down_t */
@@ -94,6 +95,10 @@ struct sparse_state {
 };
 
 /* ---- setup ------------------------------------------------------------- */
+
+/* Where a q8_0 input buffer of n_rows rows of row bytes keeps the rows'
+ * block summaries. */
+static inline uint64_t q8_0_xi_offset(uint64_t row, int64_t n_rows) { return (row * (uint64_t)n_rows + 63) / 64 * 64; }
 
 static optiml_status sparse_alloc_q(void **buf, const struct cpu_kernels *kern, uint32_t wtype, int64_t n_rows,
                                     int64_t n_in) {
@@ -103,7 +108,10 @@ static optiml_status sparse_alloc_q(void **buf, const struct cpu_kernels *kern, 
     if (!dtype_row_size(t, (uint64_t)n_in, &row))
         return optiml_fail(OPTIML_ERR_FORMAT, "sparse FFN: rows of %lld values do not fill %s blocks",
                            (long long)n_in, dtype_name(t));
-    buf[t] = optiml_alloc_aligned((size_t)(row * (uint64_t)n_rows));
+    uint64_t size = row * (uint64_t)n_rows;
+    if (t == DTYPE_Q8_0)
+        size = q8_0_xi_offset(row, n_rows) + (uint64_t)n_rows * (uint64_t)(n_in / 32) * sizeof(struct cpu_gemm_xblock);
+    buf[t] = optiml_alloc_aligned((size_t)size);
     if (!buf[t]) return optiml_fail(OPTIML_ERR_NOMEM, "sparse FFN: cannot allocate %s inputs", dtype_name(t));
     return OPTIML_OK;
 }
@@ -218,6 +226,8 @@ struct row_input {
     const float *x; /* (n_tok, n_in) */
     const char *xq; /* (n_tok, xq_row bytes) or NULL: dot on f32 */
     uint64_t xq_row;
+    const struct cpu_gemm_xblock *xi; /* q8_0 inputs: (n_tok, n_in / 32) block summaries, else NULL */
+    int64_t xi_row;
 };
 
 /* Quantize the n_tok rows of x for weights of type wtype into buf (one
@@ -229,15 +239,32 @@ static struct row_input row_input_make(optiml_context *ctx, void **buf, bool *do
     if (t == DTYPE_F32) return in;
     dtype_row_size(t, (uint64_t)n_in, &in.xq_row);
     in.xq = buf[t];
+    if (t == DTYPE_Q8_0) {
+        in.xi = (const struct cpu_gemm_xblock *)((char *)buf[t] + q8_0_xi_offset(in.xq_row, ctx->sparse->n_tok_max));
+        in.xi_row = n_in / 32;
+    }
     if (!done[t])
-        for (int64_t k = 0; k < n_tok; k++) ctx->kern->quantize[t](n_in, x + k * n_in, (char *)buf[t] + k * in.xq_row);
+        for (int64_t k = 0; k < n_tok; k++) {
+            char *dst = (char *)buf[t] + k * in.xq_row;
+            ctx->kern->quantize[t](n_in, x + k * n_in, dst);
+            if (in.xi) cpu_gemm_prep_q8_0(n_in, dst, (struct cpu_gemm_xblock *)in.xi + k * in.xi_row);
+        }
     done[t] = true;
     return in;
 }
 
+/* dot_q_xi of w's type where the input has its block summaries, else NULL */
+static inline cpu_dot_q_xi_fn row_dot_xi(const struct cpu_kernels *kern, const struct tensor *w,
+                                         const struct row_input *in) {
+    return in->xi ? kern->dot_q_xi[w->type] : NULL;
+}
+
+/* Row r of w dot input t, the row read in order (rows_run, the scores). */
 static inline float row_dot(const struct cpu_kernels *kern, const struct tensor *w, int64_t r,
                             const struct row_input *in, int64_t t) {
     const int64_t n = w->ne[0];
+    const cpu_dot_q_xi_fn dxi = row_dot_xi(kern, w, in);
+    if (dxi) return dxi(n, tensor_row(w, r), in->xq + (uint64_t)t * in->xq_row, in->xi + t * in->xi_row, NULL);
     if (in->xq) return kern->dot_q[w->type](n, tensor_row(w, r), in->xq + (uint64_t)t * in->xq_row);
     return kern->dot[w->type](n, tensor_row(w, r), in->x + t * n);
 }
@@ -254,14 +281,18 @@ static inline bool gather_streams(int64_t n_rows, int64_t n_all) { return 3 * n_
 
 static inline bool gather_next(const struct cpu_kernels *kern, const struct tensor *w, const struct row_input *in,
                                bool streams) {
-    return in->xq && kern->dot_q_next[w->type] && !streams;
+    return in->xq && (row_dot_xi(kern, w, in) || kern->dot_q_next[w->type]) && !streams;
 }
 
 static inline float gather_dot(const struct cpu_kernels *kern, const struct tensor *w, int64_t r,
                                const struct row_input *in, int64_t t, bool streams, int64_t r_next) {
-    if (gather_next(kern, w, in, streams))
-        return kern->dot_q_next[w->type](w->ne[0], tensor_row(w, r), in->xq + (uint64_t)t * in->xq_row,
-                                         r_next >= 0 ? tensor_row(w, r_next) : NULL);
+    if (gather_next(kern, w, in, streams)) {
+        const void *row = tensor_row(w, r), *next = r_next >= 0 ? tensor_row(w, r_next) : NULL;
+        const char *xq = in->xq + (uint64_t)t * in->xq_row;
+        const cpu_dot_q_xi_fn dxi = row_dot_xi(kern, w, in);
+        if (dxi) return dxi(w->ne[0], row, xq, in->xi + t * in->xi_row, next ? next : row);
+        return kern->dot_q_next[w->type](w->ne[0], row, xq, next);
+    }
     return row_dot(kern, w, r, in, t);
 }
 

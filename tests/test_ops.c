@@ -101,8 +101,9 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
         if (!ref->dot_q[t]) continue;
         const uint32_t vt = ref->vec_dot_type[t];
         const int64_t bs = dtype_block_size(t), ts = dtype_type_size(t);
-        double max_rel = 0.0, max_deq = 0.0;
-        int n_cases = 0;
+        double max_rel = 0.0, max_deq = 0.0, max_xi = 0.0;
+        int n_cases = 0, xi_cases = 0, xi_next_differ = 0;
+        struct cpu_gemm_xblock *xi = malloc((size_t)(n_max / 32) * sizeof(*xi));
         for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++) {
             const int64_t n = sizes[si];
             if (n % bs) continue;
@@ -126,6 +127,15 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
                 if (sum_abs < 1e-30) sum_abs = 1.0;
                 const double rd = ref->dot_q[t](n, w, xq), kd = k->dot_q[t](n, w, xq);
                 max_rel = fmax(max_rel, fabs(rd - kd) / sum_abs);
+                if (k->dot_q_xi[t]) { /* with the input's block summaries (odd block counts too) */
+                    cpu_gemm_prep_q8_0(n, xq, xi);
+                    const float xd = k->dot_q_xi[t](n, w, xq, xi, NULL);
+                    max_xi = fmax(max_xi, fabs(rd - xd) / sum_abs);
+                    /* next (a prefetch hint): the row itself, the input, any address */
+                    xi_next_differ += (k->dot_q_xi[t](n, w, xq, xi, w) != xd) +
+                                      (k->dot_q_xi[t](n, w, xq, xi, xq) != xd);
+                    xi_cases++;
+                }
                 max_deq = fmax(max_deq, fabs(rd - exact) / sum_abs);
                 n_cases++;
             }
@@ -192,6 +202,13 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
                "%.3g (tolerance %g), %d cases\n", name, dtype_name(t), dtype_name(vt), max_rel, max_deq, tol_deq,
                n_cases);
         CHECK(n_cases > 0 && max_rel <= 1e-5, "%s dot_q %s", name, dtype_name(t));
+        if (xi_cases) {
+            printf("%s dot_q_xi %-4s: max relative difference %.3g vs ref dot_q (tolerance 1e-5), %d cases, %d "
+                   "differ with a next row\n", name, dtype_name(t), max_xi, xi_cases, xi_next_differ);
+            CHECK(max_xi <= 1e-5, "%s dot_q_xi %s", name, dtype_name(t));
+            CHECK(xi_next_differ == 0, "%s dot_q_xi %s: next changed the result", name, dtype_name(t));
+        }
+        free(xi);
         CHECK(max_deq <= tol_deq, "ref dot_q %s vs dequantized dot", dtype_name(t));
     }
     /* activation quantizers: identical bytes, NaN, inf and subnormals included */
@@ -449,6 +466,7 @@ int main(void) {
                 k.dot_q_2x1[t] = v->dot_q_2x1[t];
                 k.dot_q_2x4[t] = v->dot_q_2x4[t];
                 k.dot_q_next[t] = v->dot_q_next[t];
+                k.dot_q_xi[t] = v->dot_q_xi[t];
             }
             if (v->gemm[t]) k.gemm[t] = v->gemm[t];
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];

@@ -51,6 +51,7 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
             dst->dot_q_2x1[t] = src->dot_q_2x1[t];
             dst->dot_q_2x4[t] = src->dot_q_2x4[t];
             dst->dot_q_next[t] = src->dot_q_next[t];
+            dst->dot_q_xi[t] = src->dot_q_xi[t];
         }
         if (src->gemm[t]) dst->gemm[t] = src->gemm[t];
         if (src->quantize[t]) dst->quantize[t] = src->quantize[t];

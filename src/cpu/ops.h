@@ -27,6 +27,16 @@ typedef float (*cpu_dot_q_fn)(int64_t n, const void *w, const void *xq);
  * the next neuron's row, spread over this row's work instead of asked for
  * at once), and reads nothing past w. Equal bits to dot_q. */
 typedef float (*cpu_dot_q_next_fn)(int64_t n, const void *w, const void *xq, const void *next);
+/* dot_q given also the q8_0 input's block summaries xi (cpu_gemm_prep_q8_0,
+ * once per input row): the input's scales as f32 and q4_0's -8 term are
+ * read, not worked out again for every row. next: NULL for rows read in
+ * order (dot_q's read-ahead), else a row to ask for at the same offsets as
+ * it reads, as dot_q_next (w itself: nothing more). q4_0 and q8_0 weights;
+ * within float rounding of dot_q, not its bits (the -8 term is summed on
+ * its own); the same bits whatever next is. */
+struct cpu_gemm_xblock;
+typedef float (*cpu_dot_q_xi_fn)(int64_t n, const void *w, const void *xq, const struct cpu_gemm_xblock *xi,
+                                 const void *next);
 /* The same for 4 input rows at once (xq, xq + xq_stride, ...: quantized
  * rows of a batch): out[k] = dot_q(n, w, row k). A weight row is unpacked
  * once for the 4 rows; the result equals 4 dot_q calls of the same table
@@ -105,6 +115,7 @@ struct cpu_kernels {
     cpu_dot_q_tile_fn dot_q_2x1[DTYPE_COUNT]; /* optional: 2 rows x 1 input */
     cpu_dot_q_tile_fn dot_q_2x4[DTYPE_COUNT]; /* optional: 2 rows x 4 inputs */
     cpu_dot_q_next_fn dot_q_next[DTYPE_COUNT]; /* optional: NULL = dot_q */
+    cpu_dot_q_xi_fn dot_q_xi[DTYPE_COUNT];  /* optional: NULL = dot_q      */
     cpu_gemm_fn gemm[DTYPE_COUNT];          /* optional: NULL = the tiles  */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:

@@ -490,6 +490,24 @@ TILE_INLINE void tile_q6_K(const int R, const int T, const uintptr_t PF, int64_t
 #define TILE_SFX avx2
 #include "cpu/tiles.h" /* dot_q, dot_q_next, dot_q_x4 and the 2-row tiles */
 
+/* dot_q_xi's block sums (cpu/tiles.h): the int32 lanes of sum w x over a
+ * block, q4_0's nibbles unsigned (its -8 is xi's m8): maddubs, then pair
+ * sums. */
+static inline __m256i xi_sums(const bool Q8, const void *wb, __m256i xv) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i p16;
+    if (Q8) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)wb)->qs);
+        p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    } else {
+        p16 = _mm256_maddubs_epi16(nibbles32_v(((const block_q4_0 *)wb)->qs), xv);
+    }
+    return _mm256_madd_epi16(p16, ones);
+}
+#define XI_F16_BCAST f16_bcast
+#include "cpu/tiles_xi.h"
+
+
 /* ---- prompt GEMM on repacked panels (gemm_panel.h) ----------------------
  * q4_0: the nibble products (|p| <= 2 * 15 * 127 per int16 pair) of a
  * block's 8 groups sum in int16 (<= 30480), one madd per block; q8_0: the
@@ -954,6 +972,7 @@ static const struct cpu_kernels kernels_avx2 = {
                   [DTYPE_Q6_K] = dot_q6_K_2x1_avx2},
     .dot_q_2x4 = {[DTYPE_Q4_0] = dot_q4_0_2x4_avx2, [DTYPE_Q8_0] = dot_q8_0_2x4_avx2, [DTYPE_Q4_K] = dot_q4_K_2x4_avx2,
                   [DTYPE_Q6_K] = dot_q6_K_2x4_avx2},
+    .dot_q_xi = {[DTYPE_Q4_0] = dot_q4_0_xi, [DTYPE_Q8_0] = dot_q8_0_xi},
     .dot_q_next = {[DTYPE_Q4_0] = dot_q4_0_next_avx2, [DTYPE_Q8_0] = dot_q8_0_next_avx2,
                    [DTYPE_Q4_K] = dot_q4_K_next_avx2, [DTYPE_Q6_K] = dot_q6_K_next_avx2},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx2, [DTYPE_Q8_0] = gemm_q8_0_avx2, [DTYPE_Q4_K] = gemm_q4_K_avx2,

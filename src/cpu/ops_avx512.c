@@ -348,6 +348,22 @@ static void axpy4_q8_0_avx512(int64_t n, const float a[4], const void *const w[4
 #define TILE_SFX avx512
 #include "cpu/tiles.h" /* dot_q, dot_q_next, dot_q_x4 and the 2-row tiles */
 
+/* dot_q_xi's block sums (cpu/tiles.h): vpdpbusd of the unsigned nibbles
+ * (q8_0: |w| and x with w's sign) from zero; q4_0's -8 is xi's m8. */
+static inline __m256i xi_sums(const bool Q8, const void *wb, __m256i xv) {
+    const __m256i zero = _mm256_setzero_si256();
+    if (Q8) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)wb)->qs);
+        return _mm256_dpbusd_epi32(zero, _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+    }
+    const __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)((const block_q4_0 *)wb)->qs));
+    const __m256i nib = _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0xF));
+    return _mm256_dpbusd_epi32(zero, nib, xv);
+}
+#define XI_F16_BCAST f16_bcast256
+#include "cpu/tiles_xi.h"
+
+
 #define ENTRIES(NAME)                                                                                           \
     [DTYPE_Q4_0] = dot_q4_0##NAME##_avx512, [DTYPE_Q8_0] = dot_q8_0##NAME##_avx512,                              \
     [DTYPE_Q4_K] = dot_q4_K##NAME##_avx512, [DTYPE_Q6_K] = dot_q6_K##NAME##_avx512
@@ -359,6 +375,7 @@ static const struct cpu_kernels kernels_avx512 = {
     .dot_q_2x1 = {ENTRIES(_2x1)},
     .dot_q_2x4 = {ENTRIES(_2x4)},
     .dot_q_next = {ENTRIES(_next)},
+    .dot_q_xi = {[DTYPE_Q4_0] = dot_q4_0_xi, [DTYPE_Q8_0] = dot_q8_0_xi},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx512, [DTYPE_Q8_0] = gemm_q8_0_avx512},
     .axpy = {[DTYPE_Q4_0] = axpy_q4_0_avx512, [DTYPE_Q8_0] = axpy_q8_0_avx512},
     .axpy4 = {[DTYPE_Q4_0] = axpy4_q4_0_avx512, [DTYPE_Q8_0] = axpy4_q8_0_avx512},
