@@ -335,7 +335,8 @@ static void rows_run(void *arg, int ith, int nth) {
  * requests are spread over the row's work, not issued 72 lines at once
  * (which stalls the core until most have arrived): that round went from
  * 7.8-8.6 to 4.9-5.2 ms a token on the Xeon at 16 threads, sparse/dense
- * 1.71-1.88 to 1.80-2.07 at 16, 8 and 4 threads (bench/RESULTS.md). The
+ * 1.58-1.88 to 1.80-2.07 at 16, 8 and 4 threads, one machine
+ * (bench/RESULTS.md). The
  * batch path and the types without dot_q_next keep the whole-row requests
  * below. */
 #ifndef OPTIML_SPARSE_PREFETCH_AHEAD /* a build-time override, for measuring */
