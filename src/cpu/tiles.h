@@ -16,27 +16,27 @@
 #define OPTIML_CPU_TILES_H
 
 #define TILE_INSTANCES(NAME, CALL, SFX) TILE_INSTANCES_(NAME, CALL, SFX) /* expands SFX */
-#define TILE_INSTANCES_(NAME, CALL, SFX)                                                                         \
-    static float dot_##NAME##_##SFX(int64_t n, const void *w, const void *xq) {                                 \
-        float o;                                                                                                 \
-        CALL(1, 1, OPTIML_PREFETCH_AHEAD, n, w, 0, xq, 0, &o);                                                                    \
-        return o;                                                                                                \
-    }                                                                                                            \
-    static float dot_##NAME##_next_##SFX(int64_t n, const void *w, const void *xq, const void *next) {          \
-        float o;                                                                                                 \
-        CALL(1, 1, next ? (uintptr_t)next - (uintptr_t)w : 0, n, w, 0, xq, 0, &o);                              \
-        return o;                                                                                                \
-    }                                                                                                            \
-    static void dot_##NAME##_x4_##SFX(int64_t n, const void *w, const void *xq, uint64_t xs, float out[4]) {    \
-        CALL(1, 4, 0, n, w, 0, xq, xs, out);                                                                 \
-    }                                                                                                            \
-    static void dot_##NAME##_2x1_##SFX(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,      \
-                                       float *out) {                                                             \
-        CALL(2, 1, 0, n, w, ws, xq, xs, out);                                                                \
-    }                                                                                                            \
-    static void dot_##NAME##_2x4_##SFX(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,      \
-                                       float *out) {                                                             \
-        CALL(2, 4, 0, n, w, ws, xq, xs, out);                                                                \
+#define TILE_INSTANCES_(NAME, CALL, SFX)                                                                               \
+    static float dot_##NAME##_##SFX(int64_t n, const void *w, const void *xq) {                                        \
+        float o;                                                                                                       \
+        CALL(1, 1, OPTIML_PREFETCH_AHEAD, n, w, 0, xq, 0, &o);                                                         \
+        return o;                                                                                                      \
+    }                                                                                                                  \
+    static float dot_##NAME##_next_##SFX(int64_t n, const void *w, const void *xq, const void *next) {                 \
+        float o;                                                                                                       \
+        CALL(1, 1, next ? (uintptr_t)next - (uintptr_t)w : 0, n, w, 0, xq, 0, &o);                                     \
+        return o;                                                                                                      \
+    }                                                                                                                  \
+    static void dot_##NAME##_x4_##SFX(int64_t n, const void *w, const void *xq, uint64_t xs, float out[4]) {           \
+        CALL(1, 4, 0, n, w, 0, xq, xs, out);                                                                           \
+    }                                                                                                                  \
+    static void dot_##NAME##_2x1_##SFX(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,             \
+                                       float *out) {                                                                   \
+        CALL(2, 1, 0, n, w, ws, xq, xs, out);                                                                          \
+    }                                                                                                                  \
+    static void dot_##NAME##_2x4_##SFX(int64_t n, const void *w, uint64_t ws, const void *xq, uint64_t xs,             \
+                                       float *out) {                                                                   \
+        CALL(2, 4, 0, n, w, ws, xq, xs, out);                                                                          \
     }
 
 #define CALL_Q4_0(R, T, PF, ...) tile_q4_0_q8_0(R, T, PF, false, __VA_ARGS__)

@@ -17,14 +17,14 @@
 #ifndef OPTIML_CPU_TILES_XI_H
 #define OPTIML_CPU_TILES_XI_H
 
-#define XI_BLOCK(Q8, i, ACC, CORR)                                                                           \
-    do {                                                                                                     \
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)xq + (i))->qs);          \
-        const void *wb = (const char *)w + (uint64_t)(i) * bs;                                               \
-        const __m256 dw = XI_F16_BCAST(Q8 ? &((const block_q8_0 *)wb)->d : &((const block_q4_0 *)wb)->d);   \
-        if (!Q8) CORR = _mm256_fmadd_ps(dw, _mm256_broadcast_ss(&xi[i].m8), CORR);                           \
-        const __m256 s = _mm256_cvtepi32_ps(xi_sums(Q8, wb, xv));                                            \
-        ACC = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_broadcast_ss(&xi[i].d)), s, ACC);                     \
+#define XI_BLOCK(Q8, i, ACC, CORR)                                                                                     \
+    do {                                                                                                               \
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)xq + (i))->qs);                    \
+        const void *wb = (const char *)w + (uint64_t)(i)*bs;                                                           \
+        const __m256 dw = XI_F16_BCAST(Q8 ? &((const block_q8_0 *)wb)->d : &((const block_q4_0 *)wb)->d);              \
+        if (!Q8) CORR = _mm256_fmadd_ps(dw, _mm256_broadcast_ss(&xi[i].m8), CORR);                                     \
+        const __m256 s = _mm256_cvtepi32_ps(xi_sums(Q8, wb, xv));                                                      \
+        ACC = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_broadcast_ss(&xi[i].d)), s, ACC);                               \
     } while (0)
 
 TILE_INLINE float dot_xi(const bool Q8, int64_t n, const void *w, const void *xq, const struct cpu_gemm_xblock *xi,
@@ -45,12 +45,10 @@ TILE_INLINE float dot_xi(const bool Q8, int64_t n, const void *w, const void *xq
     return hsum256(_mm256_add_ps(acc0, acc1)) + _mm256_cvtss_f32(corr);
 }
 
-static float dot_q4_0_xi(int64_t n, const void *w, const void *xq, const struct cpu_gemm_xblock *xi,
-                         const void *next) {
+static float dot_q4_0_xi(int64_t n, const void *w, const void *xq, const struct cpu_gemm_xblock *xi, const void *next) {
     return dot_xi(false, n, w, xq, xi, next);
 }
-static float dot_q8_0_xi(int64_t n, const void *w, const void *xq, const struct cpu_gemm_xblock *xi,
-                         const void *next) {
+static float dot_q8_0_xi(int64_t n, const void *w, const void *xq, const struct cpu_gemm_xblock *xi, const void *next) {
     return dot_xi(true, n, w, xq, xi, next);
 }
 
