@@ -626,6 +626,22 @@ static void one_ffn_run(void *arg, int ith, int nth) {
     }
 }
 
+/* The down step alone (CATS with the product score, one token): pieces of
+ * s->idx_nz taken in turn as in one_ffn_run, each summed into its part. */
+static void one_down_run(void *arg, int ith, int nth) {
+    const struct one_job *job = arg;
+    struct sparse_state *s = job->s;
+    (void)nth;
+    for (;;) {
+        const int64_t c = atomic_fetch_add_explicit(&s->next_piece, 1, memory_order_relaxed);
+        if (c >= job->n_pieces) break;
+        const int64_t k0 = job->n_act * c / job->n_pieces, k1 = job->n_act * (c + 1) / job->n_pieces;
+        float *y = s->part + c * job->n_embd;
+        memset(y, 0, (size_t)job->n_embd * sizeof(float));
+        down_rows(job->kern, &job->l->ffn_down_t, s->idx_nz + k0, k1 - k0, job->h, y, s->tmp + ith * s->tmp_n);
+    }
+}
+
 static void one_reduce_run(void *arg, int ith, int nth) {
     const struct one_job *job = arg;
     int64_t j0, j1;
@@ -833,6 +849,16 @@ static void sparse_down(optiml_context *ctx, const struct layer *l, int64_t n_to
         for (int64_t t = 0; t < n_tok; t++) c += ctx->gate[t * n_ff + i] != 0.0f;
         if (count) s->n_active += (uint64_t)c;
         if (c) s->idx_nz[n_nz++] = i;
+    }
+    if (n_tok == 1 && l->ffn_down_t.data && n_nz > 0) { /* whole rows in pieces, as the one-token FFN does */
+        const int nth = threadpool_n_threads(ctx->pool);
+        struct one_job job = {.kern = ctx->kern, .l = l, .s = s, .n_ff = n_ff, .n_embd = hp->n_embd, .h = ctx->gate,
+                              .x = ctx->x, .n_act = n_nz};
+        job.n_pieces = n_nz < ONE_SPLIT * nth ? n_nz : ONE_SPLIT * nth;
+        atomic_store_explicit(&s->next_piece, 0, memory_order_relaxed); /* threadpool_run publishes it */
+        threadpool_run(ctx->pool, one_down_run, &job);
+        threadpool_run(ctx->pool, one_reduce_run, &job);
+        return;
     }
     struct down_job dj = {.kern = ctx->kern, .idx = s->idx_nz, .n_idx = n_nz, .n_tok = n_tok, .n_ff = n_ff,
                           .h = ctx->gate, .x = ctx->x, .tmp = s->tmp, .tmp_n = s->tmp_n};
