@@ -525,7 +525,8 @@ struct one_job {
     float *x;      /* (n_embd) ctx->x: the residual the down sum goes into */
     int64_t n_act; /* one_ffn_run: the length of the joined list s->idx */
     int64_t n_pieces;
-    bool streams; /* gather_streams(n_act, n_ff) */
+    bool streams;   /* gather_streams(n_act, n_ff) */
+    bool down_only; /* one_ffn_run: the down step of the n_act neurons of idx_nz */
 };
 
 /* Gate/up of one_ffn_run: h of the active neurons act[0..n) (the batch path's
@@ -616,29 +617,14 @@ static void one_ffn_run(void *arg, int ith, int nth) {
          * same place in idx_nz */
         const int64_t k0 = job->n_act * c / job->n_pieces, k1 = job->n_act * (c + 1) / job->n_pieces;
         int32_t *nz = s->idx_nz + k0;
-        const int64_t n_nz = one_gate_up(job, s->idx + k0, k1 - k0, nz);
+        /* down_only (CATS with the product score): idx_nz holds the kept neurons already */
+        const int64_t n_nz = job->down_only ? k1 - k0 : one_gate_up(job, s->idx + k0, k1 - k0, nz);
         if (job->l->ffn_down_t.data) {
             float *y = s->part + c * job->n_embd;
             memset(y, 0, (size_t)job->n_embd * sizeof(float));
             down_rows(job->kern, &job->l->ffn_down_t, nz, n_nz, job->h, y, s->tmp + ith * s->tmp_n);
         }
         s->piece_nz[c] = n_nz;
-    }
-}
-
-/* The down step alone (CATS with the product score, one token): pieces of
- * s->idx_nz taken in turn as in one_ffn_run, each summed into its part. */
-static void one_down_run(void *arg, int ith, int nth) {
-    const struct one_job *job = arg;
-    struct sparse_state *s = job->s;
-    (void)nth;
-    for (;;) {
-        const int64_t c = atomic_fetch_add_explicit(&s->next_piece, 1, memory_order_relaxed);
-        if (c >= job->n_pieces) break;
-        const int64_t k0 = job->n_act * c / job->n_pieces, k1 = job->n_act * (c + 1) / job->n_pieces;
-        float *y = s->part + c * job->n_embd;
-        memset(y, 0, (size_t)job->n_embd * sizeof(float));
-        down_rows(job->kern, &job->l->ffn_down_t, s->idx_nz + k0, k1 - k0, job->h, y, s->tmp + ith * s->tmp_n);
     }
 }
 
@@ -855,8 +841,9 @@ static void sparse_down(optiml_context *ctx, const struct layer *l, int64_t n_to
         struct one_job job = {.kern = ctx->kern, .l = l, .s = s, .n_ff = n_ff, .n_embd = hp->n_embd, .h = ctx->gate,
                               .x = ctx->x, .n_act = n_nz};
         job.n_pieces = n_nz < ONE_SPLIT * nth ? n_nz : ONE_SPLIT * nth;
+        job.down_only = true;
         atomic_store_explicit(&s->next_piece, 0, memory_order_relaxed); /* threadpool_run publishes it */
-        threadpool_run(ctx->pool, one_down_run, &job);
+        threadpool_run(ctx->pool, one_ffn_run, &job);
         threadpool_run(ctx->pool, one_reduce_run, &job);
         return;
     }
