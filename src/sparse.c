@@ -286,14 +286,12 @@ static inline bool gather_next(const struct cpu_kernels *kern, const struct tens
 
 static inline float gather_dot(const struct cpu_kernels *kern, const struct tensor *w, int64_t r,
                                const struct row_input *in, int64_t t, bool streams, int64_t r_next) {
-    if (gather_next(kern, w, in, streams)) {
-        const void *row = tensor_row(w, r), *next = r_next >= 0 ? tensor_row(w, r_next) : NULL;
-        const char *xq = in->xq + (uint64_t)t * in->xq_row;
-        const cpu_dot_q_xi_fn dxi = row_dot_xi(kern, w, in);
-        if (dxi) return dxi(w->ne[0], row, xq, in->xi + t * in->xi_row, next ? next : row);
-        return kern->dot_q_next[w->type](w->ne[0], row, xq, next);
-    }
-    return row_dot(kern, w, r, in, t);
+    if (!gather_next(kern, w, in, streams)) return row_dot(kern, w, r, in, t);
+    const void *row = tensor_row(w, r), *next = r_next >= 0 ? tensor_row(w, r_next) : NULL;
+    const char *xq = in->xq + (uint64_t)t * in->xq_row;
+    const cpu_dot_q_xi_fn dxi = row_dot_xi(kern, w, in);
+    if (dxi) return dxi(w->ne[0], row, xq, in->xi + t * in->xi_row, next ? next : row);
+    return kern->dot_q_next[w->type](w->ne[0], row, xq, next);
 }
 
 /* y[t * y_stride + r] (+)= row r of w . input t, for every row r. */
@@ -336,9 +334,8 @@ static void rows_run(void *arg, int ith, int nth) {
  * (which stalls the core until most have arrived): that round went from
  * 7.8-8.6 to 4.9-5.2 ms a token on the Xeon at 16 threads, sparse/dense
  * 1.58-1.88 to 1.80-2.07 at 16, 8 and 4 threads, one machine
- * (bench/RESULTS.md). The
- * batch path and the types without dot_q_next keep the whole-row requests
- * below. */
+ * (bench/RESULTS.md). The batch path and the types without dot_q_next
+ * keep the whole-row requests below. */
 #ifndef OPTIML_SPARSE_PREFETCH_AHEAD /* a build-time override, for measuring */
 #define OPTIML_SPARSE_PREFETCH_AHEAD 1
 #endif
@@ -638,6 +635,17 @@ static void one_reduce_run(void *arg, int ith, int nth) {
     }
 }
 
+/* The one-token round over the job's n_act neurons: ONE_SPLIT pieces per
+ * thread (none empty) taken in turn (one_ffn_run), then, with ffn_down_t,
+ * the pieces' parts added into x (one_reduce_run). */
+static void one_rounds(optiml_context *ctx, struct one_job *job) {
+    const int nth = threadpool_n_threads(ctx->pool);
+    job->n_pieces = job->n_act < ONE_SPLIT * nth ? job->n_act : ONE_SPLIT * nth;
+    atomic_store_explicit(&job->s->next_piece, 0, memory_order_relaxed); /* threadpool_run publishes it */
+    threadpool_run(ctx->pool, one_ffn_run, job);
+    if (job->l->ffn_down_t.data) threadpool_run(ctx->pool, one_reduce_run, job);
+}
+
 /* s->hidden = relu(xb fc1^T) (one token). */
 static void predictor_hidden(optiml_context *ctx, const struct layer *l, bool *done) {
     struct sparse_state *s = ctx->sparse;
@@ -681,10 +689,8 @@ static bool sparse_ffn_one(optiml_context *ctx, const struct layer *l, int32_t i
         s->n_active += (uint64_t)n_ff;
         return false;
     }
-    job.n_pieces = job.n_act < ONE_SPLIT * nth ? job.n_act : ONE_SPLIT * nth; /* none empty */
     job.streams = gather_streams(job.n_act, n_ff);
-    atomic_store_explicit(&s->next_piece, 0, memory_order_relaxed); /* threadpool_run publishes it */
-    threadpool_run(ctx->pool, one_ffn_run, &job);
+    one_rounds(ctx, &job);
     int64_t n_nz = 0;
     for (int64_t c = 0; c < job.n_pieces; c++) n_nz += s->piece_nz[c];
     if (ctx->ffn_observer) {
@@ -698,9 +704,7 @@ static bool sparse_ffn_one(optiml_context *ctx, const struct layer *l, int32_t i
                               .accumulate = true, .y = ctx->x};
         rj.in = row_input_make(ctx, s->dq, ddone, l->ffn_down.type, ctx->gate, 1, n_ff);
         threadpool_run(ctx->pool, rows_run, &rj);
-        return true;
     }
-    threadpool_run(ctx->pool, one_reduce_run, &job);
     return true;
 }
 
@@ -836,15 +840,10 @@ static void sparse_down(optiml_context *ctx, const struct layer *l, int64_t n_to
         if (count) s->n_active += (uint64_t)c;
         if (c) s->idx_nz[n_nz++] = i;
     }
-    if (n_tok == 1 && l->ffn_down_t.data && n_nz > 0) { /* whole rows in pieces, as the one-token FFN does */
-        const int nth = threadpool_n_threads(ctx->pool);
+    if (n_tok == 1 && l->ffn_down_t.data) { /* whole rows in pieces, as the one-token FFN does */
         struct one_job job = {.kern = ctx->kern, .l = l, .s = s, .n_ff = n_ff, .n_embd = hp->n_embd, .h = ctx->gate,
-                              .x = ctx->x, .n_act = n_nz};
-        job.n_pieces = n_nz < ONE_SPLIT * nth ? n_nz : ONE_SPLIT * nth;
-        job.down_only = true;
-        atomic_store_explicit(&s->next_piece, 0, memory_order_relaxed); /* threadpool_run publishes it */
-        threadpool_run(ctx->pool, one_ffn_run, &job);
-        threadpool_run(ctx->pool, one_reduce_run, &job);
+                              .x = ctx->x, .n_act = n_nz, .down_only = true};
+        one_rounds(ctx, &job);
         return;
     }
     struct down_job dj = {.kern = ctx->kern, .idx = s->idx_nz, .n_idx = n_nz, .n_tok = n_tok, .n_ff = n_ff,
