@@ -838,7 +838,7 @@ static void axpy_q8_0_avx2(int64_t n, float a, const void *w, float *y) {
     const block_q8_0 *b = w;
     const __m256 zero = _mm256_setzero_ps();
     for (int64_t k = 0; k < n / QK8_0; k++, y += QK8_0) {
-        const __m256 d = _mm256_set1_ps(a * f16_to_f32(b[k].d));
+        const __m256 d = _mm256_set1_ps(a * f16s(b[k].d));
         const __m128i q0 = _mm_loadu_si128((const __m128i *)b[k].qs);
         const __m128i q1 = _mm_loadu_si128((const __m128i *)(b[k].qs + 16));
         AXPY8(y, d, _mm256_cvtepi8_epi32(q0), zero);
@@ -854,7 +854,7 @@ static void axpy_q4_0_avx2(int64_t n, float a, const void *w, float *y) {
     const __m128i m4 = _mm_set1_epi8(0x0f);
     const __m256 eight = _mm256_set1_ps(8.0f);
     for (int64_t k = 0; k < n / QK4_0; k++, y += QK4_0) {
-        const __m256 d = _mm256_set1_ps(a * f16_to_f32(b[k].d));
+        const __m256 d = _mm256_set1_ps(a * f16s(b[k].d));
         const __m128i q = _mm_loadu_si128((const __m128i *)b[k].qs);
         const __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
         AXPY8(y, d, _mm256_cvtepu8_epi32(lo), eight);
@@ -930,7 +930,7 @@ static void axpy4_q8_0_avx2(int64_t n, const float a[4], const void *const w[4],
         __m256 acc[4];
         load32(acc, y);
         for (int r = 0; r < 4; r++) {
-            const __m256 d = _mm256_set1_ps(a[r] * f16_to_f32(b[r][k].d));
+            const __m256 d = _mm256_set1_ps(a[r] * f16s(b[r][k].d));
             fma32_i8(acc, d, _mm_loadu_si128((const __m128i *)b[r][k].qs),
                      _mm_loadu_si128((const __m128i *)(b[r][k].qs + 16)));
         }
@@ -948,7 +948,7 @@ static void axpy4_q4_0_avx2(int64_t n, const float a[4], const void *const w[4],
         __m256 acc[4];
         load32(acc, y);
         for (int r = 0; r < 4; r++) {
-            const __m256 d = _mm256_set1_ps(a[r] * f16_to_f32(b[r][k].d));
+            const __m256 d = _mm256_set1_ps(a[r] * f16s(b[r][k].d));
             const __m128i q = _mm_loadu_si128((const __m128i *)b[r][k].qs);
             const __m128i lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);
             const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(q, 4), m4), eight);
