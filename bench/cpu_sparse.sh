@@ -3,8 +3,9 @@
 # (optiml-synth: 90% of the FFN neurons inactive per token, predictors
 # included; 3.9 GB on disk, about 3 minutes to write on one core), decoded
 # dense (--sparse-mode 1) and with its predictors (3) in the same run, so
-# the speed-up compares like with like. The test names carry the share of
-# FFN neurons the last step computed.
+# the speed-up compares like with like: the two modes take turns run by run
+# and the line after the table gives sparse over dense, round by round. The
+# test names carry the share of FFN neurons the last step computed.
 # Usage: bash bench/cpu_sparse.sh [THREADS, default all cores] [SHAPE, default 7b]
 #   SHAPE "small" (1024 wide, 8 layers, 2816 FFN: 50 MB) checks the setup
 #   quickly. The model is kept in build/ for the next run.

@@ -26,11 +26,15 @@
  * against its own pass (mean and range).
  *
  * --sparse-mode runs each test once per listed optiml_context_params
- * sparse_mode (0 auto, 1 dense, 2 oracle, 3 predictor), so sparse and dense
- * decode of a ReLU-sparse model compare in one run; the test name then
+ * sparse_mode (0 auto, 1 dense, 2 oracle, 3 predictor, 4 CATS), so sparse
+ * and dense decode of a sparse model compare in one run; the test name then
  * carries the mode and the share of FFN neurons the last step computed
  * (optiml_context_ffn_stats), e.g. "tg128 sparse3 9.8%"; the decode floor
  * line compares with the first mode listed (list the dense mode, 1, first).
+ * The modes take turns: each repetition runs every mode once, in the listed
+ * order, and every later mode's tokens/s is also given over the first
+ * mode's of the same round (mean and range over the rounds), so a slow
+ * moment of a shared host weighs on both sides of a ratio.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "optiml.h"
@@ -151,7 +155,14 @@ struct result {
      * bandwidth (min, max) */
     int n_paired;
     double share_mean, share_min, share_max, bw_min, bw_max;
+    /* the second and later --sparse-mode: tokens/s over the first mode's in
+     * the same round, mean and range over the rounds (else 0) */
+    double ratio_mean, ratio_min, ratio_max;
 };
+
+static void free_contexts(optiml_context **ctxs, int n) {
+    for (int i = 0; i < n; i++) optiml_context_free(ctxs[i]);
+}
 
 /* ---- arguments ---------------------------------------------------------------- */
 
@@ -277,57 +288,74 @@ int main(int argc, char **argv) {
     }
     const bool paired = bwbuf && a.n_gen > 0 && (a.probe_each || step_bytes >= 512.0 * 1048576.0);
     uint64_t rng = 12345;
-    for (int ti = 0; ti < a.n_thread_counts; ti++)
-    for (int mi = 0; mi < n_modes; mi++) {
-        optiml_context_params cp = optiml_context_default_params();
-        cp.n_ctx = (uint32_t)(n_batch + a.n_gen + 1);
-        cp.n_batch = (uint32_t)n_batch;
-        cp.n_threads = a.threads[ti];
-        if (a.n_sparse_modes) cp.sparse_mode = a.sparse_modes[mi];
-        optiml_context *ctx = NULL;
-        if (optiml_context_init(model, &cp, &ctx) != OPTIML_OK) goto fail;
+    for (int ti = 0; ti < a.n_thread_counts; ti++) {
+        /* one context per mode, all alive at once: each repetition runs
+         * every mode in turn, so a slow moment of the host falls on all of
+         * them and the run-by-run ratios compare neighbours */
+        optiml_context *ctxs[MAX_SPARSE_MODES] = {0};
+        for (int mi = 0; mi < n_modes; mi++) {
+            optiml_context_params cp = optiml_context_default_params();
+            cp.n_ctx = (uint32_t)(n_batch + a.n_gen + 1);
+            cp.n_batch = (uint32_t)n_batch;
+            cp.n_threads = a.threads[ti];
+            if (a.n_sparse_modes) cp.sparse_mode = a.sparse_modes[mi];
+            if (optiml_context_init(model, &cp, &ctxs[mi]) != OPTIML_OK) {
+                free_contexts(ctxs, n_modes);
+                goto fail;
+            }
+        }
         for (int kind = 0; kind < 2; kind++) {
             int n = kind == 0 ? a.n_prompt : 1, n_gen = kind == 0 ? 0 : a.n_gen;
             if ((kind == 0 && a.n_prompt == 0) || (kind == 1 && a.n_gen == 0)) continue;
-            double tps[MAX_REPS], rbw[MAX_REPS];
-            const bool pair = paired && kind == 1 && mi == 0;
-            for (int r = -1; r < a.reps; r++) {
-                double t;
-                if (pair && r >= 0) rbw[r] = read_pass(bwbuf, a.threads[ti]);
-                if (run_once(ctx, &batch, n_vocab, n, n_gen, &rng, &t) != OPTIML_OK) {
-                    optiml_context_free(ctx);
-                    goto fail;
+            double tps[MAX_SPARSE_MODES][MAX_REPS], rbw[MAX_REPS];
+            const bool pair = paired && kind == 1;
+            for (int r = -1; r < a.reps; r++)
+                for (int mi = 0; mi < n_modes; mi++) {
+                    double t;
+                    if (pair && mi == 0 && r >= 0) rbw[r] = read_pass(bwbuf, a.threads[ti]);
+                    if (run_once(ctxs[mi], &batch, n_vocab, n, n_gen, &rng, &t) != OPTIML_OK) {
+                        free_contexts(ctxs, n_modes);
+                        goto fail;
+                    }
+                    if (r >= 0) tps[mi][r] = t;
                 }
-                if (r >= 0) tps[r] = t;
+            for (int mi = 0; mi < n_modes; mi++) {
+                struct result *rr = &res[n_res++];
+                *rr = (struct result){.share_min = INFINITY, .share_max = -INFINITY, .bw_min = INFINITY,
+                                      .bw_max = -INFINITY, .ratio_min = INFINITY, .ratio_max = -INFINITY};
+                for (int r = 0; pair && mi == 0 && r < a.reps; r++) {
+                    if (rbw[r] <= 0) continue;
+                    const double sh = tps[mi][r] * step_bytes / rbw[r];
+                    rr->share_mean += sh;
+                    rr->share_min = fmin(rr->share_min, sh);
+                    rr->share_max = fmax(rr->share_max, sh);
+                    rr->bw_min = fmin(rr->bw_min, rbw[r]);
+                    rr->bw_max = fmax(rr->bw_max, rbw[r]);
+                    rr->n_paired++;
+                }
+                if (rr->n_paired) rr->share_mean /= rr->n_paired;
+                for (int r = 0; mi > 0 && r < a.reps; r++) { /* against the first mode's run of the same round */
+                    const double q = tps[mi][r] / tps[0][r];
+                    rr->ratio_mean += q / a.reps;
+                    rr->ratio_min = fmin(rr->ratio_min, q);
+                    rr->ratio_max = fmax(rr->ratio_max, q);
+                }
+                rr->n_threads = a.threads[ti];
+                rr->sparse_mode = a.n_sparse_modes ? a.sparse_modes[mi] : optiml_context_default_params().sparse_mode;
+                uint64_t n_act = 0, n_tot = 0;
+                optiml_context_ffn_stats(ctxs[mi], &n_act, &n_tot);
+                rr->ffn_active = n_tot ? (double)n_act / (double)n_tot : -1.0;
+                int len = snprintf(rr->test, sizeof(rr->test), kind == 0 ? "pp%d" : "tg%d",
+                                   kind == 0 ? a.n_prompt : a.n_gen);
+                if (a.n_sparse_modes)
+                    snprintf(rr->test + len, sizeof(rr->test) - (size_t)len,
+                             rr->ffn_active < 0 ? " sparse%d dense" : " sparse%d %.1f%%", rr->sparse_mode,
+                             100.0 * rr->ffn_active);
+                stats(tps[mi], a.reps, &rr->mean, &rr->sd);
             }
-            struct result *rr = &res[n_res++];
-            *rr = (struct result){.share_min = INFINITY, .share_max = -INFINITY, .bw_min = INFINITY,
-                                  .bw_max = -INFINITY};
-            for (int r = 0; pair && r < a.reps; r++) {
-                if (rbw[r] <= 0) continue;
-                const double sh = tps[r] * step_bytes / rbw[r];
-                rr->share_mean += sh;
-                rr->share_min = fmin(rr->share_min, sh);
-                rr->share_max = fmax(rr->share_max, sh);
-                rr->bw_min = fmin(rr->bw_min, rbw[r]);
-                rr->bw_max = fmax(rr->bw_max, rbw[r]);
-                rr->n_paired++;
-            }
-            if (rr->n_paired) rr->share_mean /= rr->n_paired;
-            rr->n_threads = a.threads[ti];
-            rr->sparse_mode = cp.sparse_mode;
-            uint64_t n_act = 0, n_tot = 0;
-            optiml_context_ffn_stats(ctx, &n_act, &n_tot);
-            rr->ffn_active = n_tot ? (double)n_act / (double)n_tot : -1.0;
-            int len = snprintf(rr->test, sizeof(rr->test), kind == 0 ? "pp%d" : "tg%d",
-                               kind == 0 ? a.n_prompt : a.n_gen);
-            if (a.n_sparse_modes)
-                snprintf(rr->test + len, sizeof(rr->test) - (size_t)len, rr->ffn_active < 0 ? " sparse%d dense" :
-                         " sparse%d %.1f%%", rr->sparse_mode, 100.0 * rr->ffn_active);
-            stats(tps, a.reps, &rr->mean, &rr->sd);
         }
-        optiml_context_free(ctx);
-        if (bwbuf && mi == 0) bw[ti] = measure_bandwidth(bwbuf, a.threads[ti]);
+        free_contexts(ctxs, n_modes);
+        if (bwbuf) bw[ti] = measure_bandwidth(bwbuf, a.threads[ti]);
     }
 
     char desc[128];
@@ -351,6 +379,9 @@ int main(int argc, char **argv) {
                        "\"paired_share_range\": [%.4f, %.4f]",
                        res[i].n_paired, res[i].bw_min / 1e9, res[i].bw_max / 1e9, res[i].share_mean,
                        res[i].share_min, res[i].share_max);
+            if (res[i].ratio_mean > 0)
+                printf(", \"vs_first_mode\": %.4f, \"vs_first_mode_range\": [%.4f, %.4f]", res[i].ratio_mean,
+                       res[i].ratio_min, res[i].ratio_max);
             printf("}%s\n", i + 1 < n_res ? "," : "");
         }
         printf("]\n");
@@ -360,6 +391,14 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n_res; i++)
             printf("| %s | %.2f MiB | %.2f M | %s | %d | %d | %s | %.2f ± %.2f |\n", desc, size_mib, params_m,
                    optiml_cpu_features(), res[i].n_threads, ngl, res[i].test, res[i].mean, res[i].sd);
+        bool ratios = false;
+        for (int i = 0; i < n_res; i++)
+            if (res[i].ratio_mean > 0) {
+                printf("%s%s, %d threads: %.2fx the first mode's tokens/s, round by round (%.2f-%.2f)\n",
+                       ratios ? "" : "\n", res[i].test, res[i].n_threads, res[i].ratio_mean, res[i].ratio_min,
+                       res[i].ratio_max);
+                ratios = true;
+            }
         for (int ti = 0; a.floor && ngl == 0 && ti < a.n_thread_counts; ti++) {
             double floor_tps = bw[ti] > 0 ? bw[ti] / step_bytes : 0.0;
             double tg = 0.0;

@@ -74,6 +74,35 @@ def test_json_and_probe_each():
     assert e["paired_share"] <= (e["t_s"] + 3 * e["t_s_sd"]) * e["decode_bytes"] / (lo * 1e9) * 1.0001
 
 
+def test_sparse_modes_take_turns():
+    """--sparse-mode 1,2 on the shipped ReLU model: one row per mode and
+    test, in the listed order; the second mode's tokens/s over the first's,
+    round by round (mean within its range), and the oracle's share of FFN
+    neurons in its test name."""
+    relu = str(MODELS / "stories260K-relu.gguf")
+    r = run([tool("optiml-bench"), "-m", relu, "-p", "8", "-n", "8", "-r", "3", "-t", "1", "--sparse-mode", "1,2",
+             "-o", "json"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert [(e["test"].split()[0], e["sparse_mode"]) for e in res] == [("pp8", 1), ("pp8", 2), ("tg8", 1), ("tg8", 2)]
+    for first, second in ((res[0], res[1]), (res[2], res[3])):
+        assert "vs_first_mode" not in first
+        lo, hi = second["vs_first_mode_range"]
+        assert 0 < lo <= second["vs_first_mode"] <= hi
+        # a mean of per-round ratios against the ratio of the means: equal
+        # when the rounds are, and never outside what the rounds' spread allows
+        m1, s1, m2, s2 = first["t_s"], first["t_s_sd"], second["t_s"], second["t_s_sd"]
+        assert (m2 - 3 * s2) / (m1 + 3 * s1) * 0.999 <= second["vs_first_mode"] <= (m2 + 3 * s2) / max(m1 - 3 * s1, 1e-9) * 1.001
+    assert res[2]["test"] == "tg8 sparse1 dense"
+    share = float(res[3]["test"].split()[2].rstrip("%"))
+    assert 0 < share < 100 and abs(share / 100 - res[3]["ffn_active"]) < 1e-3
+    r = run([tool("optiml-bench"), "-m", relu, "-p", "0", "-n", "8", "-r", "2", "-t", "1", "--sparse-mode", "1,2"],
+            timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"tg8 sparse2 [\d.]+%, 1 threads: [\d.]+x the first mode's tokens/s, round by round "
+                     r"\([\d.]+-[\d.]+\)", r.stdout), r.stdout
+
+
 def test_no_floor():
     r = bench("-p", "0", "-n", "4", "-r", "1", "-t", "1", "--no-floor")
     assert r.returncode == 0, r.stderr
