@@ -504,7 +504,6 @@ static inline __m256i xi_sums(const bool Q8, const void *wb, __m256i xv) {
     }
     return _mm256_madd_epi16(p16, ones);
 }
-#define XI_F16_BCAST f16_bcast
 #include "cpu/tiles_xi.h"
 
 

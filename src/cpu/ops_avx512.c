@@ -21,6 +21,7 @@
 #include "quant.h"
 
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #define TILE_INLINE static inline __attribute__((always_inline))
@@ -360,7 +361,6 @@ static inline __m256i xi_sums(const bool Q8, const void *wb, __m256i xv) {
     const __m256i nib = _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0xF));
     return _mm256_dpbusd_epi32(zero, nib, xv);
 }
-#define XI_F16_BCAST f16_bcast256
 #include "cpu/tiles_xi.h"
 
 
