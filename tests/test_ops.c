@@ -197,6 +197,45 @@ static void compare_quant(const char *name, const struct cpu_kernels *k) {
                    tile_differ, tile_cases);
             CHECK(tile_cases > 0 && tile_differ == 0, "%s tiles %s", name, dtype_name(t));
         }
+        /* dot_q_xi_rows: groups of four and the rows after them, short and
+         * long rows, each row against the reference dot_q within 1e-5 of
+         * its sum of |products|; nothing written past n_rows */
+        if (k->dot_q_xi_rows[t]) {
+            static const int64_t rn[] = {32, 96, 160, 4096};
+            static const int64_t rr[] = {1, 3, 4, 5, 8, 13};
+            double max_rows = 0.0;
+            int rows_cases = 0, past = 0;
+            for (size_t a = 0; a < sizeof(rn) / sizeof(rn[0]); a++)
+                for (size_t b = 0; b < sizeof(rr) / sizeof(rr[0]); b++) {
+                    const int64_t n = rn[a], nr = rr[b];
+                    const uint64_t wrow = (uint64_t)(n / bs * ts);
+                    uint8_t *wr = malloc(nr * wrow);
+                    float *out = malloc((size_t)(nr + 1) * sizeof(float));
+                    for (uint64_t i = 0; i < nr * wrow; i++) wr[i] = (uint8_t)(frand() * 128.0f + 128.0f);
+                    for (int64_t q = 0; q < nr * n / bs; q++) sane_scales(t, wr + q * ts);
+                    for (int64_t i = 0; i < n; i++) x[i] = frand() * (b % 2 ? 30.0f : 1.0f);
+                    ref->quantize[vt](n, x, xq);
+                    cpu_gemm_prep_q8_0(n, xq, xi);
+                    out[nr] = 12345.0f;
+                    k->dot_q_xi_rows[t](n, wr, wrow, nr, xq, xi, out);
+                    past += out[nr] != 12345.0f;
+                    ref->to_f32[vt](n, xq, xf);
+                    for (int64_t r = 0; r < nr; r++) {
+                        ref->to_f32[t](n, wr + r * wrow, wf);
+                        double sum_abs = 0.0;
+                        for (int64_t i = 0; i < n; i++) sum_abs += fabs((double)wf[i] * xf[i]);
+                        if (sum_abs < 1e-30) sum_abs = 1.0;
+                        max_rows = fmax(max_rows, fabs(ref->dot_q[t](n, wr + r * wrow, xq) - out[r]) / sum_abs);
+                        rows_cases++;
+                    }
+                    free(wr);
+                    free(out);
+                }
+            printf("%s dot_q_xi_rows %-4s: max relative difference %.3g vs ref dot_q (tolerance 1e-5), %d rows, %d "
+                   "writes past the rows\n", name, dtype_name(t), max_rows, rows_cases, past);
+            CHECK(rows_cases > 0 && max_rows <= 1e-5, "%s dot_q_xi_rows %s", name, dtype_name(t));
+            CHECK(past == 0, "%s dot_q_xi_rows %s wrote past its rows", name, dtype_name(t));
+        }
         const double tol_deq = (t == DTYPE_Q4_1 || t == DTYPE_Q5_1) ? 2e-3 : 1e-5;
         printf("%s dot_q %-4s x %-4s: max relative difference %.3g vs ref (tolerance 1e-5), ref vs dequantized "
                "%.3g (tolerance %g), %d cases\n", name, dtype_name(t), dtype_name(vt), max_rel, max_deq, tol_deq,
@@ -467,6 +506,7 @@ int main(void) {
                 k.dot_q_2x4[t] = v->dot_q_2x4[t];
                 k.dot_q_next[t] = v->dot_q_next[t];
                 k.dot_q_xi[t] = v->dot_q_xi[t];
+                k.dot_q_xi_rows[t] = v->dot_q_xi_rows[t];
             }
             if (v->gemm[t]) k.gemm[t] = v->gemm[t];
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];

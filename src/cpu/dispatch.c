@@ -52,6 +52,7 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
             dst->dot_q_2x4[t] = src->dot_q_2x4[t];
             dst->dot_q_next[t] = src->dot_q_next[t];
             dst->dot_q_xi[t] = src->dot_q_xi[t];
+            dst->dot_q_xi_rows[t] = src->dot_q_xi_rows[t];
         }
         if (src->gemm[t]) dst->gemm[t] = src->gemm[t];
         if (src->quantize[t]) dst->quantize[t] = src->quantize[t];

@@ -37,6 +37,13 @@ typedef float (*cpu_dot_q_next_fn)(int64_t n, const void *w, const void *xq, con
 struct cpu_gemm_xblock;
 typedef float (*cpu_dot_q_xi_fn)(int64_t n, const void *w, const void *xq, const struct cpu_gemm_xblock *xi,
                                  const void *next);
+/* dot_q_xi of n_rows rows read in order (row r at w + r * w_stride)
+ * against one input: out[r]. Four rows a step share the input's loads and
+ * one horizontal sum; for short rows (the predictor's fc2, 160 values),
+ * where a call and a sum per row cost as much as the row. Within float
+ * rounding of dot_q, as dot_q_xi (not its bits: one accumulator a row). */
+typedef void (*cpu_dot_q_xi_rows_fn)(int64_t n, const void *w, uint64_t w_stride, int64_t n_rows, const void *xq,
+                                     const struct cpu_gemm_xblock *xi, float *out);
 /* The same for 4 input rows at once (xq, xq + xq_stride, ...: quantized
  * rows of a batch): out[k] = dot_q(n, w, row k). A weight row is unpacked
  * once for the 4 rows; the result equals 4 dot_q calls of the same table
@@ -116,6 +123,7 @@ struct cpu_kernels {
     cpu_dot_q_tile_fn dot_q_2x4[DTYPE_COUNT]; /* optional: 2 rows x 4 inputs */
     cpu_dot_q_next_fn dot_q_next[DTYPE_COUNT]; /* optional: NULL = dot_q */
     cpu_dot_q_xi_fn dot_q_xi[DTYPE_COUNT];  /* optional: NULL = dot_q      */
+    cpu_dot_q_xi_rows_fn dot_q_xi_rows[DTYPE_COUNT]; /* optional, with dot_q_xi */
     cpu_gemm_fn gemm[DTYPE_COUNT];          /* optional: NULL = the tiles  */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:

@@ -972,6 +972,7 @@ static const struct cpu_kernels kernels_avx2 = {
     .dot_q_2x4 = {[DTYPE_Q4_0] = dot_q4_0_2x4_avx2, [DTYPE_Q8_0] = dot_q8_0_2x4_avx2, [DTYPE_Q4_K] = dot_q4_K_2x4_avx2,
                   [DTYPE_Q6_K] = dot_q6_K_2x4_avx2},
     .dot_q_xi = {[DTYPE_Q4_0] = dot_q4_0_xi, [DTYPE_Q8_0] = dot_q8_0_xi},
+    .dot_q_xi_rows = {[DTYPE_Q4_0] = dot_q4_0_xi_rows, [DTYPE_Q8_0] = dot_q8_0_xi_rows},
     .dot_q_next = {[DTYPE_Q4_0] = dot_q4_0_next_avx2, [DTYPE_Q8_0] = dot_q8_0_next_avx2,
                    [DTYPE_Q4_K] = dot_q4_K_next_avx2, [DTYPE_Q6_K] = dot_q6_K_next_avx2},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx2, [DTYPE_Q8_0] = gemm_q8_0_avx2, [DTYPE_Q4_K] = gemm_q4_K_avx2,

@@ -376,6 +376,7 @@ static const struct cpu_kernels kernels_avx512 = {
     .dot_q_2x4 = {ENTRIES(_2x4)},
     .dot_q_next = {ENTRIES(_next)},
     .dot_q_xi = {[DTYPE_Q4_0] = dot_q4_0_xi, [DTYPE_Q8_0] = dot_q8_0_xi},
+    .dot_q_xi_rows = {[DTYPE_Q4_0] = dot_q4_0_xi_rows, [DTYPE_Q8_0] = dot_q8_0_xi_rows},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx512, [DTYPE_Q8_0] = gemm_q8_0_avx512},
     .axpy = {[DTYPE_Q4_0] = axpy_q4_0_avx512, [DTYPE_Q8_0] = axpy_q8_0_avx512},
     .axpy4 = {[DTYPE_Q4_0] = axpy4_q4_0_avx512, [DTYPE_Q8_0] = axpy4_q8_0_avx512},

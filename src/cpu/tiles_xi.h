@@ -4,7 +4,7 @@
  * TILE_INLINE, OPTIML_PREFETCH_AHEAD, hsum256 and xi_sums(Q8, weight
  * block, input bytes): the block's sum of w x in int32 lanes, q4_0's
  * nibbles taken unsigned (its -8 is the input summary's m8). The
- * functions are static: dot_q4_0_xi and dot_q8_0_xi.
+ * functions are static: dot_q4_0_xi, dot_q8_0_xi and their _rows twins.
  *
  * Two blocks a step, each into its own accumulator (the fma's latency is
  * not the loop's); per block the sums times the weight scale times the
@@ -23,7 +23,7 @@
     do {                                                                                                               \
         const __m256i xv = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)xq + (i))->qs);                    \
         const void *wb = (const char *)w + (uint64_t)(i)*bs;                                                           \
-        const float dw = _cvtsh_ss(Q8 ? ((const block_q8_0 *)wb)->d : ((const block_q4_0 *)wb)->d);                   \
+        const float dw = _cvtsh_ss(Q8 ? ((const block_q8_0 *)wb)->d : ((const block_q4_0 *)wb)->d);                    \
         if (!Q8) CORR = fmaf(dw, xi[i].m8, CORR);                                                                      \
         const __m256 s = _mm256_cvtepi32_ps(xi_sums(Q8, wb, xv));                                                      \
         ACC = _mm256_fmadd_ps(_mm256_set1_ps(dw * xi[i].d), s, ACC);                                                   \
@@ -46,6 +46,49 @@ TILE_INLINE float dot_xi(const bool Q8, int64_t n, const void *w, const void *xq
     }
     if (i < nb) XI_BLOCK(Q8, i, acc0, corr0);
     return hsum256(_mm256_add_ps(acc0, acc1)) + (corr0 + corr1);
+}
+
+/* n_rows rows in order (cpu_dot_q_xi_rows_fn): four a step, one input
+ * load and one xi read for the four, one accumulator and one -8 scalar a
+ * row, the four sums out of one reduction; the next group's bytes asked
+ * for at the step's start (the rows are short, a few lines each); the
+ * last rows one at a time (dot_xi). */
+TILE_INLINE void rows_xi(const bool Q8, int64_t n, const void *w, uint64_t ws, int64_t n_rows, const void *xq,
+                         const struct cpu_gemm_xblock *xi, float *out) {
+    const int64_t nb = n / 32;
+    const uint64_t bs = Q8 ? sizeof(block_q8_0) : sizeof(block_q4_0);
+    int64_t r = 0;
+    for (; r + 4 <= n_rows; r += 4) {
+        const char *w0 = (const char *)w + (uint64_t)r * ws;
+        for (uint64_t o = 0; o < 4 * ws; o += 64) _mm_prefetch(w0 + 4 * ws + o, _MM_HINT_T0);
+        __m256 acc[4];
+        float corr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int k = 0; k < 4; k++) acc[k] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < nb; i++) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)xq + i)->qs);
+            const float dx = xi[i].d, m8 = xi[i].m8;
+            for (int k = 0; k < 4; k++) {
+                const void *wb = w0 + k * ws + (uint64_t)i * bs;
+                const float dw = _cvtsh_ss(Q8 ? ((const block_q8_0 *)wb)->d : ((const block_q4_0 *)wb)->d);
+                if (!Q8) corr[k] = fmaf(dw, m8, corr[k]);
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(xi_sums(Q8, wb, xv)), acc[k]);
+            }
+        }
+        /* lanes of h: each row's low-half sums, then its high-half ones */
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(out + r, _mm_add_ps(sum, _mm_loadu_ps(corr)));
+    }
+    for (; r < n_rows; r++) out[r] = dot_xi(Q8, n, (const char *)w + (uint64_t)r * ws, xq, xi, NULL);
+}
+
+static void dot_q4_0_xi_rows(int64_t n, const void *w, uint64_t ws, int64_t n_rows, const void *xq,
+                             const struct cpu_gemm_xblock *xi, float *out) {
+    rows_xi(false, n, w, ws, n_rows, xq, xi, out);
+}
+static void dot_q8_0_xi_rows(int64_t n, const void *w, uint64_t ws, int64_t n_rows, const void *xq,
+                             const struct cpu_gemm_xblock *xi, float *out) {
+    rows_xi(true, n, w, ws, n_rows, xq, xi, out);
 }
 
 static float dot_q4_0_xi(int64_t n, const void *w, const void *xq, const struct cpu_gemm_xblock *xi, const void *next) {
