@@ -593,9 +593,8 @@ static void one_score_run(void *arg, int ith, int nth) {
         memset(job->h + i0, 0, (size_t)(i1 - i0) * sizeof(float)); /* every neuron's h, once */
         if (rows) rows(w->ne[0], tensor_row(w, i0), w->row_size, i1 - i0, in->xq, in->xi, s->logits + i0);
         for (int64_t i = i0; i < i1; i++) {
-            const float v = rows ? s->logits[i] : row_dot(job->kern, w, i, in, 0);
-            s->logits[i] = v;
-            if (score_on(s->mode, job->act, v, job->thr)) act[n_act++] = (int32_t)i;
+            if (!rows) s->logits[i] = row_dot(job->kern, w, i, in, 0);
+            if (score_on(s->mode, job->act, s->logits[i], job->thr)) act[n_act++] = (int32_t)i;
         }
     }
     s->counts[ith] = n_act;

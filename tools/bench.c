@@ -34,7 +34,9 @@
  * The modes take turns: each repetition runs every mode once, in the listed
  * order, and every later mode's tokens/s is also given over the first
  * mode's of the same round (mean and range over the rounds), so a slow
- * moment of a shared host weighs on both sides of a ratio.
+ * moment of a shared host weighs on both sides of a ratio. Their contexts
+ * (each with its own KV cache and scratch, on the GPU too with -ngl) are
+ * alive together.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "optiml.h"
