@@ -19,15 +19,18 @@
 #ifndef OPTIML_CPU_TILES_XI_H
 #define OPTIML_CPU_TILES_XI_H
 
-#define XI_BLOCK(Q8, i, ACC, CORR)                                                                                     \
+/* one weight block wb against the input block xv (its xi scale dx and
+ * -8 term m8): into ACC, and q4_0's -8 term into CORR */
+#define XI_STEP(Q8, wb, xv, dx, m8, ACC, CORR)                                                                         \
     do {                                                                                                               \
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)xq + (i))->qs);                    \
-        const void *wb = (const char *)w + (uint64_t)(i)*bs;                                                           \
-        const float dw = _cvtsh_ss(Q8 ? ((const block_q8_0 *)wb)->d : ((const block_q4_0 *)wb)->d);                    \
-        if (!Q8) CORR = fmaf(dw, xi[i].m8, CORR);                                                                      \
-        const __m256 s = _mm256_cvtepi32_ps(xi_sums(Q8, wb, xv));                                                      \
-        ACC = _mm256_fmadd_ps(_mm256_set1_ps(dw * xi[i].d), s, ACC);                                                   \
+        const float dw = _cvtsh_ss(Q8 ? ((const block_q8_0 *)(wb))->d : ((const block_q4_0 *)(wb))->d);                \
+        if (!Q8) CORR = fmaf(dw, m8, CORR);                                                                            \
+        ACC = _mm256_fmadd_ps(_mm256_set1_ps(dw * (dx)), _mm256_cvtepi32_ps(xi_sums(Q8, wb, xv)), ACC);                \
     } while (0)
+/* block i of the weight row w */
+#define XI_BLOCK(Q8, i, ACC, CORR)                                                                                     \
+    XI_STEP(Q8, (const char *)w + (uint64_t)(i)*bs,                                                                    \
+            _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)xq + (i))->qs), xi[i].d, xi[i].m8, ACC, CORR)
 
 TILE_INLINE float dot_xi(const bool Q8, int64_t n, const void *w, const void *xq, const struct cpu_gemm_xblock *xi,
                          const void *next) {
@@ -48,11 +51,12 @@ TILE_INLINE float dot_xi(const bool Q8, int64_t n, const void *w, const void *xq
     return hsum256(_mm256_add_ps(acc0, acc1)) + (corr0 + corr1);
 }
 
-/* n_rows rows in order (cpu_dot_q_xi_rows_fn): four a step, one input
- * load and one xi read for the four, one accumulator and one -8 scalar a
- * row, the four sums out of one reduction; the next group's bytes asked
- * for at the step's start (the rows are short, a few lines each); the
- * last rows one at a time (dot_xi). */
+/* n_rows rows in order (cpu_dot_q_xi_rows_fn): four a step, dot_xi's
+ * block step for each with one load of the input block and its xi for
+ * the four, one accumulator and one -8 scalar a row, the four sums out of
+ * one reduction; the next group's bytes asked for at the step's start
+ * (the rows are short, a few lines each); the last rows one at a time
+ * (dot_xi). */
 TILE_INLINE void rows_xi(const bool Q8, int64_t n, const void *w, uint64_t ws, int64_t n_rows, const void *xq,
                          const struct cpu_gemm_xblock *xi, float *out) {
     const int64_t nb = n / 32;
@@ -67,12 +71,7 @@ TILE_INLINE void rows_xi(const bool Q8, int64_t n, const void *w, uint64_t ws, i
         for (int64_t i = 0; i < nb; i++) {
             const __m256i xv = _mm256_loadu_si256((const __m256i *)((const block_q8_0 *)xq + i)->qs);
             const float dx = xi[i].d, m8 = xi[i].m8;
-            for (int k = 0; k < 4; k++) {
-                const void *wb = w0 + k * ws + (uint64_t)i * bs;
-                const float dw = _cvtsh_ss(Q8 ? ((const block_q8_0 *)wb)->d : ((const block_q4_0 *)wb)->d);
-                if (!Q8) corr[k] = fmaf(dw, m8, corr[k]);
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(xi_sums(Q8, wb, xv)), acc[k]);
-            }
+            for (int k = 0; k < 4; k++) XI_STEP(Q8, w0 + k * ws + (uint64_t)i * bs, xv, dx, m8, acc[k], corr[k]);
         }
         /* lanes of h: each row's low-half sums, then its high-half ones */
         const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
