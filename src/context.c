@@ -588,12 +588,20 @@ static void rope_and_store(optiml_context *ctx, const optiml_batch *b, int32_t i
     struct kv_cache *kv = &ctx->kv;
     for (int32_t i = 0; i < b->n_tokens; i++) {
         const float *cs = ctx->rope_cs + i * hp->n_rot;
-        for (int32_t h = 0; h < hp->n_head; h++) ops_rope(ctx->q + i * n_q + h * hd, cs, hp->n_rot);
-        for (int32_t h = 0; h < hp->n_head_kv; h++) ops_rope(ctx->k + i * n_kv + h * hd, cs, hp->n_rot);
+        void (*rope)(float *, const float *, int64_t) = hp->rope_neox ? ops_rope_neox : ops_rope;
+        for (int32_t h = 0; h < hp->n_head; h++) rope(ctx->q + i * n_q + h * hd, cs, hp->n_rot);
+        for (int32_t h = 0; h < hp->n_head_kv; h++) rope(ctx->k + i * n_kv + h * hd, cs, hp->n_rot);
         uint64_t off = ((uint64_t)il * kv->n_cells + ctx->cells[i]) * n_kv;
         memcpy(kv->k + off, ctx->k + i * n_kv, (size_t)n_kv * sizeof(float));
         memcpy(kv->v + off, ctx->v + i * n_kv, (size_t)n_kv * sizeof(float));
     }
+}
+
+/* y[i] += bias for each of n rows of y (bias->ne[0] wide); no bias: nothing. */
+static void add_bias(float *y, const struct tensor *bias, int64_t n) {
+    if (!bias->data) return;
+    const float *b = bias->data;
+    for (int64_t i = 0; i < n; i++) ops_add(y + i * bias->ne[0], b, bias->ne[0]);
 }
 
 static void layer_attention(optiml_context *ctx, const optiml_batch *b, int32_t il) {
@@ -601,10 +609,14 @@ static void layer_attention(optiml_context *ctx, const optiml_batch *b, int32_t 
     const int64_t n = b->n_tokens;
     rmsnorm(ctx, ctx->xb, ctx->x, &l->attn_norm, n, NULL);
     matmul(ctx, ctx->xb, n, false, 3, &l->wq, ctx->q, &l->wk, ctx->k, &l->wv, ctx->v);
+    add_bias(ctx->q, &l->bq, n);
+    add_bias(ctx->k, &l->bk, n);
+    add_bias(ctx->v, &l->bv, n);
     rope_and_store(ctx, b, il);
     struct attention_job job = {.ctx = ctx, .batch = b, .il = il};
     threadpool_run(ctx->pool, attention_run, &job);
     matmul(ctx, ctx->att, n, true, 1, &l->wo, ctx->x, NULL, NULL, NULL, NULL);
+    add_bias(ctx->x, &l->bo, n);
 }
 
 static void layer_ffn(optiml_context *ctx, const optiml_batch *b, int32_t il) {

@@ -286,6 +286,14 @@ optiml_status gpu_model_load(optiml_model *m, const optiml_model_params *params)
         LOG_WARN("no CUDA device found: running all layers on the CPU");
         return OPTIML_OK;
     }
+    bool bias = false;
+    for (int32_t il = 0; il < n_layer; il++) {
+        const struct layer *l = &m->layers[il];
+        bias |= l->bq.data || l->bk.data || l->bv.data || l->bo.data;
+    }
+    if (m->hp.rope_neox || bias)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s: the GPU kernels have no attention biases or NeoX RoPE yet: "
+                           "run this model with -ngl 0 and no --vram-budget", m->arch);
     struct gpu_model *g = calloc(1, sizeof(*g));
     if (!g) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
     m->gpu = g;

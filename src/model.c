@@ -325,6 +325,13 @@ static optiml_status load_weights(optiml_model *m) {
         BIND(wk, "attn_k", n_embd, n_kv, BIND_MATRIX);
         BIND(wv, "attn_v", n_embd, n_kv, BIND_MATRIX);
         BIND(wo, "attn_output", n_q, n_embd, BIND_MATRIX);
+        /* biases: qwen2 has q, k and v ones; llama.cpp's llama may have all four */
+        const struct { struct tensor *t; const char *suffix; int64_t n; } biases[4] = {
+            {&l->bq, "attn_q", n_q}, {&l->bk, "attn_k", n_kv}, {&l->bv, "attn_v", n_kv}, {&l->bo, "attn_output", n_embd}};
+        for (int k = 0; k < 4; k++) {
+            snprintf(name, sizeof(name), "blk.%d.%s.bias", il, biases[k].suffix);
+            TRY(bind(m, biases[k].t, name, biases[k].n, 1, BIND_NORM, false));
+        }
         BIND(ffn_norm, "ffn_norm", n_embd, 1, BIND_NORM);
         if (hp->ffn_act != FFN_ACT_RELU_NOGATE) { /* relu_nogate: no gate */
             BIND(ffn_gate, "ffn_gate", n_embd, hp->n_ff, BIND_MATRIX);
@@ -379,10 +386,12 @@ static optiml_status model_load(optiml_model *m, const char *path, const optiml_
     if (st == OPTIML_ERR_INVALID_ARG) return optiml_fail(OPTIML_ERR_FORMAT, "%s: missing key general.architecture", path);
     TRY(st);
     const bool bamboo = m->file->powerinfer && gguf_str_eq(arch, "bamboo"); /* PowerInfer's Bamboo */
-    if (!gguf_str_eq(arch, "llama") && !bamboo)
-        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s: architecture \"%.*s\" is not supported (llama; bamboo in "
-                           "PowerInfer files)", path, (int)(arch.n > 32 ? 32 : arch.n), arch.data);
-    snprintf(m->arch, sizeof(m->arch), bamboo ? "bamboo" : "llama");
+    const bool qwen2 = gguf_str_eq(arch, "qwen2"); /* Llama with q/k/v biases and NeoX RoPE */
+    if (!gguf_str_eq(arch, "llama") && !bamboo && !qwen2)
+        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s: architecture \"%.*s\" is not supported (llama, qwen2; bamboo "
+                           "in PowerInfer files)", path, (int)(arch.n > 32 ? 32 : arch.n), arch.data);
+    snprintf(m->arch, sizeof(m->arch), bamboo ? "bamboo" : qwen2 ? "qwen2" : "llama");
+    m->hp.rope_neox = qwen2;
     TRY(load_hparams(m));
     if (m->file->powerinfer) TRY(powerinfer_hparams(m));
     TRY(load_weights(m));

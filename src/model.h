@@ -26,6 +26,8 @@ struct hparams {
     float norm_eps;
     float rope_base;
     float rope_scale;  /* positions are divided by it (linear)   */
+    bool rope_neox;    /* rotate pairs (i, i + n_rot/2), not (2i, 2i+1):
+                          qwen2, whose q/k rows are not permuted   */
     enum ffn_act ffn_act;
 };
 
@@ -35,6 +37,7 @@ struct layer {
     struct tensor wk;        /* (n_embd, n_head_kv * head_dim)        */
     struct tensor wv;        /* (n_embd, n_head_kv * head_dim)        */
     struct tensor wo;        /* (n_head * head_dim, n_embd)           */
+    struct tensor bq, bk, bv, bo; /* attention biases (qwen2), f32, or absent */
     struct tensor ffn_norm;  /* (n_embd)                          f32 */
     struct tensor ffn_gate;  /* (n_embd, n_ff)                        */
     struct tensor ffn_up;    /* (n_embd, n_ff)                        */

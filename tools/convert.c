@@ -409,18 +409,22 @@ optiml_status convert_out_write(struct convert_out *out, const char *path) {
 
 optiml_status convert_set_hparams(struct convert_out *out, const struct convert_hparams *hp) {
     gguf_writer *w = out->w;
-    TRY(gguf_writer_set_str(w, "general.architecture", "llama"));
+    const char *arch = hp->arch ? hp->arch : "llama";
+    char key[96];
+#define ARCH_KEY(suffix) (snprintf(key, sizeof(key), "%s." suffix, arch), key)
+    TRY(gguf_writer_set_str(w, "general.architecture", arch));
     TRY(gguf_writer_set_str(w, "general.name", hp->name));
-    TRY(gguf_writer_set_u32(w, "llama.context_length", hp->n_ctx));
-    TRY(gguf_writer_set_u32(w, "llama.embedding_length", hp->n_embd));
-    TRY(gguf_writer_set_u32(w, "llama.block_count", hp->n_layer));
-    TRY(gguf_writer_set_u32(w, "llama.feed_forward_length", hp->n_ff));
-    TRY(gguf_writer_set_u32(w, "llama.attention.head_count", hp->n_head));
-    TRY(gguf_writer_set_u32(w, "llama.attention.head_count_kv", hp->n_head_kv));
-    TRY(gguf_writer_set_f32(w, "llama.attention.layer_norm_rms_epsilon", hp->rms_eps));
-    TRY(gguf_writer_set_f32(w, "llama.rope.freq_base", hp->rope_theta));
-    TRY(gguf_writer_set_u32(w, "llama.rope.dimension_count", hp->head_dim));
-    TRY(gguf_writer_set_u32(w, "llama.vocab_size", hp->n_vocab));
+    TRY(gguf_writer_set_u32(w, ARCH_KEY("context_length"), hp->n_ctx));
+    TRY(gguf_writer_set_u32(w, ARCH_KEY("embedding_length"), hp->n_embd));
+    TRY(gguf_writer_set_u32(w, ARCH_KEY("block_count"), hp->n_layer));
+    TRY(gguf_writer_set_u32(w, ARCH_KEY("feed_forward_length"), hp->n_ff));
+    TRY(gguf_writer_set_u32(w, ARCH_KEY("attention.head_count"), hp->n_head));
+    TRY(gguf_writer_set_u32(w, ARCH_KEY("attention.head_count_kv"), hp->n_head_kv));
+    TRY(gguf_writer_set_f32(w, ARCH_KEY("attention.layer_norm_rms_epsilon"), hp->rms_eps));
+    TRY(gguf_writer_set_f32(w, ARCH_KEY("rope.freq_base"), hp->rope_theta));
+    TRY(gguf_writer_set_u32(w, ARCH_KEY("rope.dimension_count"), hp->head_dim));
+    TRY(gguf_writer_set_u32(w, ARCH_KEY("vocab_size"), hp->n_vocab));
+#undef ARCH_KEY
     TRY(gguf_writer_set_str(w, "optiml.ffn_activation", hp->activation));
     return OPTIML_OK;
 }

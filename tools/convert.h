@@ -138,9 +138,10 @@ struct convert_hparams {
     float rms_eps;
     float rope_theta;
     const char *activation; /* optiml.ffn_activation: silu, relu, relu2, gelu */
+    const char *arch;       /* general.architecture; NULL: "llama"         */
 };
 
-/* general.architecture "llama", general.name and the llama.* keys. */
+/* general.architecture (hp->arch), general.name and the ARCH.* keys. */
 optiml_status convert_set_hparams(struct convert_out *out, const struct convert_hparams *hp);
 
 /* ---- vocabulary ------------------------------------------------------------ */

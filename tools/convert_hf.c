@@ -85,6 +85,7 @@ struct hf_config {
     enum hf_rope_kind rope_kind;
     double rope_factor, low_freq_factor, high_freq_factor;
     uint32_t orig_ctx;      /* original_max_position_embeddings (llama3)   */
+    bool qwen2;             /* Qwen2ForCausalLM: q/k/v biases, NeoX RoPE   */
     int64_t bos_id, eos_id, pad_id; /* -1: none                            */
 };
 
@@ -137,26 +138,31 @@ static const char *hf_json_str(const json_t *obj, const char *key) {
     return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
-static optiml_status hf_config_arch(const json_t *cfg) {
-    static const char *const archs[] = {"LlamaForCausalLM", "MistralForCausalLM"};
-    static const char *const types[] = {"llama", "mistral"};
+/* Llama and Mistral; Qwen2 (*qwen2 set): Llama with q/k/v biases. */
+static optiml_status hf_config_arch(const json_t *cfg, bool *qwen2) {
+    static const char *const archs[] = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"};
+    static const char *const types[] = {"llama", "mistral", "qwen2"};
     const json_t *arch0 = json_array_get(json_object_get(cfg, "architectures"), 0);
     const char *arch = json_is_string(arch0) ? json_string_value(arch0) : NULL;
     const char *type = hf_json_str(cfg, "model_type");
-    bool ok = false;
-    for (size_t i = 0; i < sizeof(archs) / sizeof(archs[0]); i++)
-        ok |= (arch && strcmp(arch, archs[i]) == 0) || (type && strcmp(type, types[i]) == 0);
-    if (!ok)
+    size_t found = sizeof(archs) / sizeof(archs[0]);
+    for (size_t i = 0; i < sizeof(archs) / sizeof(archs[0]) && found == sizeof(archs) / sizeof(archs[0]); i++)
+        if ((arch && strcmp(arch, archs[i]) == 0) || (type && strcmp(type, types[i]) == 0)) found = i;
+    if (found == sizeof(archs) / sizeof(archs[0]))
         return optiml_fail(OPTIML_ERR_UNSUPPORTED,
                            "config.json: architecture %s (model_type %s) is not supported: "
-                           "only Llama-family models (LlamaForCausalLM)",
+                           "Llama-family models (LlamaForCausalLM, MistralForCausalLM) and "
+                           "Qwen2ForCausalLM",
                            arch ? arch : "(none)", type ? type : "(none)");
+    *qwen2 = found == 2;
     if (json_is_true(json_object_get(cfg, "attention_bias")) ||
         json_is_true(json_object_get(cfg, "mlp_bias")))
         return optiml_fail(OPTIML_ERR_UNSUPPORTED,
                            "config.json: attention_bias / mlp_bias are not supported");
+    /* Qwen2 configs carry a sliding_window that use_sliding_window false turns off */
     const json_t *sw = json_object_get(cfg, "sliding_window");
-    if (sw && !json_is_null(sw))
+    const json_t *use_sw = json_object_get(cfg, "use_sliding_window");
+    if (sw && !json_is_null(sw) && !(use_sw && json_is_false(use_sw)))
         LOG_WARN("config.json: sliding_window is ignored: attention spans the whole context");
     return OPTIML_OK;
 }
@@ -231,7 +237,7 @@ static optiml_status hf_config_rope(const json_t *cfg, struct hf_config *c) {
 static optiml_status hf_config_read(const json_t *cfg, struct hf_config *c) {
     memset(c, 0, sizeof(*c));
     if (!json_is_object(cfg)) return optiml_fail(OPTIML_ERR_FORMAT, "config.json: not an object");
-    TRY(hf_config_arch(cfg));
+    TRY(hf_config_arch(cfg, &c->qwen2));
     TRY(hf_cfg_u32(cfg, "hidden_size", 0, &c->n_embd));
     TRY(hf_cfg_u32(cfg, "intermediate_size", 0, &c->n_ff));
     TRY(hf_cfg_u32(cfg, "num_hidden_layers", 0, &c->n_layer));
@@ -425,6 +431,10 @@ static const struct hf_tensor_map {
     {"self_attn.k_proj.weight", "attn_k", HF_DIM_KV, HF_DIM_EMBD, HF_PERM_K},
     {"self_attn.v_proj.weight", "attn_v", HF_DIM_KV, HF_DIM_EMBD, HF_PERM_NONE},
     {"self_attn.o_proj.weight", "attn_output", HF_DIM_EMBD, HF_DIM_Q, HF_PERM_NONE},
+    /* Qwen2 only (hf_add_tensors): the biases of q, k and v */
+    {"self_attn.q_proj.bias", "attn_q", HF_DIM_Q, HF_DIM_ONE, HF_PERM_Q},
+    {"self_attn.k_proj.bias", "attn_k", HF_DIM_KV, HF_DIM_ONE, HF_PERM_K},
+    {"self_attn.v_proj.bias", "attn_v", HF_DIM_KV, HF_DIM_ONE, HF_PERM_NONE},
     {"post_attention_layernorm.weight", "ffn_norm", HF_DIM_EMBD, HF_DIM_ONE, HF_PERM_NONE},
     {"mlp.gate_proj.weight", "ffn_gate", HF_DIM_FF, HF_DIM_EMBD, HF_PERM_NONE},
     {"mlp.up_proj.weight", "ffn_up", HF_DIM_FF, HF_DIM_EMBD, HF_PERM_NONE},
@@ -520,11 +530,14 @@ static optiml_status hf_add_tensors(struct convert_out *out, const struct hf_wei
     for (uint32_t l = 0; l < c->n_layer; l++) {
         for (size_t k = 0; k < HF_N_LAYER_TENSORS; k++) {
             const struct hf_tensor_map *m = &hf_layer_tensors[k];
+            const bool bias = strstr(m->hf, ".bias") != NULL;
+            if (bias && !c->qwen2) continue;
             char hf_name[128], gguf_name[64];
             snprintf(hf_name, sizeof(hf_name), "model.layers.%u.%s", l, m->hf);
-            snprintf(gguf_name, sizeof(gguf_name), "blk.%u.%s.weight", l, m->gguf);
-            TRY(hf_add_tensor(out, w, c, hf_name, gguf_name, m->rows, m->cols, m->perm, false,
-                              NULL));
+            snprintf(gguf_name, sizeof(gguf_name), "blk.%u.%s.%s", l, m->gguf, bias ? "bias" : "weight");
+            /* Qwen2 keeps Hugging Face's rotate-half layout: qwen2 is NeoX RoPE */
+            TRY(hf_add_tensor(out, w, c, hf_name, gguf_name, m->rows, m->cols, c->qwen2 ? HF_PERM_NONE : m->perm,
+                              false, NULL));
         }
     }
     TRY(hf_add_tensor(out, w, c, "model.norm.weight", "output_norm.weight", HF_DIM_EMBD,
@@ -1056,11 +1069,15 @@ static optiml_status hf_write_metadata(struct convert_out *out, const struct hf_
         .rms_eps = (float)c->rms_eps,
         .rope_theta = (float)c->rope_theta,
         .activation = c->activation,
+        .arch = c->qwen2 ? "qwen2" : "llama",
     };
     TRY(convert_set_hparams(out, &hp));
     if (c->rope_kind == HF_ROPE_LINEAR) {
-        TRY(gguf_writer_set_str(out->w, "llama.rope.scaling.type", "linear"));
-        TRY(gguf_writer_set_f32(out->w, "llama.rope.scaling.factor", (float)c->rope_factor));
+        char key[64];
+        snprintf(key, sizeof(key), "%s.rope.scaling.type", hp.arch);
+        TRY(gguf_writer_set_str(out->w, key, "linear"));
+        snprintf(key, sizeof(key), "%s.rope.scaling.factor", hp.arch);
+        TRY(gguf_writer_set_f32(out->w, key, (float)c->rope_factor));
     }
     return OPTIML_OK;
 }

@@ -163,6 +163,10 @@ void ops_rmsnorm(float *out, const float *x, const float *w, int64_t n, float ep
 /* In place, one head of head_dim values: rotate pairs (2i, 2i+1) for
  * i < n_rot/2 by angle pos * inv_freq[i] (cos_sin holds cos, sin pairs). */
 void ops_rope(float *x, const float *cos_sin, int64_t n_rot);
+/* The same rotation on pairs (i, i + n_rot/2) (GPT-NeoX's layout: qwen2). */
+void ops_rope_neox(float *x, const float *cos_sin, int64_t n_rot);
+/* y[i] += x[i] */
+void ops_add(float *y, const float *x, int64_t n);
 /* In place softmax over n values. */
 void ops_softmax(float *x, int64_t n);
 

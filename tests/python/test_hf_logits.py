@@ -1,7 +1,9 @@
-"""Our forward pass against Hugging Face transformers' LlamaForCausalLM.
+"""Our forward pass against Hugging Face transformers' LlamaForCausalLM and
+Qwen2ForCausalLM.
 
 Tiny randomly initialised models (SiLU, ReLU and squared-ReLU FFNs, GQA,
-tied embeddings, Llama 3 rope scaling) are saved as safetensors, converted
+tied embeddings, Llama 3 rope scaling; Qwen2's q/k/v biases and NeoX RoPE)
+are saved as safetensors, converted
 with `optiml-convert --hf`, and evaluated by `optiml-dump-logits` on random
 token ids, both as one prompt batch and one token at a time. Logits must
 match transformers' forward within a relative error of 1e-4 in f32 (error =
@@ -27,16 +29,23 @@ CONFIGS = {
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
     "linear-rope": dict(hidden_act="silu", num_key_value_heads=2,
                         rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    # Qwen2ForCausalLM: biases on q, k, v; rotate-half RoPE kept as is
+    "qwen2-gqa": dict(arch="qwen2", hidden_act="silu", num_key_value_heads=2, rope_theta=1000000.0),
+    "qwen2-tied": dict(arch="qwen2", hidden_act="silu", num_key_value_heads=4, tie_word_embeddings=True),
 }
 
 
 def make_model(tmp_path, name, dtype=torch.float32):
     torch.manual_seed(hash(name) % 1000)
-    cfg = transformers.LlamaConfig(
+    kw = dict(CONFIGS[name])
+    qwen2 = kw.pop("arch", "llama") == "qwen2"
+    config, causal_lm = ((transformers.Qwen2Config, transformers.Qwen2ForCausalLM) if qwen2 else
+                         (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    cfg = config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, **CONFIGS[name])
-    model = transformers.LlamaForCausalLM(cfg).eval()
+        bos_token_id=1, eos_token_id=2, **kw)
+    model = causal_lm(cfg).eval()
     with torch.no_grad():  # random norms and larger weights exercise more than ones
         for n, p in model.named_parameters():
             if "norm" in n:
