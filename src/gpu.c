@@ -48,6 +48,7 @@ struct gpu_layer {
     cu_weight gate, up;     /* otherwise separate (up alone: relu without gate)      */
     cu_weight wo, down;
     float *attn_norm, *ffn_norm; /* device f32 (n_embd) */
+    float *bqkv;                 /* device f32 q|k|v biases, or NULL */
 };
 
 struct gpu_model {
@@ -238,6 +239,21 @@ static optiml_status upload_vec(struct gpu_model *g, const struct tensor *t, flo
     return cu_sync(g->cu);
 }
 
+/* The q, k and v biases as one q|k|v vector (zeros where one is absent). */
+static optiml_status upload_bqkv(struct gpu_model *g, const optiml_model *m, const struct layer *l, float **out) {
+    const int64_t n_q = (int64_t)m->hp.n_head * m->hp.head_dim, n_kv = (int64_t)m->hp.n_head_kv * m->hp.head_dim;
+    const int64_t n = n_q + 2 * n_kv;
+    float *host = calloc((size_t)n, sizeof(float));
+    if (!host) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    if (l->bq.data) memcpy(host, l->bq.data, (size_t)n_q * sizeof(float));
+    if (l->bk.data) memcpy(host + n_q, l->bk.data, (size_t)n_kv * sizeof(float));
+    if (l->bv.data) memcpy(host + n_q + n_kv, l->bv.data, (size_t)n_kv * sizeof(float));
+    const struct tensor t = {.data = host, .type = DTYPE_F32, .ne = {n, 1, 1, 1}};
+    optiml_status st = upload_vec(g, &t, out);
+    free(host);
+    return st;
+}
+
 static optiml_status upload_layers(optiml_model *m, struct gpu_model *g) {
     void *staging = NULL;
     if (cu_host_alloc(GPU_STAGING_BYTES, &staging) != OPTIML_OK) staging = NULL; /* pageable copies then */
@@ -263,6 +279,7 @@ static optiml_status upload_layers(optiml_model *m, struct gpu_model *g) {
                 st = upload_matrix(g, mats[i].t, mats[i].name, il, staging, mats[i].w);
         if (st == OPTIML_OK) st = upload_vec(g, &l->attn_norm, &gl->attn_norm);
         if (st == OPTIML_OK) st = upload_vec(g, &l->ffn_norm, &gl->ffn_norm);
+        if (st == OPTIML_OK && (l->bq.data || l->bk.data || l->bv.data)) st = upload_bqkv(g, m, l, &gl->bqkv);
     }
     if (st == OPTIML_OK && g->head) {
         st = upload_vec(g, &m->output_norm, &g->output_norm);
@@ -286,14 +303,10 @@ optiml_status gpu_model_load(optiml_model *m, const optiml_model_params *params)
         LOG_WARN("no CUDA device found: running all layers on the CPU");
         return OPTIML_OK;
     }
-    bool bias = false;
-    for (int32_t il = 0; il < n_layer; il++) {
-        const struct layer *l = &m->layers[il];
-        bias |= l->bq.data || l->bk.data || l->bv.data || l->bo.data;
-    }
-    if (m->hp.rope_neox || bias)
-        return optiml_fail(OPTIML_ERR_UNSUPPORTED, "%s: the GPU kernels have no attention biases or NeoX RoPE yet: "
-                           "run this model with -ngl 0 and no --vram-budget", m->arch);
+    for (int32_t il = 0; il < n_layer; il++)
+        if (m->layers[il].bo.data)
+            return optiml_fail(OPTIML_ERR_UNSUPPORTED, "blk.%d.attn_output.bias: the GPU kernels have no output "
+                               "bias yet: run this model with -ngl 0 and no --vram-budget", il);
     struct gpu_model *g = calloc(1, sizeof(*g));
     if (!g) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
     m->gpu = g;
@@ -333,6 +346,7 @@ void gpu_model_free(optiml_model *m) {
             for (int i = 0; i < 9; i++) cu_weight_free(ws[i]);
             cu_dfree(gl->attn_norm);
             cu_dfree(gl->ffn_norm);
+            cu_dfree(gl->bqkv);
         }
     free(g->layers);
     cu_weight_free(&g->output);
@@ -517,7 +531,7 @@ static optiml_status gpu_layer(optiml_context *ctx, int32_t il, int32_t n) {
         OP(OP_QKV, cu_matmul_ex(cu, &l->wv, gc->x, &norm1, n, gc->qkv + n_q + n_kv, ld_qkv, false));
     }
     OP(OP_ROPE, cu_rope_store_qkv(cu, gc->qkv, ld_qkv, gc->q, kv_k, kv_v, n, hp->n_head, hp->n_head_kv, hp->head_dim,
-                                  hp->n_rot, gc->inv_freq, &gc->batch));
+                                  hp->n_rot, gc->inv_freq, l->bqkv, hp->rope_neox, &gc->batch));
     /* a quantized wo and few tokens: the attention kernel can leave its
      * output quantized for wo's product (one launch fewer) */
     bool att_q8 = false;

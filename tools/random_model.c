@@ -5,10 +5,11 @@
  *   optiml-random-model --outfile M.gguf [--n-embd 4096] [--n-layer 32]
  *       [--n-ff 11008] [--n-head 32] [--n-head-kv 32] [--n-vocab 32000]
  *       [--ctx 4096] [--type f32|f16|bf16|q4_0|q8_0|...] [--act silu|relu|relu2]
- *       [--seed N]
+ *       [--arch llama|qwen2] [--seed N]
  *       [--chat-template FILE]
  *
  * Weights are uniform in +-sqrt(3 / n_in) (unit-variance outputs), norms 1.
+ * --arch qwen2 writes qwen2.* keys and f32 q/k/v biases uniform in +-1.
  * Quantized types are quantized row by row as they are written (the
  * reference quantizers of src/quant.c), so a 13B-shaped q4_0 model needs
  * neither an f16 copy nor much memory.
@@ -121,7 +122,7 @@ static long arg_long(const char *flag, const char *v) {
 }
 
 int main(int argc, char **argv) {
-    const char *out = NULL, *act = "silu", *chat_template = NULL;
+    const char *out = NULL, *act = "silu", *chat_template = NULL, *arch = "llama";
     long n_embd = 4096, n_layer = 32, n_ff = 11008, n_head = 32, n_head_kv = -1, n_vocab = 32000, ctx = 4096;
     long seed = 1;
     int type = DTYPE_F32;
@@ -142,6 +143,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(f, "--ctx")) ctx = arg_long(f, v);
         else if (!strcmp(f, "--seed")) seed = arg_long(f, v);
         else if (!strcmp(f, "--act")) act = v;
+        else if (!strcmp(f, "--arch")) arch = v;
         else if (!strcmp(f, "--chat-template")) chat_template = v;
         else if (!strcmp(f, "--type")) {
             type = dtype_from_name(v);
@@ -163,27 +165,35 @@ int main(int argc, char **argv) {
                 n_embd, n_ff, dtype_name((uint32_t)type), bs);
         return 1;
     }
+    if (strcmp(arch, "llama") && strcmp(arch, "qwen2")) {
+        fprintf(stderr, "optiml-random-model: --arch must be llama or qwen2\n");
+        return 1;
+    }
     if (!out || n_embd % n_head || n_head % n_head_kv || n_vocab < 260) {
         fprintf(stderr, "usage: optiml-random-model --outfile M.gguf [--n-embd N --n-layer N --n-ff N --n-head N "
                         "--n-head-kv N --n-vocab N(>=260) --ctx N --type f32|f16|bf16|q4_0|q8_0|... "
-                        "--act silu|relu|relu2 --seed N]\n");
+                        "--act silu|relu|relu2 --arch llama|qwen2 --seed N]\n");
         return 1;
     }
 
     gguf_writer *w = gguf_writer_init();
     if (!w) return 1;
-    gguf_writer_set_str(w, "general.architecture", "llama");
+    const bool qwen2 = !strcmp(arch, "qwen2");
+    char key[96];
+#define ARCH_KEY(suffix) (snprintf(key, sizeof(key), "%s." suffix, arch), key)
+    gguf_writer_set_str(w, "general.architecture", arch);
     gguf_writer_set_str(w, "general.name", "random");
     if (type == DTYPE_F32 || type == DTYPE_F16 || type == DTYPE_BF16)
         gguf_writer_set_u32(w, "general.file_type", type == DTYPE_F32 ? 0 : type == DTYPE_F16 ? 1 : 32);
-    gguf_writer_set_u32(w, "llama.context_length", (uint32_t)ctx);
-    gguf_writer_set_u32(w, "llama.embedding_length", (uint32_t)n_embd);
-    gguf_writer_set_u32(w, "llama.block_count", (uint32_t)n_layer);
-    gguf_writer_set_u32(w, "llama.feed_forward_length", (uint32_t)n_ff);
-    gguf_writer_set_u32(w, "llama.attention.head_count", (uint32_t)n_head);
-    gguf_writer_set_u32(w, "llama.attention.head_count_kv", (uint32_t)n_head_kv);
-    gguf_writer_set_f32(w, "llama.attention.layer_norm_rms_epsilon", 1e-5f);
-    gguf_writer_set_f32(w, "llama.rope.freq_base", 10000.0f);
+    gguf_writer_set_u32(w, ARCH_KEY("context_length"), (uint32_t)ctx);
+    gguf_writer_set_u32(w, ARCH_KEY("embedding_length"), (uint32_t)n_embd);
+    gguf_writer_set_u32(w, ARCH_KEY("block_count"), (uint32_t)n_layer);
+    gguf_writer_set_u32(w, ARCH_KEY("feed_forward_length"), (uint32_t)n_ff);
+    gguf_writer_set_u32(w, ARCH_KEY("attention.head_count"), (uint32_t)n_head);
+    gguf_writer_set_u32(w, ARCH_KEY("attention.head_count_kv"), (uint32_t)n_head_kv);
+    gguf_writer_set_f32(w, ARCH_KEY("attention.layer_norm_rms_epsilon"), 1e-5f);
+    gguf_writer_set_f32(w, ARCH_KEY("rope.freq_base"), 10000.0f);
+#undef ARCH_KEY
     gguf_writer_set_str(w, "optiml.ffn_activation", act);
 
     /* synthetic SentencePiece vocabulary */
@@ -225,7 +235,7 @@ int main(int argc, char **argv) {
 
     /* tensors: (name, n_in, n_out, is_norm) */
     const long hd = n_embd / n_head;
-    long n_tensors = 3 + 9 * n_layer;
+    long n_tensors = 3 + (qwen2 ? 12 : 9) * n_layer;
     struct fill_args *args = calloc((size_t)n_tensors, sizeof(*args));
     char (*names)[64] = calloc((size_t)n_tensors, 64);
     if (!args || !names) return 1;
@@ -249,6 +259,17 @@ int main(int argc, char **argv) {
         ADD("blk.%ld.attn_k.weight", l, n_embd, n_head_kv * hd, false);
         ADD("blk.%ld.attn_v.weight", l, n_embd, n_head_kv * hd, false);
         ADD("blk.%ld.attn_output.weight", l, n_embd, n_embd, false);
+        if (qwen2) { /* f32 biases, +-1 (n_in 3 sets the scale) */
+            const char *bn[3] = {"blk.%ld.attn_q.bias", "blk.%ld.attn_k.bias", "blk.%ld.attn_v.bias"};
+            const long bl[3] = {n_embd, n_head_kv * hd, n_head_kv * hd};
+            for (int b = 0; b < 3; b++) {
+                snprintf(names[k], 64, bn[b], l);
+                args[k] = (struct fill_args){DTYPE_F32, 3, (uint64_t)(seed * 1000003 + k), false};
+                const uint64_t ne[1] = {(uint64_t)bl[b]};
+                if (st == OPTIML_OK) st = gguf_writer_add_tensor_fn(w, names[k], DTYPE_F32, 1, ne, fill_random, &args[k]);
+                k++;
+            }
+        }
         ADD("blk.%ld.ffn_norm.weight", l, n_embd, 1, true);
         ADD("blk.%ld.ffn_gate.weight", l, n_embd, n_ff, false);
         ADD("blk.%ld.ffn_up.weight", l, n_embd, n_ff, false);

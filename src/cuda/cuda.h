@@ -250,10 +250,14 @@ optiml_status cu_rope_store(cu_ctx *cu, float *q, float *k, const float *v, floa
                             const float *inv_freq, const struct cu_batch *b);
 /* The same from a fused q|k|v buffer: token t's q, k, v at qkv + t * ld,
  * + n_head * head_dim, + (n_head + n_head_kv) * head_dim. Rotated q goes
- * to q_out (n_tok, n_head * head_dim); k and v go to the cache only. */
+ * to q_out (n_tok, n_head * head_dim); k and v go to the cache only.
+ * bias: NULL, or device (n_head + 2 n_head_kv) * head_dim added to each
+ * token's q|k|v before the rotation (qwen2). neox: pairs (i, i + n_rot/2),
+ * as ops_rope_neox. */
 optiml_status cu_rope_store_qkv(cu_ctx *cu, const float *qkv, int64_t ld, float *q_out, float *k_cache,
                                 float *v_cache, int32_t n_tok, int32_t n_head, int32_t n_head_kv, int32_t head_dim,
-                                int32_t n_rot, const float *inv_freq, const struct cu_batch *b);
+                                int32_t n_rot, const float *inv_freq, const float *bias, bool neox,
+                                const struct cu_batch *b);
 /* Device bytes of scratch cu_attention needs (partial results of the
  * split over the sequence). */
 uint64_t cu_attention_scratch_bytes(int32_t n_batch, int32_t n_head, int32_t head_dim, uint32_t n_ctx);

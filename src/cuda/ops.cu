@@ -140,6 +140,8 @@ struct rope_args {
     int32_t n_head, n_head_kv, hd, n_rot;
     const float *inv_freq;
     const int32_t *pos, *cell;
+    const float *bias; /* NULL, or (n_q + 2 n_kv) added to q|k|v first */
+    int32_t neox;      /* rotate (i, i + n_rot/2), not (2i, 2i+1)       */
 };
 
 /* One warp per head row of one batch entry (rows: the q heads, then the k
@@ -153,11 +155,13 @@ __global__ void __launch_bounds__(ROPE_WARPS * 32) rope_store_kernel(rope_args a
     const int32_t hrow = blockIdx.x * ROPE_WARPS + threadIdx.x / 32;
     if (hrow >= a.n_head + 2 * a.n_head_kv) return;
     const int64_t n_kv = (int64_t)a.n_head_kv * a.hd, cell = a.cell[t];
+    const int64_t n_q = (int64_t)a.n_head * a.hd;
     if (hrow >= a.n_head + a.n_head_kv) {
         const int64_t h = hrow - a.n_head - a.n_head_kv;
         const float *src = a.v_in + t * a.ldv + h * a.hd;
+        const float *bv = a.bias ? a.bias + n_q + n_kv + h * a.hd : NULL;
         float *dst = a.v_cache + cell * n_kv + h * a.hd;
-        for (int i = lane; i < a.hd; i += 32) dst[i] = src[i];
+        for (int i = lane; i < a.hd; i += 32) dst[i] = bv ? __fadd_rn(src[i], bv[i]) : src[i];
         return;
     }
     const bool is_q = hrow < a.n_head;
@@ -165,15 +169,20 @@ __global__ void __launch_bounds__(ROPE_WARPS * 32) rope_store_kernel(rope_args a
     const float *src = is_q ? a.q_in + t * a.ldq_in + h * a.hd : a.k_in + t * a.ldk + h * a.hd;
     float *dst = is_q ? a.q_out + t * a.ldq_out + h * a.hd : (a.k_out ? a.k_out + t * a.ldk + h * a.hd : NULL);
     float *kc = is_q ? NULL : a.k_cache + cell * n_kv + h * a.hd;
+    const float *bh = a.bias ? a.bias + (is_q ? h * a.hd : n_q + h * a.hd) : NULL;
     const float p = (float)a.pos[t];
+    const int32_t half = a.n_rot / 2;
     for (int j = lane; j < a.hd / 2; j += 32) {
-        float r[2] = {src[2 * j], src[2 * j + 1]};
-        if (j < a.n_rot / 2) {
+        /* the pair's two places: NeoX pairs i with i + n_rot/2 in the rotated part */
+        const int i0 = a.neox && j < half ? j : 2 * j, i1 = a.neox && j < half ? j + half : 2 * j + 1;
+        float r[2] = {src[i0], src[i1]};
+        if (bh) r[0] = __fadd_rn(r[0], bh[i0]), r[1] = __fadd_rn(r[1], bh[i1]);
+        if (j < half) {
             const float ang = p * a.inv_freq[j];
             rope_pair(r, cosf(ang), sinf(ang), NULL);
         }
-        if (dst) dst[2 * j] = r[0], dst[2 * j + 1] = r[1];
-        if (kc) kc[2 * j] = r[0], kc[2 * j + 1] = r[1];
+        if (dst) dst[i0] = r[0], dst[i1] = r[1];
+        if (kc) kc[i0] = r[0], kc[i1] = r[1];
     }
 }
 
@@ -200,21 +209,21 @@ extern "C" optiml_status cu_rope_store(cu_ctx *cu, float *q, float *k, const flo
     TRY(rope_check(n_tok, n_head, n_head_kv, head_dim, n_rot));
     const int64_t n_q = (int64_t)n_head * head_dim, n_kv = (int64_t)n_head_kv * head_dim;
     const rope_args a = {q, k, v, q, k, k_cache, v_cache, n_q, n_q, n_kv, n_kv, n_head, n_head_kv, head_dim, n_rot,
-                         inv_freq, b->pos, b->cell};
+                         inv_freq, b->pos, b->cell, NULL, 0};
     return rope_launch(cu, a, n_tok);
 }
 
 extern "C" optiml_status cu_rope_store_qkv(cu_ctx *cu, const float *qkv, int64_t ld, float *q_out, float *k_cache,
                                            float *v_cache, int32_t n_tok, int32_t n_head, int32_t n_head_kv,
                                            int32_t head_dim, int32_t n_rot, const float *inv_freq,
-                                           const struct cu_batch *b) {
+                                           const float *bias, bool neox, const struct cu_batch *b) {
     TRY(rope_check(n_tok, n_head, n_head_kv, head_dim, n_rot));
     const int64_t n_q = (int64_t)n_head * head_dim, n_kv = (int64_t)n_head_kv * head_dim;
     if (ld < n_q + 2 * n_kv)
         return optiml_fail(OPTIML_ERR_INVALID_ARG, "cu_rope_store_qkv: row stride %lld < %lld", (long long)ld,
                            (long long)(n_q + 2 * n_kv));
     const rope_args a = {qkv, qkv + n_q, qkv + n_q + n_kv, q_out, NULL, k_cache, v_cache, ld, n_q, ld, ld,
-                         n_head, n_head_kv, head_dim, n_rot, inv_freq, b->pos, b->cell};
+                         n_head, n_head_kv, head_dim, n_rot, inv_freq, b->pos, b->cell, bias, neox ? 1 : 0};
     return rope_launch(cu, a, n_tok);
 }
 

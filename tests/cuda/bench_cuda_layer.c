@@ -263,7 +263,7 @@ static void layer_new(struct bench *B, int c, int32_t n) {
     const struct cu_mm_in act = {.kind = CU_IN_ACT_MUL, .ld = 2 * F, .up = B->gu + F, .act = 0};
     MUST(cu_matmul_ex(cu, &L->qkv, B->x, &n1, n, B->qkv, ld, false));
     MUST(cu_rope_store_qkv(cu, B->qkv, ld, B->qr, L->kc, L->vc, n, (int32_t)s->n_head, (int32_t)s->n_kv_head,
-                           (int32_t)s->hd, (int32_t)s->hd, B->inv_freq, &B->b));
+                           (int32_t)s->hd, (int32_t)s->hd, B->inv_freq, NULL, false, &B->b));
     bool q8 = false; /* as src/gpu.c: the attention leaves wo's 8-bit input where it can */
     MUST(cu_attention_q8(cu, B->qr, L->kc, L->vc, B->att, n, (int32_t)s->n_head, (int32_t)s->n_kv_head,
                          (int32_t)s->hd, N_CTX, &B->b, B->att_scratch, &q8));
@@ -332,7 +332,7 @@ static void run_op(struct bench *B, int op, int c, int32_t n) {
     case OP_NEW_QKV: MUST(cu_matmul_ex(cu, &L->qkv, B->x, &n1, n, B->qkv, ld, false)); break;
     case OP_NEW_ROPE:
         MUST(cu_rope_store_qkv(cu, B->qkv, ld, B->qr, L->kc, L->vc, n, (int32_t)s->n_head, (int32_t)s->n_kv_head,
-                               (int32_t)s->hd, (int32_t)s->hd, B->inv_freq, &B->b));
+                               (int32_t)s->hd, (int32_t)s->hd, B->inv_freq, NULL, false, &B->b));
         break;
     case OP_NEW_O: MUST(cu_matmul_ex(cu, &L->wo, B->att, NULL, n, B->x, 0, true)); break;
     case OP_NEW_GU: MUST(cu_matmul_ex(cu, &L->gu, B->x, &n1, n, B->gu, 2 * F, false)); break;

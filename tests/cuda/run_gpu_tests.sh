@@ -36,6 +36,9 @@ mkdir -p "$M"
   --n-head-kv 4 --n-vocab 1000 --ctx 256 --type f16 --act relu --seed 8 >/dev/null || exit 1
 "$BIN/optiml-random-model" --outfile "$M/r-bf16.gguf" --n-embd 256 --n-layer 2 --n-ff 512 --n-head 2 \
   --n-head-kv 1 --n-vocab 1000 --ctx 256 --type bf16 --seed 9 >/dev/null || exit 1
+# qwen2: q/k/v biases and NeoX RoPE
+"$BIN/optiml-random-model" --outfile "$M/r-qwen2-f32.gguf" --n-embd 256 --n-layer 3 --n-ff 512 --n-head 4 \
+  --n-head-kv 2 --n-vocab 1000 --ctx 256 --type f32 --arch qwen2 --seed 10 >/dev/null || exit 1
 QUANT=()
 for t in q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k; do
   # the quantized model and its weights dequantized to f32 (the exact reference)
@@ -43,8 +46,11 @@ for t in q4_0 q4_1 q5_0 q5_1 q8_0 q2_k q3_k q4_k q5_k q6_k; do
     && "$BIN/optiml-quantize" --input "$M/r-$t.gguf" --output "$M/r-$t-exact.gguf" --type f32 >/dev/null 2>&1 \
     && QUANT+=("$M/r-$t.gguf:$M/r-$t-exact.gguf") || { echo "quantize $t failed"; FAILED+=("quantize-$t"); }
 done
+"$BIN/optiml-quantize" --input "$M/r-qwen2-f32.gguf" --output "$M/r-qwen2-q4_k.gguf" --type q4_k >/dev/null 2>&1 \
+  && "$BIN/optiml-quantize" --input "$M/r-qwen2-q4_k.gguf" --output "$M/r-qwen2-q4_k-exact.gguf" --type f32 >/dev/null 2>&1 \
+  && QUANT+=("$M/r-qwen2-q4_k.gguf:$M/r-qwen2-q4_k-exact.gguf") || { echo "quantize qwen2 failed"; FAILED+=("quantize-qwen2"); }
 check model-float "$BIN/test_cuda_model" 1e-2 "$ROOT/models/stories260K.gguf" "$M/r-f32.gguf" \
-  "$M/r-relu-f16.gguf" "$M/r-bf16.gguf"
+  "$M/r-relu-f16.gguf" "$M/r-bf16.gguf" "$M/r-qwen2-f32.gguf"
 # quantized: the GPU's error against the exact product at most 2x the CPU's
 check model-quant "$BIN/test_cuda_model" 2 "${QUANT[@]}"
 check model-nograph env OPTIML_NO_CUDA_GRAPH=1 "$BIN/test_cuda_model" 1e-2 "$ROOT/models/stories260K.gguf" "$M/r-f32.gguf"

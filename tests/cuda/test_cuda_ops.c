@@ -236,8 +236,10 @@ static float *inv_freq_make(int32_t n_rot) {
 }
 
 /* The CPU's rope_prepare + rope_and_store on host arrays. */
-static void rope_store_ref(float *q, float *k, const float *v, float *kc, float *vc, const struct kv_state *s,
-                           int32_t n_head, int32_t n_head_kv, int32_t hd, int32_t n_rot, const float *inv_freq) {
+static void rope_store_ref_ex(float *q, float *k, const float *v, float *kc, float *vc, const struct kv_state *s,
+                              int32_t n_head, int32_t n_head_kv, int32_t hd, int32_t n_rot, const float *inv_freq,
+                              bool neox) {
+    void (*rope)(float *, const float *, int64_t) = neox ? ops_rope_neox : ops_rope;
     const int64_t n_q = (int64_t)n_head * hd, n_kv = (int64_t)n_head_kv * hd;
     float *cs = malloc((size_t)(n_rot + 2) * sizeof(float));
     for (int32_t t = 0; t < s->n_tok; t++) {
@@ -246,12 +248,17 @@ static void rope_store_ref(float *q, float *k, const float *v, float *kc, float 
             cs[2 * j] = cosf(a);
             cs[2 * j + 1] = sinf(a);
         }
-        for (int32_t h = 0; h < n_head; h++) ops_rope(q + t * n_q + h * hd, cs, n_rot);
-        for (int32_t h = 0; h < n_head_kv; h++) ops_rope(k + t * n_kv + h * hd, cs, n_rot);
+        for (int32_t h = 0; h < n_head; h++) rope(q + t * n_q + h * hd, cs, n_rot);
+        for (int32_t h = 0; h < n_head_kv; h++) rope(k + t * n_kv + h * hd, cs, n_rot);
         memcpy(kc + (int64_t)s->cell[t] * n_kv, k + t * n_kv, (size_t)n_kv * sizeof(float));
         memcpy(vc + (int64_t)s->cell[t] * n_kv, v + t * n_kv, (size_t)n_kv * sizeof(float));
     }
     free(cs);
+}
+
+static void rope_store_ref(float *q, float *k, const float *v, float *kc, float *vc, const struct kv_state *s,
+                           int32_t n_head, int32_t n_head_kv, int32_t hd, int32_t n_rot, const float *inv_freq) {
+    rope_store_ref_ex(q, k, v, kc, vc, s, n_head, n_head_kv, hd, n_rot, inv_freq, false);
 }
 
 static void test_rope(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_rot, int32_t n_tok) {
@@ -297,8 +304,10 @@ static void test_rope(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_r
 }
 
 /* cu_rope_store_qkv: q, k, v read from one row of q|k|v (ld with padding),
- * rotated q written to its own poisoned buffer, k and v to the cache. */
-static void test_rope_qkv(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_rot, int32_t n_tok) {
+ * rotated q written to its own poisoned buffer, k and v to the cache; with
+ * bias, a random q|k|v bias added first (as ops_add); neox: NeoX pairs. */
+static void test_rope_qkv_ex(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_rot, int32_t n_tok, bool bias,
+                             bool neox) {
     const int32_t n_ctx = n_tok * 2 + 16;
     const int64_t n_q = (int64_t)n_head * hd, n_kv = (int64_t)n_head_kv * hd, ld = n_q + 2 * n_kv + 6;
     struct kv_state s;
@@ -307,11 +316,18 @@ static void test_rope_qkv(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t
     float *qkv = frand_array(n_tok * ld, 1.0f);
     float *q = malloc((size_t)(n_tok * n_q) * sizeof(float)), *k = malloc((size_t)(n_tok * n_kv) * sizeof(float));
     float *v = malloc((size_t)(n_tok * n_kv) * sizeof(float));
+    float *b = bias ? frand_array(n_q + 2 * n_kv, 1.0f) : NULL;
     for (int32_t t = 0; t < n_tok; t++) {
         memcpy(q + t * n_q, qkv + t * ld, (size_t)n_q * sizeof(float));
         memcpy(k + t * n_kv, qkv + t * ld + n_q, (size_t)n_kv * sizeof(float));
         memcpy(v + t * n_kv, qkv + t * ld + n_q + n_kv, (size_t)n_kv * sizeof(float));
+        if (b) {
+            ops_add(q + t * n_q, b, n_q);
+            ops_add(k + t * n_kv, b + n_q, n_kv);
+            ops_add(v + t * n_kv, b + n_q + n_kv, n_kv);
+        }
     }
+    float *dbias = b ? dup_to_dev(b, (n_q + 2 * n_kv) * sizeof(float)) : NULL;
     float *kc = frand_array(n_ctx * n_kv, 1.0f), *vc = frand_array(n_ctx * n_kv, 1.0f);
     float *kc0 = malloc((size_t)(n_ctx * n_kv) * sizeof(float)), *vc0 = malloc((size_t)(n_ctx * n_kv) * sizeof(float));
     memcpy(kc0, kc, (size_t)(n_ctx * n_kv) * sizeof(float));
@@ -326,8 +342,8 @@ static void test_rope_qkv(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t
     struct dev_batch db;
     dev_batch_init(&db, n_tok, n_ctx);
     dev_batch_upload(&db, &s);
-    CU_OK(cu_rope_store_qkv(cu, dqkv, ld, dq, dkc, dvc, n_tok, n_head, n_head_kv, hd, n_rot, df, &db.b));
-    rope_store_ref(q, k, v, kc, vc, &s, n_head, n_head_kv, hd, n_rot, f);
+    CU_OK(cu_rope_store_qkv(cu, dqkv, ld, dq, dkc, dvc, n_tok, n_head, n_head_kv, hd, n_rot, df, dbias, neox, &db.b));
+    rope_store_ref_ex(q, k, v, kc, vc, &s, n_head, n_head_kv, hd, n_rot, f, neox);
     float *got = malloc((size_t)(n_ctx * n_kv > n_tok * n_q ? n_ctx * n_kv : n_tok * n_q) * sizeof(float));
     char what[160];
     const char *parts[] = {"q", "k cache", "v cache"};
@@ -336,14 +352,19 @@ static void test_rope_qkv(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t
     const int64_t ns[] = {n_tok * n_q, n_ctx * n_kv, n_ctx * n_kv};
     for (int i = 0; i < 3; i++) {
         fetch(got, devs[i], ns[i] * sizeof(float));
-        snprintf(what, sizeof(what), "rope_store_qkv %s hd=%d heads=%d/%d n_rot=%d n_tok=%d ld=%lld", parts[i], hd,
-                 n_head, n_head_kv, n_rot, n_tok, (long long)ld);
+        snprintf(what, sizeof(what), "rope_store_qkv %s hd=%d heads=%d/%d n_rot=%d n_tok=%d ld=%lld%s%s", parts[i],
+                 hd, n_head, n_head_kv, n_rot, n_tok, (long long)ld, bias ? " bias" : "", neox ? " neox" : "");
         report(what, rel_err_f(got, refs[i], ns[i]), 1e-5);
     }
     dev_batch_free(&db);
     cu_dfree(dqkv), cu_dfree(dq), cu_dfree(df), cu_dfree(dkc), cu_dfree(dvc);
-    free(qkv), free(q), free(k), free(v), free(kc), free(vc), free(kc0), free(vc0), free(f), free(got);
+    if (dbias) cu_dfree(dbias);
+    free(qkv), free(q), free(k), free(v), free(kc), free(vc), free(kc0), free(vc0), free(f), free(got), free(b);
     kv_state_free(&s);
+}
+
+static void test_rope_qkv(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_rot, int32_t n_tok) {
+    test_rope_qkv_ex(hd, n_head, n_head_kv, n_rot, n_tok, false, false);
 }
 
 /* ---- attention ---------------------------------------------------------------------- */
@@ -639,6 +660,12 @@ int main(int argc, char **argv) {
     test_rope_qkv(128, 32, 8, 128, 5);
     test_rope_qkv(128, 32, 32, 128, 1);
     test_rope_qkv(128, 40, 40, 128, 300);
+    /* qwen2: q/k/v biases and NeoX pairs; partial rotation too */
+    test_rope_qkv_ex(128, 12, 2, 128, 1, true, true);
+    test_rope_qkv_ex(128, 12, 2, 128, 33, true, true);
+    test_rope_qkv_ex(64, 8, 8, 32, 17, true, true);
+    test_rope_qkv_ex(64, 8, 4, 64, 5, true, false);
+    test_rope_qkv_ex(64, 8, 4, 48, 3, false, true);
 
     /* hd, heads, kv heads, n_tok, n_ctx, n_used, sequences, last token blind */
     test_attention(8, 8, 8, 1, 16, 16, 1, 0);
