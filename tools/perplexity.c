@@ -6,7 +6,9 @@
  *
  * The text is tokenized once (no BOS) and cut into non-overlapping windows
  * of n_ctx tokens; each window starts with BOS in place of its first token
- * (when the vocabulary has one) and is evaluated as one sequence. Only the
+ * when the model adds BOS to its prompts (tokenizer.ggml.add_bos_token, as
+ * llama.cpp's perplexity decides; SmolLM2 and Qwen2 do not) and is
+ * evaluated as one sequence. Only the
  * second half of each window is scored (every scored token then has at
  * least n_ctx/2 tokens of context), as llama.cpp's perplexity does: the
  * negative log-likelihood of token j+1 given logits at j, for j in
@@ -151,7 +153,7 @@ int main(int argc, char **argv) {
             n_chunks, n_ctx, n_ctx - n_ctx / 2 - 1);
 
     const int32_t n_vocab = optiml_model_n_vocab(model);
-    const optiml_token bos = optiml_token_bos(model);
+    const optiml_token bos = optiml_token_add_bos(model) ? optiml_token_bos(model) : -1;
     const int32_t first = (int32_t)(n_ctx / 2);
     double nll = 0.0, nll2 = 0.0;
     long count = 0;

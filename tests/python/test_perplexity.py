@@ -17,10 +17,11 @@ from test_hf_logits import make_model  # noqa: E402  (a tiny random HF Llama)
 
 
 def reference_ppl(model, ids, n_ctx, bos=1):
+    """bos: put in place of each window's first token (None: the text's own)."""
     nll, count = 0.0, 0
     for c in range(len(ids) // n_ctx):
         w = list(ids[c * n_ctx:(c + 1) * n_ctx])
-        w_in = [bos] + w[1:]
+        w_in = w if bos is None else [bos] + w[1:]
         with torch.no_grad():
             logits = model(torch.tensor([w_in])).logits[0].double()
         logp = torch.log_softmax(logits, dim=-1)

@@ -44,8 +44,8 @@ def test_perplexity_matches_transformers(tmp_path):
     n_ctx = 128
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
-    bos = model.config.bos_token_id
-    ref, ref_count = reference_ppl(model, ids, n_ctx, bos=bos)
+    # the file says add_bos_token false: no BOS in the windows (as llama.cpp)
+    ref, ref_count = reference_ppl(model, ids, n_ctx, bos=None)
     r = run([tool("optiml-perplexity"), "-m", str(gguf_path), "-f", str(text), "-c", str(n_ctx), "-t", "2"])
     assert r.returncode == 0, r.stderr
     ppl, err, count = parse(r.stdout)
