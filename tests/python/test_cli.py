@@ -279,14 +279,13 @@ def test_chat_argument_errors(args, needle):
     assert needle in r.stderr
 
 
-def test_missing_tensor_names_file_and_tensor(tmp_path):
-    """A GGUF that parses but lacks a weight: one line naming the file and
-    the tensor (the file is rewritten without it by gguf-py, an independent
-    writer)."""
+def rewrite_stories(path, skip=(), extra=()):
+    """stories260K.gguf written again by gguf-py (an independent writer)
+    without the tensors named in skip and with the (name, array) pairs of
+    extra."""
     gguf = pytest.importorskip("gguf")
     src = gguf.GGUFReader(str(MODELS / "stories260K.gguf"))
-    bad = tmp_path / "missing.gguf"
-    w = gguf.GGUFWriter(str(bad), "llama")
+    w = gguf.GGUFWriter(str(path), "llama")
     for f in src.fields.values():
         if f.name.startswith("GGUF.") or f.name == "general.architecture":
             continue
@@ -294,42 +293,35 @@ def test_missing_tensor_names_file_and_tensor(tmp_path):
         sub = f.types[-1] if isinstance(v, list) else None
         w.add_key_value(f.name, v, f.types[0], sub_type=sub)
     for t in src.tensors:
-        if t.name != "blk.3.ffn_up.weight":
+        if t.name not in skip:
             w.add_tensor(t.name, t.data)
+    for name, data in extra:
+        w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_missing_tensor_names_file_and_tensor(tmp_path):
+    """A GGUF that parses but lacks a weight: one line naming the file and
+    the tensor."""
+    bad = tmp_path / "missing.gguf"
+    rewrite_stories(bad, skip={"blk.3.ffn_up.weight"})
     r = run([tool("optiml-cli"), "-m", str(bad), "-n", "4"])
     assert r.returncode != 0 and r.stdout == ""
     assert f"{bad}: missing tensor blk.3.ffn_up.weight" in r.stderr
 
 
 def test_bad_bias_shape_names_tensor(tmp_path):
-    """An attention bias of the wrong length (stories260K rewritten by
-    gguf-py with a blk.1.attn_k.bias one value too long) is refused with its
-    name and both shapes."""
+    """An attention bias of the wrong length (blk.1.attn_k.bias one value
+    too long) is refused with its name and both shapes."""
+    np = pytest.importorskip("numpy")
     gguf = pytest.importorskip("gguf")
-    import numpy as np
     src = gguf.GGUFReader(str(MODELS / "stories260K.gguf"))
+    n_kv = next(int(t.shape[1]) for t in src.tensors if t.name == "blk.1.attn_k.weight")
     bad = tmp_path / "bias.gguf"
-    w = gguf.GGUFWriter(str(bad), "llama")
-    for f in src.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        v = f.contents()
-        sub = f.types[-1] if isinstance(v, list) else None
-        w.add_key_value(f.name, v, f.types[0], sub_type=sub)
-    n_kv = None
-    for t in src.tensors:
-        w.add_tensor(t.name, t.data)
-        if t.name == "blk.1.attn_k.weight":
-            n_kv = int(t.shape[1])
-    w.add_tensor("blk.1.attn_k.bias", np.zeros(n_kv + 1, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    rewrite_stories(bad, extra=[("blk.1.attn_k.bias", np.zeros(n_kv + 1, dtype=np.float32))])
     r = run([tool("optiml-cli"), "-m", str(bad), "-n", "4"])
     assert r.returncode != 0 and r.stdout == ""
     assert f"tensor blk.1.attn_k.bias has shape ({n_kv + 1}, 1), expected ({n_kv}, 1)" in r.stderr
