@@ -431,9 +431,9 @@ static const struct hf_tensor_map {
     {"self_attn.k_proj.weight", "attn_k", HF_DIM_KV, HF_DIM_EMBD, HF_PERM_K},
     {"self_attn.v_proj.weight", "attn_v", HF_DIM_KV, HF_DIM_EMBD, HF_PERM_NONE},
     {"self_attn.o_proj.weight", "attn_output", HF_DIM_EMBD, HF_DIM_Q, HF_PERM_NONE},
-    /* Qwen2 only (hf_add_tensors): the biases of q, k and v */
-    {"self_attn.q_proj.bias", "attn_q", HF_DIM_Q, HF_DIM_ONE, HF_PERM_Q},
-    {"self_attn.k_proj.bias", "attn_k", HF_DIM_KV, HF_DIM_ONE, HF_PERM_K},
+    /* Qwen2 only (hf_add_tensors), which keeps q and k unpermuted */
+    {"self_attn.q_proj.bias", "attn_q", HF_DIM_Q, HF_DIM_ONE, HF_PERM_NONE},
+    {"self_attn.k_proj.bias", "attn_k", HF_DIM_KV, HF_DIM_ONE, HF_PERM_NONE},
     {"self_attn.v_proj.bias", "attn_v", HF_DIM_KV, HF_DIM_ONE, HF_PERM_NONE},
     {"post_attention_layernorm.weight", "ffn_norm", HF_DIM_EMBD, HF_DIM_ONE, HF_PERM_NONE},
     {"mlp.gate_proj.weight", "ffn_gate", HF_DIM_FF, HF_DIM_EMBD, HF_PERM_NONE},
