@@ -586,9 +586,9 @@ static void rope_and_store(optiml_context *ctx, const optiml_batch *b, int32_t i
     const struct hparams *hp = &ctx->model->hp;
     const int64_t hd = hp->head_dim, n_q = (int64_t)hp->n_head * hd, n_kv = (int64_t)hp->n_head_kv * hd;
     struct kv_cache *kv = &ctx->kv;
+    void (*rope)(float *, const float *, int64_t) = hp->rope_neox ? ops_rope_neox : ops_rope;
     for (int32_t i = 0; i < b->n_tokens; i++) {
         const float *cs = ctx->rope_cs + i * hp->n_rot;
-        void (*rope)(float *, const float *, int64_t) = hp->rope_neox ? ops_rope_neox : ops_rope;
         for (int32_t h = 0; h < hp->n_head; h++) rope(ctx->q + i * n_q + h * hd, cs, hp->n_rot);
         for (int32_t h = 0; h < hp->n_head_kv; h++) rope(ctx->k + i * n_kv + h * hd, cs, hp->n_rot);
         uint64_t off = ((uint64_t)il * kv->n_cells + ctx->cells[i]) * n_kv;

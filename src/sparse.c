@@ -643,8 +643,7 @@ static void one_reduce_run(void *arg, int ith, int nth) {
     int64_t j0, j1;
     threadpool_split(job->n_embd, ith, nth, &j0, &j1);
     for (int64_t c = 0; c < job->n_pieces; c++) {
-        const float *p = job->s->part + c * job->n_embd;
-        for (int64_t j = j0; j < j1; j++) job->x[j] += p[j];
+        ops_add(job->x + j0, job->s->part + c * job->n_embd + j0, j1 - j0);
     }
 }
 

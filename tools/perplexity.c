@@ -8,8 +8,7 @@
  * of n_ctx tokens; each window starts with BOS in place of its first token
  * when the model adds BOS to its prompts (tokenizer.ggml.add_bos_token, as
  * llama.cpp's perplexity decides; SmolLM2 and Qwen2 do not) and is
- * evaluated as one sequence. Only the
- * second half of each window is scored (every scored token then has at
+ * evaluated as one sequence. Only the second half of each window is scored (every scored token then has at
  * least n_ctx/2 tokens of context), as llama.cpp's perplexity does: the
  * negative log-likelihood of token j+1 given logits at j, for j in
  * [n_ctx/2, n_ctx - 1). Progress per window on stderr; the final line on

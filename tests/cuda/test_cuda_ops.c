@@ -236,9 +236,9 @@ static float *inv_freq_make(int32_t n_rot) {
 }
 
 /* The CPU's rope_prepare + rope_and_store on host arrays. */
-static void rope_store_ref_ex(float *q, float *k, const float *v, float *kc, float *vc, const struct kv_state *s,
-                              int32_t n_head, int32_t n_head_kv, int32_t hd, int32_t n_rot, const float *inv_freq,
-                              bool neox) {
+static void rope_store_ref(float *q, float *k, const float *v, float *kc, float *vc, const struct kv_state *s,
+                           int32_t n_head, int32_t n_head_kv, int32_t hd, int32_t n_rot, const float *inv_freq,
+                           bool neox) {
     void (*rope)(float *, const float *, int64_t) = neox ? ops_rope_neox : ops_rope;
     const int64_t n_q = (int64_t)n_head * hd, n_kv = (int64_t)n_head_kv * hd;
     float *cs = malloc((size_t)(n_rot + 2) * sizeof(float));
@@ -254,11 +254,6 @@ static void rope_store_ref_ex(float *q, float *k, const float *v, float *kc, flo
         memcpy(vc + (int64_t)s->cell[t] * n_kv, v + t * n_kv, (size_t)n_kv * sizeof(float));
     }
     free(cs);
-}
-
-static void rope_store_ref(float *q, float *k, const float *v, float *kc, float *vc, const struct kv_state *s,
-                           int32_t n_head, int32_t n_head_kv, int32_t hd, int32_t n_rot, const float *inv_freq) {
-    rope_store_ref_ex(q, k, v, kc, vc, s, n_head, n_head_kv, hd, n_rot, inv_freq, false);
 }
 
 static void test_rope(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_rot, int32_t n_tok) {
@@ -284,7 +279,7 @@ static void test_rope(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_r
     dev_batch_init(&db, n_tok, n_ctx);
     dev_batch_upload(&db, &s);
     CU_OK(cu_rope_store(cu, dq, dk, dv, dkc, dvc, n_tok, n_head, n_head_kv, hd, n_rot, df, &db.b));
-    rope_store_ref(q, k, v, kc, vc, &s, n_head, n_head_kv, hd, n_rot, f);
+    rope_store_ref(q, k, v, kc, vc, &s, n_head, n_head_kv, hd, n_rot, f, false);
     float *got = malloc((size_t)(n_ctx * n_kv > n_tok * n_q ? n_ctx * n_kv : n_tok * n_q) * sizeof(float));
     char what[160];
     const char *parts[] = {"q", "k", "k cache", "v cache"};
@@ -306,8 +301,8 @@ static void test_rope(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_r
 /* cu_rope_store_qkv: q, k, v read from one row of q|k|v (ld with padding),
  * rotated q written to its own poisoned buffer, k and v to the cache; with
  * bias, a random q|k|v bias added first (as ops_add); neox: NeoX pairs. */
-static void test_rope_qkv_ex(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_rot, int32_t n_tok, bool bias,
-                             bool neox) {
+static void test_rope_qkv(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_rot, int32_t n_tok, bool bias,
+                          bool neox) {
     const int32_t n_ctx = n_tok * 2 + 16;
     const int64_t n_q = (int64_t)n_head * hd, n_kv = (int64_t)n_head_kv * hd, ld = n_q + 2 * n_kv + 6;
     struct kv_state s;
@@ -343,7 +338,7 @@ static void test_rope_qkv_ex(int32_t hd, int32_t n_head, int32_t n_head_kv, int3
     dev_batch_init(&db, n_tok, n_ctx);
     dev_batch_upload(&db, &s);
     CU_OK(cu_rope_store_qkv(cu, dqkv, ld, dq, dkc, dvc, n_tok, n_head, n_head_kv, hd, n_rot, df, dbias, neox, &db.b));
-    rope_store_ref_ex(q, k, v, kc, vc, &s, n_head, n_head_kv, hd, n_rot, f, neox);
+    rope_store_ref(q, k, v, kc, vc, &s, n_head, n_head_kv, hd, n_rot, f, neox);
     float *got = malloc((size_t)(n_ctx * n_kv > n_tok * n_q ? n_ctx * n_kv : n_tok * n_q) * sizeof(float));
     char what[160];
     const char *parts[] = {"q", "k cache", "v cache"};
@@ -361,10 +356,6 @@ static void test_rope_qkv_ex(int32_t hd, int32_t n_head, int32_t n_head_kv, int3
     if (dbias) cu_dfree(dbias);
     free(qkv), free(q), free(k), free(v), free(kc), free(vc), free(kc0), free(vc0), free(f), free(got), free(b);
     kv_state_free(&s);
-}
-
-static void test_rope_qkv(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_rot, int32_t n_tok) {
-    test_rope_qkv_ex(hd, n_head, n_head_kv, n_rot, n_tok, false, false);
 }
 
 /* ---- attention ---------------------------------------------------------------------- */
@@ -557,7 +548,7 @@ static void test_graph(int32_t hd, int32_t n_head, int32_t n_head_kv, int32_t n_
         poison(dout, n_q * sizeof(float));
         CU_OK(cu_graph_launch(cu, g));
         fetch(got, dout, n_q * sizeof(float));
-        rope_store_ref(q, k, v, kc, vc, &s, n_head, n_head_kv, hd, hd, f);
+        rope_store_ref(q, k, v, kc, vc, &s, n_head, n_head_kv, hd, hd, f, false);
         attention_ref(ref, q, kc, vc, &s, n_head, n_head_kv, hd);
         char what[160];
         snprintf(what, sizeof(what), "graph step %d hd=%d heads=%d/%d n_ctx=%d pos=%d cell=%d n_used=%u", step, hd,
@@ -655,17 +646,17 @@ int main(int argc, char **argv) {
     test_rope(64, 8, 8, 32, 17); /* partial rotation */
     test_rope(128, 32, 8, 128, 512);
     test_rope(128, 32, 32, 128, 1);
-    test_rope_qkv(8, 8, 4, 8, 1);
-    test_rope_qkv(64, 8, 8, 32, 17); /* partial rotation */
-    test_rope_qkv(128, 32, 8, 128, 5);
-    test_rope_qkv(128, 32, 32, 128, 1);
-    test_rope_qkv(128, 40, 40, 128, 300);
+    test_rope_qkv(8, 8, 4, 8, 1, false, false);
+    test_rope_qkv(64, 8, 8, 32, 17, false, false); /* partial rotation */
+    test_rope_qkv(128, 32, 8, 128, 5, false, false);
+    test_rope_qkv(128, 32, 32, 128, 1, false, false);
+    test_rope_qkv(128, 40, 40, 128, 300, false, false);
     /* qwen2: q/k/v biases and NeoX pairs; partial rotation too */
-    test_rope_qkv_ex(128, 12, 2, 128, 1, true, true);
-    test_rope_qkv_ex(128, 12, 2, 128, 33, true, true);
-    test_rope_qkv_ex(64, 8, 8, 32, 17, true, true);
-    test_rope_qkv_ex(64, 8, 4, 64, 5, true, false);
-    test_rope_qkv_ex(64, 8, 4, 48, 3, false, true);
+    test_rope_qkv(128, 12, 2, 128, 1, true, true);
+    test_rope_qkv(128, 12, 2, 128, 33, true, true);
+    test_rope_qkv(64, 8, 8, 32, 17, true, true);
+    test_rope_qkv(64, 8, 4, 64, 5, true, false);
+    test_rope_qkv(64, 8, 4, 48, 3, false, true);
 
     /* hd, heads, kv heads, n_tok, n_ctx, n_used, sequences, last token blind */
     test_attention(8, 8, 8, 1, 16, 16, 1, 0);

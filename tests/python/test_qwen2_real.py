@@ -15,15 +15,15 @@ dequantized to f32; and training-free sparsity (CATS) is measured on it
 (the figures are in bench/RESULTS.md)."""
 import hashlib
 import importlib.util
-import math
 import pathlib
 import re
-import sysconfig
 
 import pytest
 
 from conftest import DATA, ROOT, run, tool
-from test_perplexity import parse, reference_ppl
+from test_cats import calib_text
+from test_perplexity import parse
+from test_real_model import perplexity_matches_transformers
 
 N_PARTS = 22
 SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -71,30 +71,8 @@ def test_chat_writes_code(qwen2_gguf):
 
 def test_perplexity_matches_transformers(qwen2_gguf):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    text = DATA / "tinystory.txt"
-    r = run([tool("optiml-tokenize"), "-m", str(qwen2_gguf), "-f", str(text), "--no-bos"])
-    assert r.returncode == 0, r.stderr
-    ids = [int(x) for x in r.stdout.split()]
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(qwen2_gguf.parent), gguf_file=qwen2_gguf.name, dtype=torch.float32).eval()
     torch.set_num_threads(2)
-    # add_bos_token is false in this file: the windows keep their own first token (as llama.cpp)
-    ref, ref_count = reference_ppl(model, ids, N_CTX, bos=None)
-    r = run([tool("optiml-perplexity"), "-m", str(qwen2_gguf), "-f", str(text), "-c", str(N_CTX), "-t", "2"])
-    assert r.returncode == 0, r.stderr
-    ppl, err, count = parse(r.stdout)
-    print(f"Qwen2.5-Coder-1.5B Q4_K_M: ours {ppl:.4f} +/- {err:.4f}, transformers (dequantized f32) {ref:.4f}, "
-          f"{count} tokens")
-    assert count == ref_count
-    assert math.isfinite(ppl) and abs(ppl - ref) / ref < 0.01
-
-
-def calib_text() -> pathlib.Path:
-    path = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
-    if not path.exists():
-        pytest.skip(f"{path} is not installed")
-    return path
+    perplexity_matches_transformers(qwen2_gguf, "Qwen2.5-Coder-1.5B Q4_K_M", N_CTX)
 
 
 def test_cats_product_40_percent(qwen2_gguf, tmp_path):

@@ -33,22 +33,27 @@ def test_chat_answers():
     assert "Paris" in r.stdout
 
 
-def test_perplexity_matches_transformers(tmp_path):
+def perplexity_matches_transformers(gguf_path, label, n_ctx=128):
+    """Our perplexity of tests/data/tinystory.txt within 1% of transformers
+    running gguf_path dequantized to f32, on the same token ids and windows.
+    The files tested say add_bos_token false: no BOS in the windows (as
+    llama.cpp)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    gguf_path = smollm2_gguf()
     text = DATA / "tinystory.txt"
     r = run([tool("optiml-tokenize"), "-m", str(gguf_path), "-f", str(text), "--no-bos"])
     assert r.returncode == 0, r.stderr
     ids = [int(x) for x in r.stdout.split()]
-    n_ctx = 128
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
-    # the file says add_bos_token false: no BOS in the windows (as llama.cpp)
     ref, ref_count = reference_ppl(model, ids, n_ctx, bos=None)
     r = run([tool("optiml-perplexity"), "-m", str(gguf_path), "-f", str(text), "-c", str(n_ctx), "-t", "2"])
     assert r.returncode == 0, r.stderr
     ppl, err, count = parse(r.stdout)
-    print(f"SmolLM2 Q4_1: ours {ppl:.4f} +/- {err:.4f}, transformers (dequantized f32) {ref:.4f}, {count} tokens")
+    print(f"{label}: ours {ppl:.4f} +/- {err:.4f}, transformers (dequantized f32) {ref:.4f}, {count} tokens")
     assert count == ref_count
     assert math.isfinite(ppl) and abs(ppl - ref) / ref < 0.01
+
+
+def test_perplexity_matches_transformers():
+    perplexity_matches_transformers(smollm2_gguf(), "SmolLM2 Q4_1")
