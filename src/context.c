@@ -311,18 +311,52 @@ struct matmul_job {
     atomic_int_fast64_t next_chunk; /* matmul_run's work counter, from 0 */
 };
 
-/* Rows [r0, r1) of matrix j by the prompt GEMM, 8 rows per panel. */
+/* The end of matrix w's x8 panels within rows [r0, r1) (r0 is a multiple
+ * of 8: matmul_chunk_rows), r0 if it has none. */
+static int64_t x8_end(const struct tensor *w, int64_t r0, int64_t r1) {
+    if (!w->x8) return r0;
+    const int64_t end = w->ne[1] / CPU_X8_ROWS * CPU_X8_ROWS;
+    return r1 < end ? r1 : end > r0 ? end : r0;
+}
+
+static const void *x8_panel(const struct tensor *w, int64_t r) {
+    return (const char *)w->x8 + (uint64_t)(r / CPU_X8_ROWS) * cpu_x8_panel_size(w->type, w->ne[0]);
+}
+
+/* Rows [r0, r1) of matrix j by the prompt GEMM, 8 rows per panel: from
+ * the x8 copy where the matrix has one, else from its rows. */
 static void matmul_rows_gemm(const struct matmul_job *job, int j, int64_t r0, int64_t r1, int ith) {
     const struct tensor *w = job->w[j];
-    const cpu_gemm_fn gemm = job->kern->gemm[w->type];
-    const int64_t n_out = w->ne[1];
+    const cpu_gemm_fn gemm = job->kern->gemm[w->type], gemm_x8 = job->kern->gemm_x8[w->type];
+    const int64_t n_out = w->ne[1], x8 = x8_end(w, r0, r1);
     const struct cpu_gemm_xblock *xi = job->kern->vec_dot_type[w->type] == DTYPE_Q8_0 ? job->gemm_xi : NULL;
     void *panel = job->gemm_panel + (uint64_t)ith * job->gemm_panel_size;
     for (int64_t r = r0; r < r1; r += CPU_GEMM_ROWS) {
         const int n_rows = r1 - r < CPU_GEMM_ROWS ? (int)(r1 - r) : CPU_GEMM_ROWS;
-        gemm(w->ne[0], tensor_row(w, r), w->row_size, n_rows, job->xq[j], job->xq_row[j], xi, job->n_tok, job->y[j] + r,
-             (uint64_t)n_out, job->accumulate, panel);
+        if (r < x8)
+            gemm_x8(w->ne[0], x8_panel(w, r), 0, CPU_X8_ROWS, job->xq[j], job->xq_row[j], xi, job->n_tok,
+                    job->y[j] + r, (uint64_t)n_out, job->accumulate, panel);
+        else
+            gemm(w->ne[0], tensor_row(w, r), w->row_size, n_rows, job->xq[j], job->xq_row[j], xi, job->n_tok,
+                 job->y[j] + r, (uint64_t)n_out, job->accumulate, panel);
     }
+}
+
+/* Rows [r0, x8) of matrix j from its x8 panels, one input row at a time
+ * (decode, and batches too small for the GEMM). */
+static void matmul_rows_x8(const struct matmul_job *job, int j, int64_t r0, int64_t x8) {
+    const struct tensor *w = job->w[j];
+    const cpu_gemv_x8_fn gemv = job->kern->gemv_x8[w->type];
+    const int64_t n_in = w->ne[0], n_out = w->ne[1];
+    float out[256];
+    for (int64_t t = 0; t < job->n_tok; t++)
+        for (int64_t r = r0; r < x8; r += 256) {
+            const int64_t n = x8 - r < 256 ? x8 - r : 256;
+            gemv(n_in, x8_panel(w, r), n / CPU_X8_ROWS, (const char *)job->xq[j] + (uint64_t)t * job->xq_row[j],
+                 job->gemm_xi + t * (n_in / 32), out);
+            float *y = job->y[j] + t * n_out + r;
+            for (int64_t k = 0; k < n; k++) y[k] = job->accumulate ? y[k] + out[k] : out[k];
+        }
 }
 
 /* Rows [r0, r1) of matrix j for every token (thread ith). The prompt
@@ -337,6 +371,11 @@ static void matmul_rows(const struct matmul_job *job, int j, int64_t r0, int64_t
     if (job->gemm_panel && job->xq[j] && job->kern->gemm[w->type] && job->n_tok >= cpu_gemm_min_tokens(w->type)) {
         matmul_rows_gemm(job, j, r0, r1, ith);
         return;
+    }
+    if (w->x8 && job->xq[j] && job->gemm_xi) { /* the x8 panels, then any rows past the last one */
+        const int64_t x8 = x8_end(w, r0, r1);
+        matmul_rows_x8(job, j, r0, x8);
+        r0 = x8;
     }
     const struct cpu_kernels *kern = job->kern;
     const cpu_dot_fn dot = kern->dot[w->type];

@@ -294,6 +294,7 @@ static optiml_status upload_layers(optiml_model *m, struct gpu_model *g) {
 
 int32_t gpu_first_layer(const optiml_model *m) { return m->gpu ? m->gpu->first : m->hp.n_layer; }
 bool gpu_embeds(const optiml_model *m) { return m->gpu && m->gpu->head && m->gpu->first == 0; }
+bool gpu_head(const optiml_model *m) { return m->gpu && m->gpu->head; }
 
 optiml_status gpu_model_load(optiml_model *m, const optiml_model_params *params) {
     const int32_t n_layer = m->hp.n_layer;

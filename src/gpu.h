@@ -31,6 +31,8 @@ int32_t gpu_first_layer(const optiml_model *m);
 optiml_status gpu_forward(optiml_context *ctx, const optiml_batch *b, int32_t n_out, bool *cpu_output);
 /* True when the token embedding lookup runs on the GPU (full offload). */
 bool gpu_embeds(const optiml_model *m);
+/* True when the output norm and head run on the GPU. */
+bool gpu_head(const optiml_model *m);
 #else
 static inline optiml_status gpu_model_load(optiml_model *m, const optiml_model_params *params) {
     (void)m;
@@ -48,6 +50,7 @@ static inline optiml_status gpu_forward(optiml_context *ctx, const optiml_batch 
     return OPTIML_OK;
 }
 static inline bool gpu_embeds(const optiml_model *m) { (void)m; return false; }
+static inline bool gpu_head(const optiml_model *m) { (void)m; return false; }
 #endif
 
 #endif /* OPTIML_GPU_H */

@@ -2,7 +2,10 @@
  * model.c - loads a Llama-family GGUF file: reads the hyperparameters,
  * binds every weight to a view into the mapping (checking its shape and
  * type), and loads the vocabulary. Keys and tensor names: docs/FORMAT.md.
+ * Then repacks the q4_0 matrices the CPU multiplies (cpu/ops.h's x8).
  */
+#define _DEFAULT_SOURCE /* madvise */
+#define _POSIX_C_SOURCE 200809L
 #include "model.h"
 
 #include "gpu.h"
@@ -13,6 +16,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 /* ---- hyperparameters --------------------------------------------------- */
 
@@ -373,10 +378,72 @@ static optiml_status load_meta_strs(optiml_model *m) {
     return OPTIML_OK;
 }
 
+/* ---- x8 repacking (cpu/ops.h) ------------------------------------------ */
+
+/* The matrices the CPU multiplies densely: the CPU layers' seven, and the
+ * head unless the GPU runs it. (A sparse FFN's gathers read the file's
+ * rows; its dense mode and the prompt steps read the copy.) */
+static int32_t cpu_matrices(optiml_model *m, struct tensor **out) {
+    int32_t n = 0;
+    if (!gpu_head(m)) out[n++] = &m->output;
+    for (int32_t il = 0; il < gpu_first_layer(m); il++) {
+        struct layer *l = &m->layers[il];
+        struct tensor *ws[7] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->ffn_gate, &l->ffn_up, &l->ffn_down};
+        for (int k = 0; k < 7; k++) out[n++] = ws[k];
+    }
+    return n;
+}
+
+/* Repack one matrix's full panels of 8 rows; rows past the last panel stay
+ * the file's. With the file mapped, the pages wholly inside the packed
+ * rows are released (MADV_DONTNEED on a private read-only file mapping:
+ * a later read faults them in from the file again). */
+static optiml_status repack_x8(struct tensor *t, const struct cpu_kernels *k, bool mapped) {
+    const uint64_t ps = cpu_x8_panel_size(t->type, t->ne[0]);
+    const int64_t n_panels = t->ne[1] / CPU_X8_ROWS;
+    if (!t->data || t->x8 || ps == 0 || n_panels == 0 || !k->gemv_x8[t->type] || !k->gemm_x8[t->type])
+        return OPTIML_OK;
+    void *buf = NULL; /* not optiml_alloc_aligned: no need to zero what is written next */
+    if (posix_memalign(&buf, 64, ps * (uint64_t)n_panels) != 0)
+        return optiml_fail(OPTIML_ERR_NOMEM, "out of memory repacking a %lld x %lld matrix (%llu bytes; --no-repack "
+                           "multiplies the file's rows instead)", (long long)t->ne[0], (long long)t->ne[1],
+                           (unsigned long long)(ps * (uint64_t)n_panels));
+    for (int64_t p = 0; p < n_panels; p++)
+        cpu_pack_x8(t->type, t->ne[0], tensor_row(t, p * CPU_X8_ROWS), t->row_size, (char *)buf + (uint64_t)p * ps);
+    t->x8 = buf;
+    if (mapped) {
+        const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+        const uintptr_t lo = ((uintptr_t)t->data + page - 1) / page * page;
+        const uintptr_t hi = ((uintptr_t)t->data + (uint64_t)n_panels * CPU_X8_ROWS * t->row_size) / page * page;
+        if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+    }
+    return OPTIML_OK;
+}
+
+static optiml_status model_repack(optiml_model *m, const optiml_model_params *params) {
+    if (!params->repack) return OPTIML_OK;
+    struct tensor **ts = malloc(sizeof(*ts) * (1 + 7 * (size_t)m->hp.n_layer));
+    if (!ts) return optiml_fail(OPTIML_ERR_NOMEM, "out of memory");
+    const int32_t n = cpu_matrices(m, ts);
+    optiml_status st = OPTIML_OK;
+    for (int32_t i = 0; i < n && st == OPTIML_OK; i++) st = repack_x8(ts[i], cpu_kernels_best(), params->use_mmap);
+    free(ts);
+    return st;
+}
+
+static void model_free_x8(optiml_model *m) {
+    free(m->output.x8);
+    for (int32_t il = 0; m->layers && il < m->hp.n_layer; il++) {
+        struct layer *l = &m->layers[il];
+        struct tensor *ws[7] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->ffn_gate, &l->ffn_up, &l->ffn_down};
+        for (int k = 0; k < 7; k++) free(ws[k]->x8);
+    }
+}
+
 /* ---- public API ------------------------------------------------------- */
 
 optiml_model_params optiml_model_default_params(void) {
-    return (optiml_model_params){.n_gpu_layers = 0, .vram_budget_gib = 0.0, .use_mmap = true};
+    return (optiml_model_params){.n_gpu_layers = 0, .vram_budget_gib = 0.0, .use_mmap = true, .repack = true};
 }
 
 static optiml_status model_load(optiml_model *m, const char *path, const optiml_model_params *params) {
@@ -402,7 +469,8 @@ static optiml_status model_load(optiml_model *m, const char *path, const optiml_
     TRY(load_meta_strs(m));
     snprintf(m->desc, sizeof(m->desc), "%s %dd %dL %s", m->arch, m->hp.n_embd, m->hp.n_layer,
              dtype_name(m->layers[0].wq.type));
-    return gpu_model_load(m, params);
+    TRY(gpu_model_load(m, params));
+    return model_repack(m, params);
 }
 
 optiml_status optiml_model_load(const char *path, const optiml_model_params *params, optiml_model **out) {
@@ -441,6 +509,7 @@ void optiml_model_free(optiml_model *m) {
     free(m->sparse.layer_threshold);
     powerinfer_free(m->powerinfer);
     free(m->sparse.gate_threshold);
+    model_free_x8(m);
     free(m->layers);
     gguf_close(m->file);
     free(m);

@@ -9,7 +9,8 @@
  * whose activation block sum s is stored in f16, a relative error of 2^-11
  * on the min term). Activation quantizers must match the reference bytes.
  * axpy and axpy4 kernels (sparse down rows), scalar and SIMD: against the
- * rows dequantized by the reference converters, in double.
+ * rows dequantized by the reference converters, in double. The x8 panels
+ * (compare_x8): layout, decode and prompt GEMM on them.
  */
 #include "cpu/ops.h"
 #include "quant.h"
@@ -361,6 +362,84 @@ static void compare_gemm(const char *name, const struct cpu_kernels *k) {
     }
 }
 
+/* x8 panels (cpu/ops.h): the packed layout read back byte by byte against
+ * the rows; gemv_x8 of the table equal to the reference gemv_x8 bit for
+ * bit (the same exact block sums and the same float steps per row), the
+ * reference within 1e-5 of sum |w x| of the reference dot_q per row, and
+ * writing nothing past its 8 n_panels outputs; gemm_x8 on a panel equal to
+ * gemm on its 8 rows bit for bit (the two make the same GEMM panel). */
+static void compare_x8(const char *name, const struct cpu_kernels *k) {
+    static const int64_t sizes[] = {32, 96, 256, 4128};
+    static const int64_t panels[] = {1, 2, 3};
+    static const int64_t toks[] = {4, 5, 13};
+    for (uint32_t t = 0; t < DTYPE_COUNT; t++) {
+        if (!k->gemv_x8[t]) continue;
+        int cases = 0, layout_bad = 0, differ = 0, past = 0, gemm_differ = 0, gemm_cases = 0;
+        double worst = 0.0;
+        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++)
+            for (size_t pi = 0; pi < sizeof(panels) / sizeof(panels[0]); pi++, cases++) {
+                const int64_t n = sizes[si], np = panels[pi], nb = n / 32, n_rows = np * CPU_X8_ROWS;
+                const uint64_t wrow = (uint64_t)nb * sizeof(block_q4_0), ps = cpu_x8_panel_size(t, n);
+                uint64_t xrow;
+                dtype_row_size(DTYPE_Q8_0, (uint64_t)n, &xrow);
+                uint8_t *w = malloc(n_rows * wrow), *p = malloc(np * ps), *xq = malloc(16 * xrow);
+                float *x = malloc(n * sizeof(float)), *wf = malloc(n * sizeof(float)), *xf = malloc(n * sizeof(float));
+                float *got = malloc((n_rows + 1) * sizeof(float)), *want = malloc((n_rows + 1) * sizeof(float));
+                struct cpu_gemm_xblock *xi = malloc(16 * nb * sizeof(*xi));
+                for (uint64_t i = 0; i < n_rows * wrow; i++) w[i] = (uint8_t)(frand() * 128.0f + 128.0f);
+                for (int64_t b = 0; b < n_rows * nb; b++) sane_scales(t, w + b * sizeof(block_q4_0));
+                for (int64_t i = 0; i < n; i++) x[i] = frand();
+                quant_quantizer(t)(n, x, w); /* row 0: a quantized row */
+                for (int64_t kp = 0; kp < np; kp++)
+                    CHECK(cpu_pack_x8(t, n, w + kp * CPU_X8_ROWS * wrow, wrow, p + kp * ps), "pack %s", dtype_name(t));
+                for (int64_t r = 0; r < n_rows; r++)
+                    for (int64_t i = 0; i < nb; i++) {
+                        const block_q4_0 *a = (const block_q4_0 *)(w + r * wrow) + i;
+                        const struct cpu_x8_q4_0 *b = (const struct cpu_x8_q4_0 *)(p + (r / 8) * ps) + i;
+                        layout_bad += memcmp(&b->d[r % 8], &a->d, 2) != 0;
+                        for (int g = 0; g < 4; g++) layout_bad += memcmp(&b->q[g][4 * (r % 8)], a->qs + 4 * g, 4) != 0;
+                    }
+                for (int64_t tk = 0; tk < 16; tk++) {
+                    for (int64_t i = 0; i < n; i++) x[i] = frand() * (tk % 3 == 2 ? 50.0f : 1.0f);
+                    k->quantize[DTYPE_Q8_0](n, x, xq + tk * xrow);
+                    cpu_gemm_prep_q8_0(n, xq + tk * xrow, xi + tk * nb);
+                }
+                got[n_rows] = want[n_rows] = NAN;
+                cpu_kernels_ref()->gemv_x8[t](n, p, np, xq, xi, want);
+                k->gemv_x8[t](n, p, np, xq, xi, got);
+                differ += memcmp(got, want, n_rows * sizeof(float)) != 0;
+                past += !isnan(got[n_rows]);
+                cpu_kernels_ref()->to_f32[DTYPE_Q8_0](n, xq, xf);
+                for (int64_t r = 0; r < n_rows; r++) {
+                    cpu_kernels_ref()->to_f32[t](n, w + r * wrow, wf);
+                    double sum_abs = 0.0;
+                    for (int64_t i = 0; i < n; i++) sum_abs += fabs((double)wf[i] * xf[i]);
+                    const double d = fabs((double)want[r] - cpu_kernels_ref()->dot_q[t](n, w + r * wrow, xq));
+                    worst = fmax(worst, d / (sum_abs > 1e-30 ? sum_abs : 1.0));
+                }
+                for (size_t ti = 0; k->gemm_x8[t] && ti < sizeof(toks) / sizeof(toks[0]); ti++, gemm_cases++) {
+                    const int64_t nt = toks[ti];
+                    float *y1 = malloc(nt * 8 * sizeof(float)), *y2 = malloc(nt * 8 * sizeof(float));
+                    void *panel = aligned_alloc(64, (cpu_gemm_panel_size(n) + 63) / 64 * 64);
+                    for (int64_t i = 0; i < nt * 8; i++) y1[i] = y2[i] = frand();
+                    const bool acc = ti % 2 == 1;
+                    k->gemm[t](n, w, wrow, 8, xq, xrow, xi, nt, y1, 8, acc, panel);
+                    k->gemm_x8[t](n, p, 0, 8, xq, xrow, xi, nt, y2, 8, acc, panel);
+                    gemm_differ += memcmp(y1, y2, nt * 8 * sizeof(float)) != 0;
+                    free(y1), free(y2), free(panel);
+                }
+                free(w), free(p), free(xq), free(x), free(wf), free(xf), free(got), free(want), free(xi);
+            }
+        printf("%s gemv_x8 %-4s: %d cases, layout %d off, %d differ from the reference gemv_x8, max relative "
+               "difference %.3g vs reference dot_q; gemm_x8: %d cases, %d differ from gemm\n", name, dtype_name(t),
+               cases, layout_bad, differ, worst, gemm_cases, gemm_differ);
+        CHECK(cases > 0 && layout_bad == 0, "%s x8 layout %s", name, dtype_name(t));
+        CHECK(differ == 0 && past == 0, "%s gemv_x8 %s", name, dtype_name(t));
+        CHECK(worst <= 1e-5, "%s gemv_x8 %s vs dot_q: %g", name, dtype_name(t), worst);
+        CHECK(gemm_differ == 0, "%s gemm_x8 %s", name, dtype_name(t));
+    }
+}
+
 /* axpy (y += a * row): the kernel against y + a * (the row dequantized by
  * quant.c / to_f32) in double; 1e-6 of |y| + |a w| (one float rounding of
  * the product and of the sum). */
@@ -482,6 +561,8 @@ int main(void) {
     for (int t = 0; t < DTYPE_COUNT; t++) n_gemm += cpu_kernels_best()->gemm[t] != NULL;
     printf("best table: %d weight types with a prompt GEMM\n", n_gemm);
     compare_gemm("best", cpu_kernels_best());
+    compare_x8("ref", cpu_kernels_ref());
+    compare_x8("best", cpu_kernels_best());
     compare_axpy4("ref", cpu_kernels_ref());
     compare_axpy4("best", cpu_kernels_best());
 #if defined(OPTIML_X86)
@@ -509,6 +590,8 @@ int main(void) {
                 k.dot_q_xi_rows[t] = v->dot_q_xi_rows[t];
             }
             if (v->gemm[t]) k.gemm[t] = v->gemm[t];
+            if (v->gemv_x8[t]) k.gemv_x8[t] = v->gemv_x8[t];
+            if (v->gemm_x8[t]) k.gemm_x8[t] = v->gemm_x8[t];
             if (v->quantize[t]) k.quantize[t] = v->quantize[t];
             if (v->axpy[t]) k.axpy[t] = v->axpy[t];
             if (v->axpy4[t]) k.axpy4[t] = v->axpy4[t];
@@ -517,6 +600,7 @@ int main(void) {
         compare_quant(tables[i].name, &k);
         compare_axpy(tables[i].name, &k);
         compare_gemm(tables[i].name, &k);
+        compare_x8(tables[i].name, &k);
         compare_axpy4(tables[i].name, &k);
     }
 #endif

@@ -3,7 +3,7 @@
  *
  *   optiml-bench -m MODEL [-p 512] [-n 128] [-t THREADS[,THREADS...]] [-r 5]
  *                [-o md|json] [--no-floor] [--probe-each] [-ngl N]
- *                [--vram-budget GIB] [--sparse-mode M[,M...]] [--no-mmap]
+ *                [--vram-budget GIB] [--sparse-mode M[,M...]] [--no-mmap] [--no-repack]
  *
  * pp<P>: one batch of P random tokens into an empty cache.
  * tg<N>: N single-token decode steps after a one-token prompt.
@@ -177,7 +177,7 @@ struct bench_args {
     double vram_budget;
     int sparse_modes[MAX_SPARSE_MODES];
     int n_sparse_modes; /* 0: the default mode only, names unchanged */
-    bool json, floor, probe_each, no_mmap;
+    bool json, floor, probe_each, no_mmap, no_repack;
 };
 
 static bool parse_int(const char *s, long lo, long hi, int *out) {
@@ -196,10 +196,11 @@ static int parse_args(int argc, char **argv, struct bench_args *a) {
         if (!strcmp(f, "--no-floor")) { a->floor = false; continue; }
         if (!strcmp(f, "--probe-each")) { a->probe_each = true; continue; }
         if (!strcmp(f, "--no-mmap")) { a->no_mmap = true; continue; }
+        if (!strcmp(f, "--no-repack")) { a->no_repack = true; continue; }
         if (!strcmp(f, "-h") || !strcmp(f, "--help")) {
             printf("usage: optiml-bench -m MODEL [-p 512] [-n 128] [-t N[,N...]] [-r 5] [-o md|json] [--no-floor]\n"
                    "                    [--probe-each] [-ngl N] [--vram-budget GIB] [--sparse-mode M[,M...]]\n"
-                   "                    [--no-mmap]\n");
+                   "                    [--no-mmap] [--no-repack]\n");
             exit(0);
         }
         if (i + 1 >= argc) {
@@ -263,6 +264,7 @@ int main(int argc, char **argv) {
     mp.n_gpu_layers = a.n_gpu_layers;
     mp.vram_budget_gib = a.vram_budget;
     mp.use_mmap = !a.no_mmap;
+    mp.repack = !a.no_repack;
     if (optiml_model_load(a.model, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-bench: %s\n", optiml_last_error());
         return 1;

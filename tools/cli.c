@@ -49,6 +49,7 @@ struct cli_args {
     double vram_budget;        /* --vram-budget GiB */
     bool seed_set;
     bool no_mmap;              /* --no-mmap */
+    bool no_repack;            /* --no-repack */
     bool show_ids;
     bool no_bos;
     bool verbose;
@@ -73,6 +74,8 @@ static void usage(FILE *out) {
             "      --vram-budget GIB    CUDA builds: offload the most layers that fit GIB of VRAM\n"
             "      --no-mmap            read the model into memory (huge pages where the OS gives them)\n"
             "                           instead of mapping the file\n"
+            "      --no-repack          multiply q4_0 weights from the file's rows, not a copy repacked\n"
+            "                           at load for the CPU kernels (saves that memory; slower)\n"
             "      --temp T             temperature, 0 = greedy (default 0.8)\n"
             "      --top-k K            top-k, 0 = off (default 40)\n"
             "      --top-p P            top-p, 1 = off (default 0.95)\n"
@@ -123,6 +126,7 @@ static int parse_args(int argc, char **argv, struct cli_args *a) {
         if (!strcmp(arg, "--show-ids")) { a->show_ids = true; continue; }
         if (!strcmp(arg, "--no-bos")) { a->no_bos = true; continue; }
         if (!strcmp(arg, "--no-mmap")) { a->no_mmap = true; continue; }
+        if (!strcmp(arg, "--no-repack")) { a->no_repack = true; continue; }
         if (!strcmp(arg, "-v") || !strcmp(arg, "--verbose")) { a->verbose = true; continue; }
         if (!strcmp(arg, "-cnv") || !strcmp(arg, "--conversation")) { a->chat = true; continue; }
         static const char *const with_value[] = {"-m", "--model", "-p", "--prompt", "-f", "--file", "-n",
@@ -559,6 +563,7 @@ int main(int argc, char **argv) {
     mp.n_gpu_layers = a.n_gpu_layers;
     mp.vram_budget_gib = a.vram_budget;
     mp.use_mmap = !a.no_mmap;
+    mp.repack = !a.no_repack;
     if (optiml_model_load(a.model, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-cli: %s\n", optiml_last_error());
         goto done;

@@ -3,11 +3,12 @@
  * position as raw little-endian float32 (n_tokens x n_vocab), for tests that
  * compare OptiML against a reference implementation.
  *
- *   optiml-dump-logits -m MODEL -o OUT.f32 [--batch | --one-by-one | --chunk N] [-t N] ID ID ...
+ *   optiml-dump-logits -m MODEL -o OUT.f32 [--batch | --one-by-one | --chunk N] [-t N] [--no-repack] ID ID ...
  *
  * --batch (default) evaluates all ids in one decode call (the prompt path);
  * --one-by-one decodes them one at a time (the generation path); --chunk N
- * in decode calls of N ids (the last one may be shorter).
+ * in decode calls of N ids (the last one may be shorter). --no-repack
+ * multiplies q4_0 weights from the file's rows (optiml_model_params.repack).
  */
 #include "optiml.h"
 
@@ -19,6 +20,7 @@ int main(int argc, char **argv) {
     const char *model_path = NULL, *out_path = NULL;
     int32_t chunk = 0; /* 0: all ids at once */
     int n_threads = 0;
+    optiml_model_params mp = optiml_model_default_params();
     int first_id = argc;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-m") && i + 1 < argc) model_path = argv[++i];
@@ -26,6 +28,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "-t") && i + 1 < argc) n_threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--batch")) chunk = 0;
         else if (!strcmp(argv[i], "--one-by-one")) chunk = 1;
+        else if (!strcmp(argv[i], "--no-repack")) mp.repack = false;
         else if (!strcmp(argv[i], "--chunk") && i + 1 < argc && atoi(argv[i + 1]) > 0) chunk = atoi(argv[++i]);
         else if (argv[i][0] == '-' && argv[i][1] != '\0' && (argv[i][1] < '0' || argv[i][1] > '9')) {
             fprintf(stderr, "optiml-dump-logits: unknown option '%s'\n", argv[i]);
@@ -38,7 +41,8 @@ int main(int argc, char **argv) {
     int32_t n = argc - first_id;
     if (!model_path || !out_path || n <= 0) {
         fprintf(stderr,
-                "usage: optiml-dump-logits -m MODEL -o OUT.f32 [--batch|--one-by-one|--chunk N] [-t N] ID ...\n");
+                "usage: optiml-dump-logits -m MODEL -o OUT.f32 [--batch|--one-by-one|--chunk N] [-t N] [--no-repack] "
+                "ID ...\n");
         return 1;
     }
     optiml_model *model = NULL;
@@ -46,7 +50,7 @@ int main(int argc, char **argv) {
     optiml_batch batch = optiml_batch_init(n);
     FILE *out = NULL;
     int rc = 1;
-    if (optiml_model_load(model_path, NULL, &model) != OPTIML_OK) goto fail;
+    if (optiml_model_load(model_path, &mp, &model) != OPTIML_OK) goto fail;
     optiml_context_params cp = optiml_context_default_params();
     cp.n_ctx = (uint32_t)n;
     cp.n_batch = (uint32_t)n;

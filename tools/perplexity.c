@@ -50,16 +50,20 @@ static bool parse_int(const char *s, long lo, long hi, long *out) {
 int main(int argc, char **argv) {
     const char *model_path = NULL, *text_path = NULL;
     long n_ctx = 512, n_batch = 512, n_threads = 0, max_chunks = -1, n_gpu_layers = 0, sparse_mode = 0;
-    bool no_mmap = false;
+    bool no_mmap = false, no_repack = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             printf("usage: optiml-perplexity -m MODEL -f TEXT [-c 512] [-b 512] [-t N] [--chunks N] [-ngl N]\n"
-                   "                         [--sparse-mode 0|1|2|3|4] [--no-mmap]\n");
+                   "                         [--sparse-mode 0|1|2|3|4] [--no-mmap] [--no-repack]\n");
             return 0;
         }
         if (!strcmp(a, "--no-mmap")) {
             no_mmap = true;
+            continue;
+        }
+        if (!strcmp(a, "--no-repack")) {
+            no_repack = true;
             continue;
         }
         if (i + 1 >= argc) {
@@ -108,6 +112,7 @@ int main(int argc, char **argv) {
     optiml_model_params mp = optiml_model_default_params();
     mp.n_gpu_layers = (int32_t)n_gpu_layers;
     mp.use_mmap = !no_mmap;
+    mp.repack = !no_repack;
     if (optiml_model_load(model_path, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-perplexity: %s\n", optiml_last_error());
         goto done;

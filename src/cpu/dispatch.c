@@ -55,6 +55,8 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
             dst->dot_q_xi_rows[t] = src->dot_q_xi_rows[t];
         }
         if (src->gemm[t]) dst->gemm[t] = src->gemm[t];
+        if (src->gemv_x8[t]) dst->gemv_x8[t] = src->gemv_x8[t];
+        if (src->gemm_x8[t]) dst->gemm_x8[t] = src->gemm_x8[t];
         if (src->quantize[t]) dst->quantize[t] = src->quantize[t];
         if (src->axpy[t]) dst->axpy[t] = src->axpy[t];
         if (src->axpy4[t]) dst->axpy4[t] = src->axpy4[t];

@@ -8,6 +8,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <string.h>
 
 /* ---- reference dot products and conversions -------------------------- */
 
@@ -261,6 +262,50 @@ void cpu_gemm_ref(uint32_t type, int64_t n, const void *w, uint64_t w_stride, in
         }
 }
 
+/* ---- x8 panels (cpu/ops.h): the layout and the reference decode -------- */
+
+uint64_t cpu_x8_panel_size(uint32_t type, int64_t n) {
+    return type == DTYPE_Q4_0 && n > 0 && n % QK4_0 == 0 ? (uint64_t)(n / QK4_0) * sizeof(struct cpu_x8_q4_0) : 0;
+}
+
+bool cpu_pack_x8(uint32_t type, int64_t n, const void *w, uint64_t w_stride, void *dst) {
+    if (cpu_x8_panel_size(type, n) == 0) return false;
+    struct cpu_x8_q4_0 *p = dst;
+    for (int64_t i = 0; i < n / QK4_0; i++)
+        for (int r = 0; r < CPU_X8_ROWS; r++) {
+            const block_q4_0 *b = (const block_q4_0 *)((const char *)w + (uint64_t)r * w_stride) + i;
+            p[i].d[r] = b->d;
+            for (int g = 0; g < 4; g++) memcpy(&p[i].q[g][4 * r], b->qs + 4 * g, 4);
+        }
+    return true;
+}
+
+/* Per row, in the SIMD kernels' order: the block's exact integer sum of
+ * nibble x input, acc = fma(dw dx, sum, acc), the -8 term apart. */
+static void gemv_x8_q4_0_ref(int64_t n, const void *p, int64_t n_panels, const void *xq,
+                             const struct cpu_gemm_xblock *xi, float *out) {
+    const int64_t nb = n / QK4_0;
+    const block_q8_0 *x = xq;
+    for (int64_t k = 0; k < n_panels; k++) {
+        const struct cpu_x8_q4_0 *b = (const struct cpu_x8_q4_0 *)p + k * nb;
+        for (int r = 0; r < CPU_X8_ROWS; r++) {
+            float acc = 0.0f, corr = 0.0f;
+            for (int64_t i = 0; i < nb; i++) {
+                int32_t sum = 0;
+                for (int g = 0; g < 4; g++)
+                    for (int j = 0; j < 4; j++) {
+                        const uint8_t q = b[i].q[g][4 * r + j];
+                        sum += (q & 15) * x[i].qs[4 * g + j] + (q >> 4) * x[i].qs[16 + 4 * g + j];
+                    }
+                const float dw = f16_to_f32(b[i].d[r]);
+                acc = fmaf(dw * xi[i].d, (float)sum, acc);
+                corr = fmaf(dw, xi[i].m8, corr);
+            }
+            out[k * CPU_X8_ROWS + r] = acc + corr;
+        }
+    }
+}
+
 /* Four rows, element by element in row order (each row's product rounded
  * and added as axpy does). */
 static void axpy4_f32_ref(int64_t n, const float a[4], const void *const w[4], float *y,
@@ -303,6 +348,7 @@ static struct cpu_kernels kernels_ref = {
               [DTYPE_Q6_K] = dot_q6_K_ref},
     .axpy = {[DTYPE_F32] = axpy_f32_ref, [DTYPE_F16] = axpy_f16_ref, [DTYPE_Q8_0] = axpy_q8_0_ref,
              [DTYPE_Q4_0] = axpy_q4_0_ref},
+    .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0_ref},
     .axpy4 = {[DTYPE_F32] = axpy4_f32_ref, [DTYPE_F16] = axpy4_f16_ref, [DTYPE_Q8_0] = axpy4_q8_0_ref,
               [DTYPE_Q4_0] = axpy4_q4_0_ref},
 };

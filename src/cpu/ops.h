@@ -92,6 +92,39 @@ void cpu_gemm_prep_q8_0(int64_t n, const void *xq, struct cpu_gemm_xblock *dst);
 void cpu_gemm_ref(uint32_t type, int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq,
                   uint64_t xq_stride, int64_t n_tok, float *y, uint64_t y_stride, bool accumulate);
 
+/* Weights repacked at load (model.c, cpu_pack_x8), for decode: 8 rows of
+ * q4_0 interleaved block by block, 144 bytes a block of the 8 rows (what
+ * their 8 blocks take in the file):
+ *   uint16_t d[8]       the rows' f16 scales
+ *   uint8_t q[4][32]    q[g][4r + j] = byte 4g + j of row r's qs
+ * One 32-byte load of q[g] holds, one row per int32 lane, values 4g..4g+3
+ * (low nibbles) and 16+4g..19+4g (high nibbles) of the 8 rows; the input's
+ * bytes 4g..4g+3 (or 16+4g..) broadcast to every lane give 8 rows' 4-value
+ * dots in one product-sum, and one FMA a block scales the 8 rows' sums:
+ * no horizontal sums, and a third of the instructions of a row at a time
+ * (dot_q_xi). A panel is the nb = n / 32 blocks of its 8 rows in order. */
+struct cpu_x8_q4_0 {
+    uint16_t d[8];
+    uint8_t q[4][32];
+};
+#define CPU_X8_ROWS 8
+/* Repack rows w, w + w_stride, ... (8 of them, n values each) of type
+ * `type` into one panel dst (cpu_x8_panel_size(type, n) bytes). false if
+ * the type has no x8 layout (only q4_0 so far). */
+bool cpu_pack_x8(uint32_t type, int64_t n, const void *w, uint64_t w_stride, void *dst);
+/* Bytes of one panel of 8 rows of n values; 0 if the type has none. */
+uint64_t cpu_x8_panel_size(uint32_t type, int64_t n);
+/* Decode on panels: out[8k + r] = row r of panel k (k < n_panels; the
+ * panels one after another from p) times one q8_0 input row xq, whose
+ * block summaries are xi (cpu_gemm_prep_q8_0). Per row and block the
+ * integer sum is exact; acc += (dw dx) sum, and q4_0's -8 term is summed
+ * apart (m8 dw) and added last: within float rounding of dot_q_xi, not
+ * its bits (tests/test_ops.c states the tolerance). */
+typedef void (*cpu_gemv_x8_fn)(int64_t n, const void *p, int64_t n_panels, const void *xq,
+                               const struct cpu_gemm_xblock *xi, float *out);
+/* The prompt GEMM (cpu_gemm_fn, same arguments) on one panel: w is the
+ * panel, w_stride is ignored, n_rows is CPU_X8_ROWS. */
+
 /* Quantize n activations (a multiple of the block size) into blocks. */
 typedef void (*cpu_quantize_fn)(int64_t n, const float *x, void *dst);
 /* y[i] += a * w[i] for a weight row (or whole blocks of one) of type T:
@@ -125,6 +158,12 @@ struct cpu_kernels {
     cpu_dot_q_xi_fn dot_q_xi[DTYPE_COUNT];  /* optional: NULL = dot_q      */
     cpu_dot_q_xi_rows_fn dot_q_xi_rows[DTYPE_COUNT]; /* optional, with dot_q_xi */
     cpu_gemm_fn gemm[DTYPE_COUNT];          /* optional: NULL = the tiles  */
+    cpu_gemv_x8_fn gemv_x8[DTYPE_COUNT];    /* decode on x8 panels, where
+                                               the type has the layout    */
+    cpu_gemm_fn gemm_x8[DTYPE_COUNT];       /* prompt GEMM on x8 panels;
+                                               NULL in the scalar table:
+                                               model.c repacks only where
+                                               both are                   */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:
                                                to_f32, then a loop         */

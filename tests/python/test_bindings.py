@@ -388,6 +388,32 @@ def test_use_mmap_false_reads_the_file(venv, tmp_path):
     assert out["err"][0] == "FormatError" and str(trunc) in out["err"][1]
 
 
+def test_repack_false_multiplies_the_file_rows(venv, tmp_path):
+    """repack (optiml_model_params.repack) reaches the library: stories260K
+    in q4_0 gives the same next-token logits from the repacked copy and
+    from the file's rows, to float rounding (the prompt GEMM's panel is the
+    same either way; decode sums in another order), and Llama takes it."""
+    q = tmp_path / "stories-q4_0.gguf"
+    r = run([tool("optiml-quantize"), "--input", str(STORIES), "--output", str(q), "--type", "q4_0"])
+    assert r.returncode == 0, r.stderr
+    out = py(venv, f"""
+        import json, optiml
+        res = []
+        for rp in (True, False):
+            with optiml.Model({str(q)!r}, repack=rp) as m, optiml.Context(m, n_ctx=64, n_threads=1) as c:
+                c.eval(m.tokenize("Once upon a time"))
+                c.eval([m.tokenize(" there")[-1]])
+                res.append(list(c.logits()))
+        llm = optiml.Llama({str(q)!r}, n_ctx=64, repack=False)
+        text = llm("Once upon a time", max_tokens=4, temperature=0)["choices"][0]["text"]
+        print(json.dumps({{"logits": res, "text": text}}))
+    """)
+    a, b = out["logits"]
+    top = max(abs(v) for v in b)
+    assert len(a) == 512 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-3 * top
+    assert out["text"].strip()
+
+
 # ---- low level --------------------------------------------------------------------------
 
 

@@ -173,6 +173,38 @@ def test_bad_input(tmp_path, args):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_q4_0_repacked_matches_file_rows(tmp_path):
+    """The CPU multiplies q4_0 matrices from a copy repacked at load, 8
+    rows interleaved (cpu/ops.h's x8 panels); rows past the last full 8
+    (here 3 of the 1003-row head) from the file. --no-repack multiplies
+    every row from the file. One token at a time the panels' kernel and the
+    row kernel add the same exact integer block sums in float in another
+    order, so they agree to rounding (3.5e-7 of the largest logit when
+    written); a batch goes through the prompt GEMM, whose panel is the same
+    from either (bit for bit in test_ops). A dropped or misplaced row would
+    move logits by far more than 1e-3."""
+    f32 = tmp_path / "odd.gguf"
+    r = run([tool("optiml-random-model"), "--outfile", str(f32), "--n-embd", "256", "--n-layer", "2",
+             "--n-ff", "512", "--n-head", "4", "--n-vocab", "1003"])
+    assert r.returncode == 0, r.stderr
+    q = tmp_path / "odd-q4_0.gguf"
+    quantize(f32, q, "q4_0")
+    assert all(t.tensor_type == T.Q4_0 for t in GGUFReader(str(q)).tensors if t.name.endswith("_q.weight"))
+    ids = [str(3 + (i * 37) % 997) for i in range(24)]
+    for mode in (["--batch"], ["--one-by-one"]):
+        outs = []
+        for extra in ([], ["--no-repack"]):
+            out = tmp_path / f"odd{mode[0]}{''.join(extra)}.f32"
+            r = run([tool("optiml-dump-logits"), "-m", str(q), "-o", str(out), "-t", "2", *mode, *extra, *ids])
+            assert r.returncode == 0, r.stderr
+            outs.append(np.fromfile(out, dtype=np.float32))
+        assert outs[0].size == 24 * 1003
+        top = np.max(np.abs(outs[1]))
+        diff = np.max(np.abs(outs[0] - outs[1]))
+        print(f"{mode[0]}: repacked against file rows, max difference {diff / top:.2e} of the largest logit")
+        assert diff <= 1e-3 * top, mode
+
+
 @pytest.mark.parametrize("qtype", ["q4_k_m", "q4_0", "q8_0"])
 def test_long_batch_matches_decode(tmp_path, random_model, qtype):
     """A 300-token batch quantizes its activations on the thread pool (more

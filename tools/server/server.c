@@ -35,6 +35,7 @@ typedef struct server_args {
     int32_t n_gpu_layers;
     double vram_budget;
     bool no_mmap;
+    bool no_repack;
 } server_args;
 
 static void usage(FILE *f) {
@@ -49,6 +50,8 @@ static void usage(FILE *f) {
                "                          -1: the output head too)\n"
                "  --vram-budget GIB       CUDA builds: offload the most layers that fit GIB of VRAM\n"
                "  --no-mmap               read the model into memory (huge pages where the OS gives them)\n"
+               "  --no-repack             multiply q4_0 weights from the file's rows, not a copy repacked at\n"
+               "                          load for the CPU kernels (saves that memory; slower)\n"
                "  --api-key KEY           require 'Authorization: Bearer KEY' (all endpoints but /health and /)\n"
                "  --chat-template T       built-in name (llama2, llama3, chatml, mistral, gemma, phi3) or a file\n"
                "                          holding a Jinja template (default: the model's)\n"
@@ -85,6 +88,10 @@ static int parse_args(int argc, char **argv, server_args *a) {
         }
         if (!strcmp(f, "--no-mmap")) {
             a->no_mmap = true;
+            continue;
+        }
+        if (!strcmp(f, "--no-repack")) {
+            a->no_repack = true;
             continue;
         }
         if (i + 1 >= argc) {
@@ -206,6 +213,7 @@ int main(int argc, char **argv) {
     mp.n_gpu_layers = a.n_gpu_layers;
     mp.vram_budget_gib = a.vram_budget;
     mp.use_mmap = !a.no_mmap;
+    mp.repack = !a.no_repack;
     if (optiml_model_load(a.model, &mp, &model) != OPTIML_OK) {
         fprintf(stderr, "optiml-server: %s\n", optiml_last_error());
         free(tmpl);

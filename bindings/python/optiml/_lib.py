@@ -119,7 +119,7 @@ c_token = ctypes.c_int32
 class ModelParams(ctypes.Structure):
     """optiml_model_params."""
     _fields_ = [("n_gpu_layers", ctypes.c_int32), ("vram_budget_gib", ctypes.c_double),
-                ("use_mmap", ctypes.c_bool)]
+                ("use_mmap", ctypes.c_bool), ("repack", ctypes.c_bool)]
 
 
 class ContextParams(ctypes.Structure):

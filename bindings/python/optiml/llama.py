@@ -112,17 +112,20 @@ class Llama:
             chat_format. Without either, the model's own template is used
             (or, when it has none, the library's built-in guess).
         use_mmap: map the model file.
+        repack: repack q4_0 weights at load for the CPU (llama.cpp's
+            --no-repack is repack=False).
     """
 
     def __init__(self, model_path: Union[str, os.PathLike], n_ctx: int = 512, n_threads: Optional[int] = None,
                  n_gpu_layers: int = 0, vram_budget: Optional[float] = None, seed: Optional[int] = None,
                  verbose: bool = False, n_batch: int = 512, chat_format: Optional[str] = None,
-                 chat_template: Optional[str] = None, use_mmap: bool = True, **kwargs: Any) -> None:
+                 chat_template: Optional[str] = None, use_mmap: bool = True, repack: bool = True,
+                 **kwargs: Any) -> None:
         _lib.set_verbosity(verbose)
         self.model_path = os.fspath(model_path)
         self.verbose = verbose
         self._model = Model(self.model_path, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
-                            use_mmap=use_mmap)
+                            use_mmap=use_mmap, repack=repack)
         try:
             n_ctx = int(n_ctx) if n_ctx else self._model.n_ctx_train
             self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=max(1, min(int(n_batch), n_ctx)),
