@@ -348,12 +348,13 @@ static void matmul_rows_x8(const struct matmul_job *job, int j, int64_t r0, int6
     const struct tensor *w = job->w[j];
     const cpu_gemv_x8_fn gemv = job->kern->gemv_x8[w->type];
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
+    const bool q8_0 = job->kern->vec_dot_type[w->type] == DTYPE_Q8_0; /* xi: q4_0's block summaries */
     float out[256];
     for (int64_t t = 0; t < job->n_tok; t++)
         for (int64_t r = r0; r < x8; r += 256) {
             const int64_t n = x8 - r < 256 ? x8 - r : 256;
             gemv(n_in, x8_panel(w, r), n / CPU_X8_ROWS, (const char *)job->xq[j] + (uint64_t)t * job->xq_row[j],
-                 job->gemm_xi + t * (n_in / 32), out);
+                 q8_0 ? job->gemm_xi + t * (n_in / 32) : NULL, out);
             float *y = job->y[j] + t * n_out + r;
             for (int64_t k = 0; k < n; k++) y[k] = job->accumulate ? y[k] + out[k] : out[k];
         }
@@ -372,7 +373,9 @@ static void matmul_rows(const struct matmul_job *job, int j, int64_t r0, int64_t
         matmul_rows_gemm(job, j, r0, r1, ith);
         return;
     }
-    if (w->x8 && job->xq[j] && job->gemm_xi) { /* the x8 panels, then any rows past the last one */
+    /* the x8 panels, then any rows past the last one (q8_0 inputs: with
+     * their block summaries, which matmul makes when a matrix needs them) */
+    if (w->x8 && job->xq[j] && (job->gemm_xi || job->kern->vec_dot_type[w->type] != DTYPE_Q8_0)) {
         const int64_t x8 = x8_end(w, r0, r1);
         matmul_rows_x8(job, j, r0, x8);
         r0 = x8;

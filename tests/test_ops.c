@@ -362,54 +362,81 @@ static void compare_gemm(const char *name, const struct cpu_kernels *k) {
     }
 }
 
-/* x8 panels (cpu/ops.h): the packed layout read back byte by byte against
- * the rows; gemv_x8 of the table equal to the reference gemv_x8 bit for
- * bit (the same exact block sums and the same float steps per row), the
- * reference within 1e-5 of sum |w x| of the reference dot_q per row, and
- * writing nothing past its 8 n_panels outputs; gemm_x8 on a panel equal to
- * gemm on its 8 rows bit for bit (the two make the same GEMM panel). */
+/* Row r's block i read back from x8 panels p (cpu/ops.h): the number of
+ * fields that differ from the file's block a. */
+static int x8_layout_diff(uint32_t t, const uint8_t *p, uint64_t ps, int64_t r, int64_t i, const void *a) {
+    int bad = 0;
+    const int k = (int)(r % 8);
+    if (t == DTYPE_Q4_K) {
+        const block_q4_K *w = a;
+        const struct cpu_x8_q4_K *b = (const struct cpu_x8_q4_K *)(p + (r / 8) * ps) + i;
+        bad += b->d[k] != w->d || b->dmin[k] != w->dmin;
+        for (int j = 0; j < 8; j++) {
+            uint8_t sc, m;
+            quant_scale_min_k4(j, w->scales, &sc, &m);
+            bad += b->sc[j][k] != sc || b->mn[j / 2][2 * k + j % 2] != m;
+        }
+        for (int c = 0; c < 4; c++)
+            for (int g = 0; g < 8; g++) bad += memcmp(&b->q[c][g][4 * k], w->qs + 32 * c + 4 * g, 4) != 0;
+        return bad;
+    }
+    const block_q4_0 *w = a;
+    const struct cpu_x8_q4_0 *b = (const struct cpu_x8_q4_0 *)(p + (r / 8) * ps) + i;
+    bad += b->d[k] != w->d;
+    for (int g = 0; g < 4; g++) bad += memcmp(&b->q[g][4 * k], w->qs + 4 * g, 4) != 0;
+    return bad;
+}
+
+/* x8 panels (cpu/ops.h): the packed layout read back field by field
+ * against the rows; gemv_x8 of the table equal to the reference gemv_x8
+ * bit for bit (the same exact integer sums and the same float steps per
+ * row), the reference within 1e-5 of sum |w x| of the reference dot_q per
+ * row, and writing nothing past its 8 n_panels outputs; gemm_x8 on a panel
+ * equal to gemm on its 8 rows bit for bit (the two make the same GEMM
+ * panel). */
 static void compare_x8(const char *name, const struct cpu_kernels *k) {
-    static const int64_t sizes[] = {32, 96, 256, 4128};
+    static const int64_t sizes[] = {256, 512, 4352};
+    static const int64_t sizes_q4_0[] = {32, 96, 256, 4128};
     static const int64_t panels[] = {1, 2, 3};
-    static const int64_t toks[] = {4, 5, 13};
+    static const int64_t toks[] = {4, 5, 8, 13};
     for (uint32_t t = 0; t < DTYPE_COUNT; t++) {
         if (!k->gemv_x8[t]) continue;
+        const bool q40 = t == DTYPE_Q4_0;
+        const uint32_t vt = k->vec_dot_type[t];
+        const int64_t *sz = q40 ? sizes_q4_0 : sizes;
+        const size_t n_sz = q40 ? 4 : 3;
         int cases = 0, layout_bad = 0, differ = 0, past = 0, gemm_differ = 0, gemm_cases = 0;
         double worst = 0.0;
-        for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++)
+        for (size_t si = 0; si < n_sz; si++)
             for (size_t pi = 0; pi < sizeof(panels) / sizeof(panels[0]); pi++, cases++) {
-                const int64_t n = sizes[si], np = panels[pi], nb = n / 32, n_rows = np * CPU_X8_ROWS;
-                const uint64_t wrow = (uint64_t)nb * sizeof(block_q4_0), ps = cpu_x8_panel_size(t, n);
+                const int64_t n = sz[si], np = panels[pi], nb = n / dtype_block_size(t), n_rows = np * CPU_X8_ROWS;
+                const uint64_t bsz = dtype_type_size(t), wrow = (uint64_t)nb * bsz, ps = cpu_x8_panel_size(t, n);
                 uint64_t xrow;
-                dtype_row_size(DTYPE_Q8_0, (uint64_t)n, &xrow);
+                dtype_row_size(vt, (uint64_t)n, &xrow);
                 uint8_t *w = malloc(n_rows * wrow), *p = malloc(np * ps), *xq = malloc(16 * xrow);
                 float *x = malloc(n * sizeof(float)), *wf = malloc(n * sizeof(float)), *xf = malloc(n * sizeof(float));
                 float *got = malloc((n_rows + 1) * sizeof(float)), *want = malloc((n_rows + 1) * sizeof(float));
-                struct cpu_gemm_xblock *xi = malloc(16 * nb * sizeof(*xi));
+                struct cpu_gemm_xblock *xi = malloc(16 * (n / 32) * sizeof(*xi));
                 for (uint64_t i = 0; i < n_rows * wrow; i++) w[i] = (uint8_t)(frand() * 128.0f + 128.0f);
-                for (int64_t b = 0; b < n_rows * nb; b++) sane_scales(t, w + b * sizeof(block_q4_0));
+                for (int64_t b = 0; b < n_rows * nb; b++) sane_scales(t, w + b * bsz);
                 for (int64_t i = 0; i < n; i++) x[i] = frand();
                 quant_quantizer(t)(n, x, w); /* row 0: a quantized row */
                 for (int64_t kp = 0; kp < np; kp++)
                     CHECK(cpu_pack_x8(t, n, w + kp * CPU_X8_ROWS * wrow, wrow, p + kp * ps), "pack %s", dtype_name(t));
                 for (int64_t r = 0; r < n_rows; r++)
-                    for (int64_t i = 0; i < nb; i++) {
-                        const block_q4_0 *a = (const block_q4_0 *)(w + r * wrow) + i;
-                        const struct cpu_x8_q4_0 *b = (const struct cpu_x8_q4_0 *)(p + (r / 8) * ps) + i;
-                        layout_bad += memcmp(&b->d[r % 8], &a->d, 2) != 0;
-                        for (int g = 0; g < 4; g++) layout_bad += memcmp(&b->q[g][4 * (r % 8)], a->qs + 4 * g, 4) != 0;
-                    }
+                    for (int64_t i = 0; i < nb; i++) layout_bad += x8_layout_diff(t, p, ps, r, i, w + r * wrow + i * bsz);
                 for (int64_t tk = 0; tk < 16; tk++) {
                     for (int64_t i = 0; i < n; i++) x[i] = frand() * (tk % 3 == 2 ? 50.0f : 1.0f);
-                    k->quantize[DTYPE_Q8_0](n, x, xq + tk * xrow);
-                    cpu_gemm_prep_q8_0(n, xq + tk * xrow, xi + tk * nb);
+                    k->quantize[vt](n, x, xq + tk * xrow);
+                    if (vt == DTYPE_Q8_0) cpu_gemm_prep_q8_0(n, xq + tk * xrow, xi + tk * (n / 32));
                 }
+                const struct cpu_gemm_xblock *xi_or = vt == DTYPE_Q8_0 ? xi : NULL;
                 got[n_rows] = want[n_rows] = NAN;
-                cpu_kernels_ref()->gemv_x8[t](n, p, np, xq, xi, want);
-                k->gemv_x8[t](n, p, np, xq, xi, got);
+                cpu_kernels_ref()->gemv_x8[t](n, p, np, xq, xi_or, want);
+                k->gemv_x8[t](n, p, np, xq, xi_or, got);
                 differ += memcmp(got, want, n_rows * sizeof(float)) != 0;
                 past += !isnan(got[n_rows]);
-                cpu_kernels_ref()->to_f32[DTYPE_Q8_0](n, xq, xf);
+                cpu_kernels_ref()->to_f32[vt](n, xq, xf);
                 for (int64_t r = 0; r < n_rows; r++) {
                     cpu_kernels_ref()->to_f32[t](n, w + r * wrow, wf);
                     double sum_abs = 0.0;
@@ -423,8 +450,8 @@ static void compare_x8(const char *name, const struct cpu_kernels *k) {
                     void *panel = aligned_alloc(64, (cpu_gemm_panel_size(n) + 63) / 64 * 64);
                     for (int64_t i = 0; i < nt * 8; i++) y1[i] = y2[i] = frand();
                     const bool acc = ti % 2 == 1;
-                    k->gemm[t](n, w, wrow, 8, xq, xrow, xi, nt, y1, 8, acc, panel);
-                    k->gemm_x8[t](n, p, 0, 8, xq, xrow, xi, nt, y2, 8, acc, panel);
+                    k->gemm[t](n, w, wrow, 8, xq, xrow, xi_or, nt, y1, 8, acc, panel);
+                    k->gemm_x8[t](n, p, 0, 8, xq, xrow, xi_or, nt, y2, 8, acc, panel);
                     gemm_differ += memcmp(y1, y2, nt * 8 * sizeof(float)) != 0;
                     free(y1), free(y2), free(panel);
                 }

@@ -236,6 +236,60 @@ static inline void gemv_x8_q0(int64_t n, const void *p, int64_t n_panels, const 
     }
 }
 
+/* The 4 bytes at off of a q8_k block's quants, in every lane. */
+static inline __m256i x8_k4(const block_q8_K *x, int off) {
+    int32_t v;
+    memcpy(&v, x->qs + off, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* q4_k (cpu/ops.h): per block and chunk c the two sub-blocks' 8-row sums
+ * (8 loads, each giving both through the nibble masks), times the rows'
+ * scales (int32 multiply), summed; the mins against the input's 32-value
+ * sums two sub-blocks a multiply-add; then dmin's term as tile_q4_K
+ * does. */
+static inline void gemv_x8_q4_K(int64_t n, const void *p, int64_t n_panels, const void *xq, float *out) {
+    const int64_t nb = n / QK_K;
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    const block_q8_K *x = xq;
+    for (int64_t k = 0; k < n_panels; k++) {
+        const struct cpu_x8_q4_K *b = (const struct cpu_x8_q4_K *)p + k * nb;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < nb; i++) {
+            for (int o = 0; o < (int)sizeof(*b); o += 64)
+                _mm_prefetch((const char *)(b + i) + OPTIML_PREFETCH_AHEAD + o, _MM_HINT_T0);
+            __m256i isum = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+                for (int g = 0; g < 8; g++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)b[i].q[c][g]);
+                    const __m256i vl = _mm256_and_si256(v, m4), vh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    lo = gemm_acc(false, lo, vl, vl, x8_k4(x + i, 64 * c + 4 * g));
+                    hi = gemm_acc(false, hi, vh, vh, x8_k4(x + i, 64 * c + 32 + 4 * g));
+                }
+                const __m256i sl = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b[i].sc[2 * c]));
+                const __m256i sh = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b[i].sc[2 * c + 1]));
+                isum = _mm256_add_epi32(isum, _mm256_add_epi32(_mm256_mullo_epi32(gemm_block_sum(false, lo), sl),
+                                                               _mm256_mullo_epi32(gemm_block_sum(false, hi), sh)));
+            }
+            int32_t bp[4]; /* the input's 32-value sums, two sub-blocks an int32 */
+            _mm_storeu_si128((__m128i *)bp, _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)x[i].bsums),
+                                                           _mm_loadu_si128((const __m128i *)(x[i].bsums + 8))));
+            __m256i msum = _mm256_setzero_si256();
+            for (int kk = 0; kk < 4; kk++)
+                msum = _mm256_add_epi32(msum, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(
+                                                                    (const __m128i *)b[i].mn[kk])),
+                                                                _mm256_set1_epi32(bp[kk])));
+            const __m256 dx = _mm256_set1_ps(x[i].d);
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b[i].d));
+            const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b[i].dmin));
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum), acc);
+            acc = _mm256_fnmadd_ps(_mm256_mul_ps(dm, dx), _mm256_cvtepi32_ps(msum), acc);
+        }
+        _mm256_storeu_ps(out + 8 * k, acc);
+    }
+}
+
 #undef TILE_T
 
 #endif /* OPTIML_CPU_GEMM_PANEL_H */

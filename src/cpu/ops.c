@@ -265,11 +265,27 @@ void cpu_gemm_ref(uint32_t type, int64_t n, const void *w, uint64_t w_stride, in
 /* ---- x8 panels (cpu/ops.h): the layout and the reference decode -------- */
 
 uint64_t cpu_x8_panel_size(uint32_t type, int64_t n) {
-    return type == DTYPE_Q4_0 && n > 0 && n % QK4_0 == 0 ? (uint64_t)(n / QK4_0) * sizeof(struct cpu_x8_q4_0) : 0;
+    if (n <= 0) return 0;
+    if (type == DTYPE_Q4_0 && n % QK4_0 == 0) return (uint64_t)(n / QK4_0) * sizeof(struct cpu_x8_q4_0);
+    if (type == DTYPE_Q4_K && n % QK_K == 0) return (uint64_t)(n / QK_K) * sizeof(struct cpu_x8_q4_K);
+    return 0;
 }
 
 bool cpu_pack_x8(uint32_t type, int64_t n, const void *w, uint64_t w_stride, void *dst) {
     if (cpu_x8_panel_size(type, n) == 0) return false;
+    if (type == DTYPE_Q4_K) {
+        struct cpu_x8_q4_K *p = dst;
+        for (int64_t i = 0; i < n / QK_K; i++)
+            for (int r = 0; r < CPU_X8_ROWS; r++) {
+                const block_q4_K *b = (const block_q4_K *)((const char *)w + (uint64_t)r * w_stride) + i;
+                p[i].d[r] = b->d;
+                p[i].dmin[r] = b->dmin;
+                for (int j = 0; j < 8; j++) quant_scale_min_k4(j, b->scales, &p[i].sc[j][r], &p[i].mn[j / 2][2 * r + j % 2]);
+                for (int c = 0; c < 4; c++)
+                    for (int g = 0; g < 8; g++) memcpy(&p[i].q[c][g][4 * r], b->qs + 32 * c + 4 * g, 4);
+            }
+        return true;
+    }
     struct cpu_x8_q4_0 *p = dst;
     for (int64_t i = 0; i < n / QK4_0; i++)
         for (int r = 0; r < CPU_X8_ROWS; r++) {
@@ -302,6 +318,38 @@ static void gemv_x8_q4_0_ref(int64_t n, const void *p, int64_t n_panels, const v
                 corr = fmaf(dw, xi[i].m8, corr);
             }
             out[k * CPU_X8_ROWS + r] = acc + corr;
+        }
+    }
+}
+
+/* q4_k, in the SIMD kernels' order (cpu/ops.h). */
+static void gemv_x8_q4_K_ref(int64_t n, const void *p, int64_t n_panels, const void *xq,
+                             const struct cpu_gemm_xblock *xi, float *out) {
+    (void)xi;
+    const int64_t nb = n / QK_K;
+    const block_q8_K *x = xq;
+    for (int64_t k = 0; k < n_panels; k++) {
+        const struct cpu_x8_q4_K *b = (const struct cpu_x8_q4_K *)p + k * nb;
+        for (int r = 0; r < CPU_X8_ROWS; r++) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < nb; i++) {
+                int32_t isum = 0, msum = 0;
+                for (int c = 0; c < 4; c++) {
+                    int32_t lo = 0, hi = 0;
+                    for (int g = 0; g < 8; g++)
+                        for (int j = 0; j < 4; j++) {
+                            const uint8_t q = b[i].q[c][g][4 * r + j];
+                            lo += (q & 15) * x[i].qs[64 * c + 4 * g + j];
+                            hi += (q >> 4) * x[i].qs[64 * c + 32 + 4 * g + j];
+                        }
+                    isum += b[i].sc[2 * c][r] * lo + b[i].sc[2 * c + 1][r] * hi;
+                }
+                for (int j = 0; j < 8; j++)
+                    msum += b[i].mn[j / 2][2 * r + j % 2] * (x[i].bsums[2 * j] + x[i].bsums[2 * j + 1]);
+                acc = fmaf(f16_to_f32(b[i].d[r]) * x[i].d, (float)isum, acc);
+                acc = fmaf(-(f16_to_f32(b[i].dmin[r]) * x[i].d), (float)msum, acc);
+            }
+            out[k * CPU_X8_ROWS + r] = acc;
         }
     }
 }
@@ -348,7 +396,7 @@ static struct cpu_kernels kernels_ref = {
               [DTYPE_Q6_K] = dot_q6_K_ref},
     .axpy = {[DTYPE_F32] = axpy_f32_ref, [DTYPE_F16] = axpy_f16_ref, [DTYPE_Q8_0] = axpy_q8_0_ref,
              [DTYPE_Q4_0] = axpy_q4_0_ref},
-    .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0_ref},
+    .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0_ref, [DTYPE_Q4_K] = gemv_x8_q4_K_ref},
     .axpy4 = {[DTYPE_F32] = axpy4_f32_ref, [DTYPE_F16] = axpy4_f16_ref, [DTYPE_Q8_0] = axpy4_q8_0_ref,
               [DTYPE_Q4_0] = axpy4_q4_0_ref},
 };

@@ -92,8 +92,8 @@ void cpu_gemm_prep_q8_0(int64_t n, const void *xq, struct cpu_gemm_xblock *dst);
 void cpu_gemm_ref(uint32_t type, int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq,
                   uint64_t xq_stride, int64_t n_tok, float *y, uint64_t y_stride, bool accumulate);
 
-/* Weights repacked at load (model.c, cpu_pack_x8), for decode: 8 rows of
- * q4_0 interleaved block by block, 144 bytes a block of the 8 rows (what
+/* Weights repacked at load (model.c, cpu_pack_x8), for decode: 8 rows
+ * interleaved block by block. q4_0: 144 bytes a block of the 8 rows (what
  * their 8 blocks take in the file):
  *   uint16_t d[8]       the rows' f16 scales
  *   uint8_t q[4][32]    q[g][4r + j] = byte 4g + j of row r's qs
@@ -102,24 +102,42 @@ void cpu_gemm_ref(uint32_t type, int64_t n, const void *w, uint64_t w_stride, in
  * bytes 4g..4g+3 (or 16+4g..) broadcast to every lane give 8 rows' 4-value
  * dots in one product-sum, and one FMA a block scales the 8 rows' sums:
  * no horizontal sums, and a third of the instructions of a row at a time
- * (dot_q_xi). A panel is the nb = n / 32 blocks of its 8 rows in order. */
+ * (dot_q_xi). A panel is the nb blocks of its 8 rows in order. */
 struct cpu_x8_q4_0 {
     uint16_t d[8];
     uint8_t q[4][32];
 };
+/* q4_k: 1184 bytes a block of the 8 rows (their 8 blocks: 1152), the
+ * 6-bit scales and mins unpacked:
+ *   uint16_t d[8], dmin[8]
+ *   uint8_t sc[8][8]       sc[j][r] = row r's scale of sub-block j
+ *   uint8_t mn[4][16]      mn[k][2r + e] = row r's min of sub-block 2k + e
+ *   uint8_t q[4][8][32]    q[c][g][4r + j] = byte 32c + 4g + j of row r's
+ *                          qs (low nibble: sub-block 2c, high: 2c + 1)
+ * mn as int16 pairs meets the input's 32-value sums two sub-blocks at a
+ * time in one multiply-add. */
+struct cpu_x8_q4_K {
+    uint16_t d[8], dmin[8];
+    uint8_t sc[8][8];
+    uint8_t mn[4][16];
+    uint8_t q[4][8][32];
+};
 #define CPU_X8_ROWS 8
 /* Repack rows w, w + w_stride, ... (8 of them, n values each) of type
  * `type` into one panel dst (cpu_x8_panel_size(type, n) bytes). false if
- * the type has no x8 layout (only q4_0 so far). */
+ * the type has no x8 layout (q4_0 and q4_k have). */
 bool cpu_pack_x8(uint32_t type, int64_t n, const void *w, uint64_t w_stride, void *dst);
 /* Bytes of one panel of 8 rows of n values; 0 if the type has none. */
 uint64_t cpu_x8_panel_size(uint32_t type, int64_t n);
 /* Decode on panels: out[8k + r] = row r of panel k (k < n_panels; the
- * panels one after another from p) times one q8_0 input row xq, whose
- * block summaries are xi (cpu_gemm_prep_q8_0). Per row and block the
- * integer sum is exact; acc += (dw dx) sum, and q4_0's -8 term is summed
- * apart (m8 dw) and added last: within float rounding of dot_q_xi, not
- * its bits (tests/test_ops.c states the tolerance). */
+ * panels one after another from p) times one input row xq of the type's
+ * vec_dot_type. q4_0: xi holds the q8_0 input's block summaries
+ * (cpu_gemm_prep_q8_0); per row and block the integer sum is exact, acc
+ * += (dw dx) sum, and the -8 term is summed apart (m8 dw) and added last.
+ * q4_k (xi unused): per row and block isum = sum_j sc_j (q x over
+ * sub-block j) and msum = sum_j m_j (x over sub-block j), exact; acc +=
+ * (d dx) isum, then acc -= (dmin dx) msum. Within float rounding of
+ * dot_q, not its bits (tests/test_ops.c states the tolerance). */
 typedef void (*cpu_gemv_x8_fn)(int64_t n, const void *p, int64_t n_panels, const void *xq,
                                const struct cpu_gemm_xblock *xi, float *out);
 /* The prompt GEMM (cpu_gemm_fn, same arguments) on one panel: w is the

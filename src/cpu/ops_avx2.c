@@ -641,6 +641,33 @@ static void gemm_pack_k(bool q6, int64_t nb, const void *w, uint64_t w_stride, i
     }
 }
 
+/* The GEMM panel of one q4_k x8 panel (cpu/ops.h): the same panel, bit for
+ * bit, as gemm_pack_k makes from its 8 rows. */
+static void gemm_pack_x8_q4_K(int64_t nb, const struct cpu_x8_q4_K *src, struct gemm_kblock *p) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), lo16 = _mm256_set1_epi32(0xFFFF);
+    for (int64_t i = 0; i < nb; i++) {
+        _mm256_store_ps(p[i].d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)src[i].d)));
+        _mm256_store_ps(p[i].dmin, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)src[i].dmin)));
+        for (int j = 0; j < 8; j++) { /* (s, s) int16 pairs, one row a lane */
+            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src[i].sc[j]));
+            _mm256_store_si256((__m256i *)p[i].sc[j], _mm256_or_si256(v, _mm256_slli_epi32(v, 16)));
+            _mm256_store_si256((__m256i *)p[i].sc[8 + j], _mm256_setzero_si256());
+        }
+        for (int k = 0; k < 4; k++) { /* lanes (m_2k, m_2k+1) to (m_2k, m_2k) and (m_2k+1, m_2k+1) */
+            const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)src[i].mn[k]));
+            const __m256i a = _mm256_and_si256(v, lo16), b = _mm256_srli_epi32(v, 16);
+            _mm256_store_si256((__m256i *)p[i].off[2 * k], _mm256_or_si256(a, _mm256_slli_epi32(a, 16)));
+            _mm256_store_si256((__m256i *)p[i].off[2 * k + 1], _mm256_or_si256(b, _mm256_slli_epi32(b, 16)));
+        }
+        for (int c = 0; c < 4; c++)
+            for (int g = 0; g < 8; g++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)src[i].q[c][g]);
+                _mm256_store_si256((__m256i *)p[i].q[16 * c + g], _mm256_and_si256(v, m4));
+                _mm256_store_si256((__m256i *)p[i].q[16 * c + 8 + g], _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            }
+    }
+}
+
 /* 8 rows x T inputs, blocks [i0, i1). Int16 sums of unsigned quants times
  * inputs: q4_k takes a sub-block's 8 groups (<= 8 * 2 * 15 * 127), q6_k 2
  * groups (<= 2 * 2 * 63 * 127) before each madd by the scales. */
@@ -704,11 +731,15 @@ TILE_INLINE void gemm_tokens_k(const int T, const bool Q6, int64_t i0, int64_t i
 /* As gemm_q0: chunks of 16 inputs x 4 blocks (18 KiB of inputs, 11 KiB of
  * panel) stay in L1. */
 #define GEMM_KBLOCKS 4
-static inline void gemm_k(const bool Q6, int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq,
-                          uint64_t xs, int64_t n_tok, float *y, uint64_t ys, bool accumulate, void *panel) {
+static inline void gemm_k(const bool Q6, const bool X8, int64_t n, const void *w, uint64_t w_stride, int n_rows,
+                          const void *xq, uint64_t xs, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                          void *panel) {
     const int64_t nb = n / QK_K;
     struct gemm_kblock *p = panel;
-    gemm_pack_k(Q6, nb, w, w_stride, n_rows, p);
+    if (X8)
+        gemm_pack_x8_q4_K(nb, w, p);
+    else
+        gemm_pack_k(Q6, nb, w, w_stride, n_rows, p);
     for (int64_t c0 = 0; c0 < n_tok; c0 += GEMM_TOKENS) {
         const int64_t c1 = c0 + GEMM_TOKENS < n_tok ? c0 + GEMM_TOKENS : n_tok;
         for (int64_t i0 = 0; i0 < nb; i0 += GEMM_KBLOCKS) {
@@ -730,14 +761,27 @@ static void gemm_q4_K_avx2(int64_t n, const void *w, uint64_t w_stride, int n_ro
                            const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
                            void *panel) {
     (void)xi;
-    gemm_k(false, n, w, w_stride, n_rows, xq, xs, n_tok, y, ys, accumulate, panel);
+    gemm_k(false, false, n, w, w_stride, n_rows, xq, xs, n_tok, y, ys, accumulate, panel);
+}
+
+static void gemm_x8_q4_K_avx2(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                              const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                              void *panel) {
+    (void)xi;
+    gemm_k(false, true, n, w, w_stride, n_rows, xq, xs, n_tok, y, ys, accumulate, panel);
+}
+
+static void gemv_x8_q4_K_avx2(int64_t n, const void *p, int64_t n_panels, const void *xq,
+                              const struct cpu_gemm_xblock *xi, float *out) {
+    (void)xi;
+    gemv_x8_q4_K(n, p, n_panels, xq, out);
 }
 
 static void gemm_q6_K_avx2(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
                            const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
                            void *panel) {
     (void)xi;
-    gemm_k(true, n, w, w_stride, n_rows, xq, xs, n_tok, y, ys, accumulate, panel);
+    gemm_k(true, false, n, w, w_stride, n_rows, xq, xs, n_tok, y, ys, accumulate, panel);
 }
 
 /* ---- activation quantizers (bit-identical to quant.c's) ---------------- */
@@ -988,8 +1032,8 @@ static const struct cpu_kernels kernels_avx2 = {
                    [DTYPE_Q4_K] = dot_q4_K_next_avx2, [DTYPE_Q6_K] = dot_q6_K_next_avx2},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx2, [DTYPE_Q8_0] = gemm_q8_0_avx2, [DTYPE_Q4_K] = gemm_q4_K_avx2,
              [DTYPE_Q6_K] = gemm_q6_K_avx2},
-    .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0_avx2},
-    .gemm_x8 = {[DTYPE_Q4_0] = gemm_x8_q4_0_avx2},
+    .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0_avx2, [DTYPE_Q4_K] = gemv_x8_q4_K_avx2},
+    .gemm_x8 = {[DTYPE_Q4_0] = gemm_x8_q4_0_avx2, [DTYPE_Q4_K] = gemm_x8_q4_K_avx2},
     .quantize = {[DTYPE_Q8_0] = quantize_q8_0_avx2, [DTYPE_Q8_K] = quantize_q8_K_avx2},
     .axpy = {[DTYPE_F32] = axpy_f32_avx2, [DTYPE_F16] = axpy_f16_avx2, [DTYPE_Q8_0] = axpy_q8_0_avx2,
              [DTYPE_Q4_0] = axpy_q4_0_avx2},

@@ -173,23 +173,26 @@ def test_bad_input(tmp_path, args):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_q4_0_repacked_matches_file_rows(tmp_path):
-    """The CPU multiplies q4_0 matrices from a copy repacked at load, 8
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+def test_repacked_matches_file_rows(tmp_path, qtype):
+    """The CPU multiplies q4_0 and q4_k matrices from a copy repacked at load, 8
     rows interleaved (cpu/ops.h's x8 panels); rows past the last full 8
     (here 3 of the 1003-row head) from the file. --no-repack multiplies
     every row from the file. One token at a time the panels' kernel and the
     row kernel add the same exact integer block sums in float in another
-    order, so they agree to rounding (3.5e-7 of the largest logit when
-    written); a batch goes through the prompt GEMM, whose panel is the same
+    order, so they agree to rounding (3.5e-7 and 3.2e-7 of the largest
+    logit, q4_0 and q4_k, when written); a batch goes through the prompt
+    GEMM, whose panel is the same
     from either (bit for bit in test_ops). A dropped or misplaced row would
     move logits by far more than 1e-3."""
     f32 = tmp_path / "odd.gguf"
     r = run([tool("optiml-random-model"), "--outfile", str(f32), "--n-embd", "256", "--n-layer", "2",
              "--n-ff", "512", "--n-head", "4", "--n-vocab", "1003"])
     assert r.returncode == 0, r.stderr
-    q = tmp_path / "odd-q4_0.gguf"
-    quantize(f32, q, "q4_0")
-    assert all(t.tensor_type == T.Q4_0 for t in GGUFReader(str(q)).tensors if t.name.endswith("_q.weight"))
+    q = tmp_path / f"odd-{qtype}.gguf"
+    quantize(f32, q, qtype)
+    assert all(t.tensor_type.name.lower() == qtype for t in GGUFReader(str(q)).tensors
+               if t.name.endswith("_q.weight") or t.name == "output.weight")
     ids = [str(3 + (i * 37) % 997) for i in range(24)]
     for mode in (["--batch"], ["--one-by-one"]):
         outs = []
