@@ -87,10 +87,10 @@ typedef struct optiml_model_params {
                                and CUDA context fit this many GiB; with
                                n_gpu_layers > 0 too, the smaller wins        */
     bool use_mmap;          /* map the file (default) instead of reading it   */
-    bool repack;            /* default true: the q4_0 matrices the CPU
+    bool repack;            /* default true: the q4_0/q4_k matrices the CPU
                                multiplies are repacked at load, 8 rows
-                               interleaved, for faster decode and prompt
-                               steps; with use_mmap their file pages are
+                               interleaved, for faster decode; with
+                               use_mmap their file pages are
                                then released (the OS reads them again if
                                a sparse FFN's gathers need them)          */
 } optiml_model_params;

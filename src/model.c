@@ -2,7 +2,7 @@
  * model.c - loads a Llama-family GGUF file: reads the hyperparameters,
  * binds every weight to a view into the mapping (checking its shape and
  * type), and loads the vocabulary. Keys and tensor names: docs/FORMAT.md.
- * Then repacks the q4_0 matrices the CPU multiplies (cpu/ops.h's x8).
+ * Then repacks the q4_0 and q4_k matrices the CPU multiplies (cpu/ops.h's x8).
  */
 #define _DEFAULT_SOURCE /* madvise */
 #define _POSIX_C_SOURCE 200809L

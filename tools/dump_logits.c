@@ -8,7 +8,7 @@
  * --batch (default) evaluates all ids in one decode call (the prompt path);
  * --one-by-one decodes them one at a time (the generation path); --chunk N
  * in decode calls of N ids (the last one may be shorter). --no-repack
- * multiplies q4_0 weights from the file's rows (optiml_model_params.repack).
+ * multiplies q4_0/q4_k weights from the file's rows (optiml_model_params.repack).
  */
 #include "optiml.h"
 

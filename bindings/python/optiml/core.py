@@ -99,7 +99,7 @@ class Model(_Handle):
             ignores it with a warning in the log).
         vram_budget: GiB of GPU memory to fill (GPU builds), or None.
         use_mmap: map the file instead of reading it.
-        repack: repack the q4_0 matrices the CPU multiplies at load (8
+        repack: repack the q4_0 and q4_k matrices the CPU multiplies at load (8
             rows interleaved, faster decode); False multiplies the file's
             rows.
 

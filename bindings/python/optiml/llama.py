@@ -112,7 +112,7 @@ class Llama:
             chat_format. Without either, the model's own template is used
             (or, when it has none, the library's built-in guess).
         use_mmap: map the model file.
-        repack: repack q4_0 weights at load for the CPU (llama.cpp's
+        repack: repack q4_0 and q4_k weights at load for the CPU (llama.cpp's
             --no-repack is repack=False).
     """
 
