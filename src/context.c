@@ -68,8 +68,8 @@ static int64_t model_matrix_inputs(const optiml_model *m, const struct cpu_kerne
     matrix_note(&m->output, kern, act_used, &n_in_max);
     for (int32_t il = 0; il < m->hp.n_layer; il++) {
         const struct layer *l = &m->layers[il];
-        const struct tensor *ws[7] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->ffn_gate, &l->ffn_up, &l->ffn_down};
-        for (int k = 0; k < 7; k++) matrix_note(ws[k], kern, act_used, &n_in_max);
+        const struct tensor *ws[LAYER_N_MATRICES] = LAYER_MATRICES(l);
+        for (int k = 0; k < LAYER_N_MATRICES; k++) matrix_note(ws[k], kern, act_used, &n_in_max);
     }
     return n_in_max;
 }
@@ -343,21 +343,23 @@ static void matmul_rows_gemm(const struct matmul_job *job, int j, int64_t r0, in
 }
 
 /* Rows [r0, x8) of matrix j from its x8 panels, one input row at a time
- * (decode, and batches too small for the GEMM). */
+ * (decode, and batches too small for the GEMM), 64 rows for every input
+ * before the next 64 (they stay in cache between inputs). */
 static void matmul_rows_x8(const struct matmul_job *job, int j, int64_t r0, int64_t x8) {
     const struct tensor *w = job->w[j];
     const cpu_gemv_x8_fn gemv = job->kern->gemv_x8[w->type];
     const int64_t n_in = w->ne[0], n_out = w->ne[1];
     const bool q8_0 = job->kern->vec_dot_type[w->type] == DTYPE_Q8_0; /* xi: q4_0's block summaries */
-    float out[256];
-    for (int64_t t = 0; t < job->n_tok; t++)
-        for (int64_t r = r0; r < x8; r += 256) {
-            const int64_t n = x8 - r < 256 ? x8 - r : 256;
+    float out[64];
+    for (int64_t r = r0; r < x8; r += 64) {
+        const int64_t n = x8 - r < 64 ? x8 - r : 64;
+        for (int64_t t = 0; t < job->n_tok; t++) {
             gemv(n_in, x8_panel(w, r), n / CPU_X8_ROWS, (const char *)job->xq[j] + (uint64_t)t * job->xq_row[j],
                  q8_0 ? job->gemm_xi + t * (n_in / 32) : NULL, out);
             float *y = job->y[j] + t * n_out + r;
             for (int64_t k = 0; k < n; k++) y[k] = job->accumulate ? y[k] + out[k] : out[k];
         }
+    }
 }
 
 /* Rows [r0, r1) of matrix j for every token (thread ith). The prompt

@@ -101,9 +101,9 @@ struct gpu_ctx {
 /* ---- placement -------------------------------------------------------------- */
 
 static uint64_t layer_weight_bytes(const struct hparams *hp, const struct layer *l) {
-    const struct tensor *ws[7] = {&l->wq, &l->wk, &l->wv, &l->wo, &l->ffn_gate, &l->ffn_up, &l->ffn_down};
+    const struct tensor *ws[LAYER_N_MATRICES] = LAYER_MATRICES(l);
     uint64_t n = 2 * (uint64_t)hp->n_embd * sizeof(float);
-    for (int i = 0; i < 7; i++) n += cu_weight_bytes(ws[i]->type, ws[i]->ne[0], ws[i]->ne[1]);
+    for (int i = 0; i < LAYER_N_MATRICES; i++) n += cu_weight_bytes(ws[i]->type, ws[i]->ne[0], ws[i]->ne[1]);
     return n;
 }
 

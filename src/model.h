@@ -51,6 +51,11 @@ struct layer {
     struct tensor ffn_gate_thr; /* (n_ff) f32 CATS threshold per neuron     */
 };
 
+/* The seven matrices of layer l, as an initializer: struct tensor
+ * *ws[LAYER_N_MATRICES] = LAYER_MATRICES(l); (const or not). */
+#define LAYER_N_MATRICES 7
+#define LAYER_MATRICES(l) {&(l)->wq, &(l)->wk, &(l)->wv, &(l)->wo, &(l)->ffn_gate, &(l)->ffn_up, &(l)->ffn_down}
+
 /* optiml.sparse.* keys; version 0 when the model has none. */
 struct sparse_info {
     uint32_t version;
