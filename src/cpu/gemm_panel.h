@@ -2,7 +2,9 @@
  * gemm_panel.h - the prompt GEMM (ops.h's cpu_gemm_fn) for q4_0 and q8_0
  * weights, written once for ops_avx2.c and ops_avx512.c (include it only
  * from files compiled with AVX2): the repacked weight panel, and the
- * micro-tiles over it. The includer first defines the integer step,
+ * micro-tiles over it; and the kernels on the x8 panels made at load
+ * (ops.h): gemm_x8_q4_0 (the GEMM's panel unpacked from one), gemv_x8_q4_0
+ * and gemv_x8_q4_K (decode), static in each includer. The includer first defines the integer step,
  * gemm_acc(q8, s, wq, |wq|, xb): s plus the 4-value dots of 8 rows (wq)
  * with an input's broadcast 4 bytes (xb), and gemm_block_sum(q8, s): a
  * block's int32 sums from s.
@@ -201,6 +203,14 @@ static inline void gemm_q0(const bool Q8, const bool X8, int64_t n, const void *
         }
     }
 }
+/* The prompt GEMM (cpu_gemm_fn) on one q4_0 x8 panel (w; w_stride and
+ * n_rows unused: a panel holds 8 rows). */
+static void gemm_x8_q4_0(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                         const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                         void *panel) {
+    gemm_q0(false, true, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
+}
+
 /* ---- decode on x8 panels (cpu_gemv_x8_fn) ---------------------------------
  * One panel after another: per block four 32-byte loads, two nibble masks
  * and two integer steps (gemm_acc) each, one FMA for the 8 rows' scaled
@@ -210,8 +220,8 @@ static inline void gemm_q0(const bool Q8, const bool X8, int64_t n, const void *
  * broadcasts, were 10% faster in cache on the dev EPYC (Zen 4) but
  * streamed 16-17 GB/s on one core against 23-26 for one panel a step (two
  * read streams instead of one; rows one at a time through dot_q_xi: 17-18). */
-static inline void gemv_x8_q0(int64_t n, const void *p, int64_t n_panels, const void *xq,
-                              const struct cpu_gemm_xblock *xi, float *out) {
+static void gemv_x8_q4_0(int64_t n, const void *p, int64_t n_panels, const void *xq,
+                         const struct cpu_gemm_xblock *xi, float *out) {
     const int64_t nb = n / 32;
     const __m256i m4 = _mm256_set1_epi8(0xF);
     for (int64_t k = 0; k < n_panels; k++) {
@@ -248,7 +258,9 @@ static inline __m256i x8_k4(const block_q8_K *x, int off) {
  * scales (int32 multiply), summed; the mins against the input's 32-value
  * sums two sub-blocks a multiply-add; then dmin's term as tile_q4_K
  * does. */
-static inline void gemv_x8_q4_K(int64_t n, const void *p, int64_t n_panels, const void *xq, float *out) {
+static void gemv_x8_q4_K(int64_t n, const void *p, int64_t n_panels, const void *xq,
+                         const struct cpu_gemm_xblock *xi, float *out) {
+    (void)xi;
     const int64_t nb = n / QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF);
     const block_q8_K *x = xq;

@@ -529,17 +529,6 @@ static void gemm_q4_0_avx2(int64_t n, const void *w, uint64_t w_stride, int n_ro
     gemm_q0(false, false, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
 }
 
-static void gemm_x8_q4_0_avx2(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
-                             const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
-                             void *panel) {
-    gemm_q0(false, true, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
-}
-
-static void gemv_x8_q4_0_avx2(int64_t n, const void *p, int64_t n_panels, const void *xq,
-                             const struct cpu_gemm_xblock *xi, float *out) {
-    gemv_x8_q0(n, p, n_panels, xq, xi, out);
-}
-
 static void gemm_q8_0_avx2(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
                            const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
                            void *panel) {
@@ -769,12 +758,6 @@ static void gemm_x8_q4_K_avx2(int64_t n, const void *w, uint64_t w_stride, int n
                               void *panel) {
     (void)xi;
     gemm_k(false, true, n, w, w_stride, n_rows, xq, xs, n_tok, y, ys, accumulate, panel);
-}
-
-static void gemv_x8_q4_K_avx2(int64_t n, const void *p, int64_t n_panels, const void *xq,
-                              const struct cpu_gemm_xblock *xi, float *out) {
-    (void)xi;
-    gemv_x8_q4_K(n, p, n_panels, xq, out);
 }
 
 static void gemm_q6_K_avx2(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
@@ -1032,8 +1015,8 @@ static const struct cpu_kernels kernels_avx2 = {
                    [DTYPE_Q4_K] = dot_q4_K_next_avx2, [DTYPE_Q6_K] = dot_q6_K_next_avx2},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx2, [DTYPE_Q8_0] = gemm_q8_0_avx2, [DTYPE_Q4_K] = gemm_q4_K_avx2,
              [DTYPE_Q6_K] = gemm_q6_K_avx2},
-    .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0_avx2, [DTYPE_Q4_K] = gemv_x8_q4_K_avx2},
-    .gemm_x8 = {[DTYPE_Q4_0] = gemm_x8_q4_0_avx2, [DTYPE_Q4_K] = gemm_x8_q4_K_avx2},
+    .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0, [DTYPE_Q4_K] = gemv_x8_q4_K},
+    .gemm_x8 = {[DTYPE_Q4_0] = gemm_x8_q4_0, [DTYPE_Q4_K] = gemm_x8_q4_K_avx2},
     .quantize = {[DTYPE_Q8_0] = quantize_q8_0_avx2, [DTYPE_Q8_K] = quantize_q8_K_avx2},
     .axpy = {[DTYPE_F32] = axpy_f32_avx2, [DTYPE_F16] = axpy_f16_avx2, [DTYPE_Q8_0] = axpy_q8_0_avx2,
              [DTYPE_Q4_0] = axpy_q4_0_avx2},

@@ -277,23 +277,6 @@ static void gemm_q4_0_avx512(int64_t n, const void *w, uint64_t w_stride, int n_
     gemm_q0(false, false, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
 }
 
-static void gemm_x8_q4_0_avx512(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
-                               const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
-                               void *panel) {
-    gemm_q0(false, true, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
-}
-
-static void gemv_x8_q4_0_avx512(int64_t n, const void *p, int64_t n_panels, const void *xq,
-                               const struct cpu_gemm_xblock *xi, float *out) {
-    gemv_x8_q0(n, p, n_panels, xq, xi, out);
-}
-
-static void gemv_x8_q4_K_avx512(int64_t n, const void *p, int64_t n_panels, const void *xq,
-                                const struct cpu_gemm_xblock *xi, float *out) {
-    (void)xi;
-    gemv_x8_q4_K(n, p, n_panels, xq, out);
-}
-
 static void gemm_q8_0_avx512(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
                              const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
                              void *panel) {
@@ -395,8 +378,8 @@ static const struct cpu_kernels kernels_avx512 = {
     .dot_q_xi = {[DTYPE_Q4_0] = dot_q4_0_xi, [DTYPE_Q8_0] = dot_q8_0_xi},
     .dot_q_xi_rows = {[DTYPE_Q4_0] = dot_q4_0_xi_rows, [DTYPE_Q8_0] = dot_q8_0_xi_rows},
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx512, [DTYPE_Q8_0] = gemm_q8_0_avx512},
-    .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0_avx512, [DTYPE_Q4_K] = gemv_x8_q4_K_avx512},
-    .gemm_x8 = {[DTYPE_Q4_0] = gemm_x8_q4_0_avx512},
+    .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0, [DTYPE_Q4_K] = gemv_x8_q4_K},
+    .gemm_x8 = {[DTYPE_Q4_0] = gemm_x8_q4_0},
     .axpy = {[DTYPE_Q4_0] = axpy_q4_0_avx512, [DTYPE_Q8_0] = axpy_q8_0_avx512},
     .axpy4 = {[DTYPE_Q4_0] = axpy4_q4_0_avx512, [DTYPE_Q8_0] = axpy4_q8_0_avx512},
 };
