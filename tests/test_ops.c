@@ -424,7 +424,8 @@ static void compare_x8(const char *name, const struct cpu_kernels *k) {
                 for (int64_t kp = 0; kp < np; kp++)
                     CHECK(cpu_pack_x8(t, n, w + kp * CPU_X8_ROWS * wrow, wrow, p + kp * ps), "pack %s", dtype_name(t));
                 for (int64_t r = 0; r < n_rows; r++)
-                    for (int64_t i = 0; i < nb; i++) layout_bad += x8_layout_diff(t, p, ps, r, i, w + r * wrow + i * bsz);
+                    for (int64_t i = 0; i < nb; i++)
+                        layout_bad += x8_layout_diff(t, p, ps, r, i, w + r * wrow + i * bsz);
                 for (int64_t tk = 0; tk < 16; tk++) {
                     for (int64_t i = 0; i < n; i++) x[i] = frand() * (tk % 3 == 2 ? 50.0f : 1.0f);
                     k->quantize[vt](n, x, xq + tk * xrow);

@@ -4,10 +4,10 @@
  * from files compiled with AVX2): the repacked weight panel, and the
  * micro-tiles over it; and the kernels on the x8 panels made at load
  * (ops.h): gemm_x8_q4_0 (the GEMM's panel unpacked from one), gemv_x8_q4_0
- * and gemv_x8_q4_K (decode), static in each includer. The includer first defines the integer step,
- * gemm_acc(q8, s, wq, |wq|, xb): s plus the 4-value dots of 8 rows (wq)
- * with an input's broadcast 4 bytes (xb), and gemm_block_sum(q8, s): a
- * block's int32 sums from s.
+ * and gemv_x8_q4_K (decode), static in each includer. The includer first
+ * defines the integer step, gemm_acc(q8, s, wq, |wq|, xb): s plus the
+ * 4-value dots of 8 rows (wq) with an input's broadcast 4 bytes (xb), and
+ * gemm_block_sum(q8, s): a block's int32 sums from s.
  *
  * Layout, per 32-value block of 8 weight rows (288 bytes):
  *   float d[8]         the rows' scales
@@ -203,6 +203,7 @@ static inline void gemm_q0(const bool Q8, const bool X8, int64_t n, const void *
         }
     }
 }
+
 /* The prompt GEMM (cpu_gemm_fn) on one q4_0 x8 panel (w; w_stride and
  * n_rows unused: a panel holds 8 rows). */
 static void gemm_x8_q4_0(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,

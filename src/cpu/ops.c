@@ -280,7 +280,8 @@ bool cpu_pack_x8(uint32_t type, int64_t n, const void *w, uint64_t w_stride, voi
                 const block_q4_K *b = (const block_q4_K *)((const char *)w + (uint64_t)r * w_stride) + i;
                 p[i].d[r] = b->d;
                 p[i].dmin[r] = b->dmin;
-                for (int j = 0; j < 8; j++) quant_scale_min_k4(j, b->scales, &p[i].sc[j][r], &p[i].mn[j / 2][2 * r + j % 2]);
+                for (int j = 0; j < 8; j++)
+                    quant_scale_min_k4(j, b->scales, &p[i].sc[j][r], &p[i].mn[j / 2][2 * r + j % 2]);
                 for (int c = 0; c < 4; c++)
                     for (int g = 0; g < 8; g++) memcpy(&p[i].q[c][g][4 * r], b->qs + 32 * c + 4 * g, 4);
             }

@@ -140,9 +140,6 @@ uint64_t cpu_x8_panel_size(uint32_t type, int64_t n);
  * dot_q, not its bits (tests/test_ops.c states the tolerance). */
 typedef void (*cpu_gemv_x8_fn)(int64_t n, const void *p, int64_t n_panels, const void *xq,
                                const struct cpu_gemm_xblock *xi, float *out);
-/* The prompt GEMM (cpu_gemm_fn, same arguments) on one panel: w is the
- * panel, w_stride is ignored, n_rows is CPU_X8_ROWS. */
-
 /* Quantize n activations (a multiple of the block size) into blocks. */
 typedef void (*cpu_quantize_fn)(int64_t n, const float *x, void *dst);
 /* y[i] += a * w[i] for a weight row (or whole blocks of one) of type T:
@@ -178,10 +175,11 @@ struct cpu_kernels {
     cpu_gemm_fn gemm[DTYPE_COUNT];          /* optional: NULL = the tiles  */
     cpu_gemv_x8_fn gemv_x8[DTYPE_COUNT];    /* decode on x8 panels, where
                                                the type has the layout    */
-    cpu_gemm_fn gemm_x8[DTYPE_COUNT];       /* prompt GEMM on x8 panels;
-                                               NULL in the scalar table:
-                                               model.c repacks only where
-                                               both are                   */
+    cpu_gemm_fn gemm_x8[DTYPE_COUNT];       /* the prompt GEMM on one x8
+                                               panel (w; w_stride unused,
+                                               n_rows 8); NULL in the
+                                               scalar table: model.c
+                                               repacks only where both are */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:
                                                to_f32, then a loop         */
