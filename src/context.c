@@ -572,10 +572,12 @@ static void attention_run(void *arg, int ith, int nth) {
     const float *kc = kv->k + (uint64_t)job->il * kv->n_cells * n_kv;
     const float *vc = kv->v + (uint64_t)job->il * kv->n_cells * n_kv;
     const cpu_dot_fn dot = ctx->kern->dot[DTYPE_F32];
+    const cpu_axpy_fn axpy = ctx->kern->axpy[DTYPE_F32]; /* out += w v: gcc -O2 leaves the loop scalar */
     float *sc = ctx->scores + (uint64_t)ith * kv->n_cells;
-    int64_t p0, p1;
-    threadpool_split((int64_t)job->batch->n_tokens * hp->n_head, ith, nth, &p0, &p1);
-    for (int64_t p = p0; p < p1; p++) {
+    /* (token, head) pairs dealt round-robin: a prompt's later tokens see
+     * more cells, so contiguous ranges left the first thread waiting */
+    const int64_t n_pairs = (int64_t)job->batch->n_tokens * hp->n_head;
+    for (int64_t p = ith; p < n_pairs; p += nth) {
         const int32_t t = (int32_t)(p / hp->n_head), h = (int32_t)(p % hp->n_head);
         const int32_t pos = job->batch->pos[t], seq = job->batch->seq_id[t];
         const float *q = ctx->q + t * n_q + h * hd;
@@ -599,9 +601,7 @@ static void attention_run(void *arg, int ith, int nth) {
         const float inv = 1.0f / sum; /* sum >= 1: the token's own cell */
         for (uint32_t c = 0; c < kv->n_used_hi; c++) {
             if (sc[c] == 0.0f) continue;
-            const float wgt = sc[c] * inv;
-            const float *vv = vc + c * n_kv + koff;
-            for (int64_t d = 0; d < hd; d++) out[d] += wgt * vv[d];
+            axpy(hd, sc[c] * inv, vc + c * n_kv + koff, out);
         }
     }
 }
