@@ -75,7 +75,7 @@ static void usage(FILE *out) {
             "      --no-mmap            read the model into memory (huge pages where the OS gives them)\n"
             "                           instead of mapping the file\n"
             "      --no-repack          multiply q4_0/q4_k weights from the file's rows, not a copy repacked\n"
-            "                           at load for the CPU kernels (saves that memory; slower)\n"
+            "                           at load for the CPU kernels (faster load, slower decode)\n"
             "      --temp T             temperature, 0 = greedy (default 0.8)\n"
             "      --top-k K            top-k, 0 = off (default 40)\n"
             "      --top-p P            top-p, 1 = off (default 0.95)\n"

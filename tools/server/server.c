@@ -51,7 +51,7 @@ static void usage(FILE *f) {
                "  --vram-budget GIB       CUDA builds: offload the most layers that fit GIB of VRAM\n"
                "  --no-mmap               read the model into memory (huge pages where the OS gives them)\n"
                "  --no-repack             multiply q4_0/q4_k weights from the file's rows, not a copy repacked at\n"
-               "                          load for the CPU kernels (saves that memory; slower)\n"
+               "                          load for the CPU kernels (faster load, slower decode)\n"
                "  --api-key KEY           require 'Authorization: Bearer KEY' (all endpoints but /health and /)\n"
                "  --chat-template T       built-in name (llama2, llama3, chatml, mistral, gemma, phi3) or a file\n"
                "                          holding a Jinja template (default: the model's)\n"
