@@ -33,15 +33,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 optiml_context_params optiml_context_default_params(void) {
     return (optiml_context_params){.n_ctx = 0, .n_batch = 512, .n_seq_max = 1, .n_threads = 0, .sparse_mode = 0};
-}
-
-static int default_threads(void) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
 }
 
 static void rope_init(optiml_context *ctx) {
@@ -154,7 +148,7 @@ optiml_status optiml_context_init(const optiml_model *model, const optiml_contex
     if (p.n_batch == 0) p.n_batch = 512;
     if (p.n_batch > p.n_ctx) p.n_batch = p.n_ctx;
     if (p.n_seq_max == 0) p.n_seq_max = 1;
-    if (p.n_threads <= 0) p.n_threads = default_threads();
+    if (p.n_threads <= 0) p.n_threads = threadpool_default_threads();
     if (p.n_ctx > (1u << 24) || p.n_seq_max > KV_SEQ_MAX)
         return optiml_fail(OPTIML_ERR_INVALID_ARG, "context: n_ctx %u (max %u) or n_seq_max %u (max %d) out of range",
                            p.n_ctx, 1u << 24, p.n_seq_max, KV_SEQ_MAX);

@@ -460,8 +460,7 @@ static optiml_status model_repack(optiml_model *m, const optiml_model_params *pa
     optiml_status st = OPTIML_OK;
     for (int32_t i = 0; i < job.n && st == OPTIML_OK; i++) st = alloc_x8(ts[i], cpu_kernels_best());
     struct threadpool *tp = NULL;
-    const long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
-    if (st == OPTIML_OK) st = threadpool_init(n_cpu < 1 ? 1 : n_cpu > 64 ? 64 : (int)n_cpu, &tp);
+    if (st == OPTIML_OK) st = threadpool_init(threadpool_default_threads(), &tp);
     if (st == OPTIML_OK) threadpool_run(tp, repack_run, &job);
     threadpool_free(tp);
     free(ts);

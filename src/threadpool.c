@@ -23,6 +23,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -90,6 +91,11 @@ static void *worker_main(void *p) {
         atomic_fetch_add_explicit(&tp->n_done, 1, memory_order_release);
     }
     return NULL;
+}
+
+int threadpool_default_threads(void) {
+    const long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > 64 ? 64 : (int)n);
 }
 
 optiml_status threadpool_init(int n_threads, struct threadpool **out) {

@@ -21,6 +21,9 @@ struct threadpool;
 
 typedef void (*threadpool_fn)(void *arg, int ith, int nth);
 
+/* The online CPUs, 1..64: the thread count when none is asked for. */
+int threadpool_default_threads(void);
+
 /* n_threads >= 1 (1 = no worker threads: run() calls fn inline). */
 optiml_status threadpool_init(int n_threads, struct threadpool **out);
 void threadpool_free(struct threadpool *tp); /* NULL is a no-op */

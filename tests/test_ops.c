@@ -404,7 +404,7 @@ static void compare_x8(const char *name, const struct cpu_kernels *k) {
         const bool q40 = t == DTYPE_Q4_0;
         const uint32_t vt = k->vec_dot_type[t];
         const int64_t *sz = q40 ? sizes_q4_0 : sizes;
-        const size_t n_sz = q40 ? 4 : 3;
+        const size_t n_sz = q40 ? sizeof(sizes_q4_0) / sizeof(sizes_q4_0[0]) : sizeof(sizes) / sizeof(sizes[0]);
         int cases = 0, layout_bad = 0, differ = 0, past = 0, gemm_differ = 0, gemm_cases = 0;
         double worst = 0.0;
         for (size_t si = 0; si < n_sz; si++)
