@@ -322,12 +322,17 @@ static const void *x8_panel(const struct tensor *w, int64_t r) {
 static void matmul_rows_gemm(const struct matmul_job *job, int j, int64_t r0, int64_t r1, int ith) {
     const struct tensor *w = job->w[j];
     const cpu_gemm_fn gemm = job->kern->gemm[w->type], gemm_x8 = job->kern->gemm_x8[w->type];
+    const cpu_gemm_fn gemm_x16 = job->kern->gemm_x16[w->type];
     const int64_t n_out = w->ne[1], x8 = x8_end(w, r0, r1);
     const struct cpu_gemm_xblock *xi = job->kern->vec_dot_type[w->type] == DTYPE_Q8_0 ? job->gemm_xi : NULL;
     void *panel = job->gemm_panel + (uint64_t)ith * job->gemm_panel_size;
     for (int64_t r = r0; r < r1; r += CPU_GEMM_ROWS) {
         const int n_rows = r1 - r < CPU_GEMM_ROWS ? (int)(r1 - r) : CPU_GEMM_ROWS;
-        if (r < x8)
+        if (gemm_x16 && r + 2 * CPU_X8_ROWS <= x8) { /* two panels at once */
+            gemm_x16(w->ne[0], x8_panel(w, r), 0, 2 * CPU_X8_ROWS, job->xq[j], job->xq_row[j], xi, job->n_tok,
+                     job->y[j] + r, (uint64_t)n_out, job->accumulate, panel);
+            r += CPU_X8_ROWS;
+        } else if (r < x8)
             gemm_x8(w->ne[0], x8_panel(w, r), 0, CPU_X8_ROWS, job->xq[j], job->xq_row[j], xi, job->n_tok,
                     job->y[j] + r, (uint64_t)n_out, job->accumulate, panel);
         else

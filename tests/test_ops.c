@@ -398,14 +398,15 @@ static void compare_x8(const char *name, const struct cpu_kernels *k) {
     static const int64_t sizes[] = {256, 512, 4352};
     static const int64_t sizes_q4_0[] = {32, 96, 256, 4128};
     static const int64_t panels[] = {1, 2, 3};
-    static const int64_t toks[] = {4, 5, 8, 13};
+    static const int64_t toks[] = {4, 5, 8, 13, 16};
     for (uint32_t t = 0; t < DTYPE_COUNT; t++) {
         if (!k->gemv_x8[t]) continue;
         const bool q40 = t == DTYPE_Q4_0;
         const uint32_t vt = k->vec_dot_type[t];
         const int64_t *sz = q40 ? sizes_q4_0 : sizes;
         const size_t n_sz = q40 ? sizeof(sizes_q4_0) / sizeof(sizes_q4_0[0]) : sizeof(sizes) / sizeof(sizes[0]);
-        int cases = 0, layout_bad = 0, differ = 0, past = 0, gemm_differ = 0, gemm_cases = 0;
+        int cases = 0, layout_bad = 0, differ = 0, past = 0, gemm_differ = 0, gemm_cases = 0, x16_differ = 0;
+        int x16_cases = 0;
         double worst = 0.0;
         for (size_t si = 0; si < n_sz; si++)
             for (size_t pi = 0; pi < sizeof(panels) / sizeof(panels[0]); pi++, cases++) {
@@ -456,15 +457,31 @@ static void compare_x8(const char *name, const struct cpu_kernels *k) {
                     gemm_differ += memcmp(y1, y2, nt * 8 * sizeof(float)) != 0;
                     free(y1), free(y2), free(panel);
                 }
+                /* gemm_x16: two panels at once, against gemm on their 16 rows */
+                for (size_t ti = 0; k->gemm_x16[t] && np >= 2 && ti < sizeof(toks) / sizeof(toks[0]); ti++) {
+                    const int64_t nt = toks[ti];
+                    float *y1 = malloc(nt * 16 * sizeof(float)), *y2 = malloc(nt * 16 * sizeof(float));
+                    void *panel = aligned_alloc(64, (cpu_gemm_panel_size(n) + 63) / 64 * 64);
+                    for (int64_t i = 0; i < nt * 16; i++) y1[i] = y2[i] = frand();
+                    const bool acc = ti % 2 == 0;
+                    k->gemm[t](n, w, wrow, 8, xq, xrow, xi_or, nt, y1, 16, acc, panel);
+                    k->gemm[t](n, w + 8 * wrow, wrow, 8, xq, xrow, xi_or, nt, y1 + 8, 16, acc, panel);
+                    k->gemm_x16[t](n, p, 0, 16, xq, xrow, xi_or, nt, y2, 16, acc, panel);
+                    x16_differ += memcmp(y1, y2, nt * 16 * sizeof(float)) != 0;
+                    x16_cases++;
+                    free(y1), free(y2), free(panel);
+                }
                 free(w), free(p), free(xq), free(x), free(wf), free(xf), free(got), free(want), free(xi);
             }
         printf("%s gemv_x8 %-4s: %d cases, layout %d off, %d differ from the reference gemv_x8, max relative "
-               "difference %.3g vs reference dot_q; gemm_x8: %d cases, %d differ from gemm\n", name, dtype_name(t),
-               cases, layout_bad, differ, worst, gemm_cases, gemm_differ);
+               "difference %.3g vs reference dot_q; gemm_x8: %d cases, %d differ from gemm; gemm_x16: %d cases, %d "
+               "differ\n",
+               name, dtype_name(t), cases, layout_bad, differ, worst, gemm_cases, gemm_differ, x16_cases, x16_differ);
         CHECK(cases > 0 && layout_bad == 0, "%s x8 layout %s", name, dtype_name(t));
         CHECK(differ == 0 && past == 0, "%s gemv_x8 %s", name, dtype_name(t));
         CHECK(worst <= 1e-5, "%s gemv_x8 %s vs dot_q: %g", name, dtype_name(t), worst);
         CHECK(gemm_differ == 0, "%s gemm_x8 %s", name, dtype_name(t));
+        CHECK(x16_differ == 0 && (x16_cases > 0) == (k->gemm_x16[t] != NULL), "%s gemm_x16 %s", name, dtype_name(t));
     }
 }
 
@@ -604,26 +621,7 @@ int main(void) {
         }
         printf("testing table %s\n", tables[i].name);
         struct cpu_kernels k = *cpu_kernels_ref();
-        const struct cpu_kernels *v = tables[i].k;
-        for (int t = 0; t < DTYPE_COUNT; t++) {
-            if (v->dot[t]) k.dot[t] = v->dot[t];
-            if (v->to_f32[t]) k.to_f32[t] = v->to_f32[t];
-            if (v->dot_q[t]) {
-                k.dot_q[t] = v->dot_q[t];
-                k.dot_q_x4[t] = v->dot_q_x4[t];
-                k.dot_q_2x1[t] = v->dot_q_2x1[t];
-                k.dot_q_2x4[t] = v->dot_q_2x4[t];
-                k.dot_q_next[t] = v->dot_q_next[t];
-                k.dot_q_xi[t] = v->dot_q_xi[t];
-                k.dot_q_xi_rows[t] = v->dot_q_xi_rows[t];
-            }
-            if (v->gemm[t]) k.gemm[t] = v->gemm[t];
-            if (v->gemv_x8[t]) k.gemv_x8[t] = v->gemv_x8[t];
-            if (v->gemm_x8[t]) k.gemm_x8[t] = v->gemm_x8[t];
-            if (v->quantize[t]) k.quantize[t] = v->quantize[t];
-            if (v->axpy[t]) k.axpy[t] = v->axpy[t];
-            if (v->axpy4[t]) k.axpy4[t] = v->axpy4[t];
-        }
+        cpu_kernels_merge(&k, tables[i].k);
         compare(tables[i].name, &k);
         compare_quant(tables[i].name, &k);
         compare_axpy(tables[i].name, &k);

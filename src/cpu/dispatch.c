@@ -38,7 +38,7 @@ bool cpu_has_avx512vnni(void) {
 static struct cpu_kernels best;
 static pthread_once_t best_once = PTHREAD_ONCE_INIT;
 
-static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
+void cpu_kernels_merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
     if (!src) return;
     dst->name = src->name;
     for (int t = 0; t < DTYPE_COUNT; t++) {
@@ -57,6 +57,7 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
         if (src->gemm[t]) dst->gemm[t] = src->gemm[t];
         if (src->gemv_x8[t]) dst->gemv_x8[t] = src->gemv_x8[t];
         if (src->gemm_x8[t]) dst->gemm_x8[t] = src->gemm_x8[t];
+        if (src->gemm_x16[t]) dst->gemm_x16[t] = src->gemm_x16[t];
         if (src->quantize[t]) dst->quantize[t] = src->quantize[t];
         if (src->axpy[t]) dst->axpy[t] = src->axpy[t];
         if (src->axpy4[t]) dst->axpy4[t] = src->axpy4[t];
@@ -66,8 +67,8 @@ static void merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
 static void best_init(void) {
     best = *cpu_kernels_ref();
 #if defined(OPTIML_X86)
-    merge(&best, cpu_kernels_avx2());
-    merge(&best, cpu_kernels_avx512vnni()); /* its missing entries stay avx2's */
+    cpu_kernels_merge(&best, cpu_kernels_avx2());
+    cpu_kernels_merge(&best, cpu_kernels_avx512vnni()); /* its missing entries stay avx2's */
 #endif
 }
 

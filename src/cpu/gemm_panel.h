@@ -128,28 +128,31 @@ static inline __m256i gemm_x4(const void *x, int64_t i, int g) {
 /* A micro-tile of 8 rows x T inputs (T <= 4), blocks [i0, i1): T float
  * accumulators (one lane per row) and T integer ones, in 16 registers.
  * q4_0: v = dx (sum - 8 sum x) as dx sum + m8 (exact m8, one rounding). */
+#ifndef GEMM_T
+#define GEMM_T 4
+#endif
 #define TILE_T for (int t = 0; t < T; t++)
 static inline __attribute__((always_inline)) void gemm_tile_q0(const int T, const bool Q8, int64_t i0, int64_t i1,
                                                                const struct gemm_block *p, const char *xq, uint64_t xs,
                                                                const struct cpu_gemm_xblock *xi, int64_t nb,
                                                                __m256 *acc) {
     for (int64_t i = i0; i < i1; i++) {
-        __m256i s[4];
+        __m256i s[GEMM_T];
         TILE_T s[t] = _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int g = 0; g < 8; g++) {
             const __m256i wq = _mm256_load_si256((const __m256i *)p[i].q[g]);
             const __m256i wa = Q8 ? _mm256_sign_epi8(wq, wq) : wq;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             TILE_T {
                 s[t] = gemm_acc(Q8, s[t], wq, wa, gemm_x4(xq + t * xs, i, g));
                 /* keeps each sum a chain: gcc otherwise regroups the 8
                  * terms into trees whose partial sums spill (2x slower) */
-                __asm__("" : "+x"(s[t]));
+                __asm__("" : "+v"(s[t]));
             }
         }
         const __m256 dw = _mm256_load_ps(p[i].d);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         TILE_T {
             const struct cpu_gemm_xblock *b = xi + t * nb + i;
             const __m256 dx = _mm256_set1_ps(b->d), si = _mm256_cvtepi32_ps(gemm_block_sum(Q8, s[t]));
@@ -165,7 +168,7 @@ static inline __attribute__((always_inline)) void gemm_tokens_q0(const int T, co
                                                                  uint64_t xs, const struct cpu_gemm_xblock *xi,
                                                                  int64_t nb, int64_t t0, float *y, uint64_t ys,
                                                                  int n_rows, bool load_y) {
-    __m256 acc[4];
+    __m256 acc[GEMM_T];
     TILE_T acc[t] = load_y ? gemm_load8(y + (t0 + t) * ys, n_rows) : _mm256_setzero_ps();
     gemm_tile_q0(T, Q8, i0, i1, p, xq + t0 * xs, xs, xi + t0 * nb, nb, acc);
     TILE_T gemm_store8(y + (t0 + t) * ys, acc[t], n_rows);
@@ -193,7 +196,12 @@ static inline void gemm_q0(const bool Q8, const bool X8, int64_t n, const void *
             const int64_t i1 = i0 + GEMM_BLOCKS < nb ? i0 + GEMM_BLOCKS : nb;
             const bool load_y = i0 > 0 || accumulate;
             int64_t t = c0;
-            for (; t + 4 <= c1; t += 4) gemm_tokens_q0(4, Q8, i0, i1, p, xq, xs, xi, nb, t, y, ys, n_rows, load_y);
+            for (; t + GEMM_T <= c1; t += GEMM_T)
+                gemm_tokens_q0(GEMM_T, Q8, i0, i1, p, xq, xs, xi, nb, t, y, ys, n_rows, load_y);
+            if (GEMM_T > 4 && c1 - t >= 4) {
+                gemm_tokens_q0(4, Q8, i0, i1, p, xq, xs, xi, nb, t, y, ys, n_rows, load_y);
+                t += 4;
+            }
             switch (c1 - t) {
             case 3: gemm_tokens_q0(3, Q8, i0, i1, p, xq, xs, xi, nb, t, y, ys, n_rows, load_y); break;
             case 2: gemm_tokens_q0(2, Q8, i0, i1, p, xq, xs, xi, nb, t, y, ys, n_rows, load_y); break;

@@ -83,8 +83,9 @@ typedef void (*cpu_gemm_fn)(int64_t n, const void *w, uint64_t w_stride, int n_r
 static inline int64_t cpu_gemm_min_tokens(uint32_t type) {
     return type == DTYPE_Q4_K || type == DTYPE_Q6_K ? 8 : CPU_GEMM_MIN_TOKENS;
 }
-/* 9 bytes a value for q4_0 / q8_0, 11.25 for q4_k / q6_k (ops_avx2.c) */
-static inline uint64_t cpu_gemm_panel_size(int64_t n) { return 12 * (uint64_t)n + 64; }
+/* 9 bytes a value for q4_0 / q8_0, 11.25 for q4_k / q6_k (ops_avx2.c),
+ * 18 for gemm_x16's 16 rows of q4_0 (ops_avx512.c); 64-byte aligned */
+static inline uint64_t cpu_gemm_panel_size(int64_t n) { return 18 * (uint64_t)n + 64; }
 /* The per-block scale and offset term of a q8_0 row of n values. */
 void cpu_gemm_prep_q8_0(int64_t n, const void *xq, struct cpu_gemm_xblock *dst);
 /* The scalar twin of gemm[type] (no panel): dot_q of the reference table
@@ -180,6 +181,9 @@ struct cpu_kernels {
                                                n_rows 8); NULL in the
                                                scalar table: model.c
                                                repacks only where both are */
+    cpu_gemm_fn gemm_x16[DTYPE_COUNT];      /* optional: the prompt GEMM on
+                                               two consecutive x8 panels
+                                               (16 rows; w the first) */
     cpu_quantize_fn quantize[DTYPE_COUNT];  /* activation quantizers        */
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:
                                                to_f32, then a loop         */
@@ -195,6 +199,10 @@ static inline bool cpu_kernels_can_matmul(const struct cpu_kernels *k, uint32_t 
 
 /* The scalar reference kernels (every supported type). */
 const struct cpu_kernels *cpu_kernels_ref(void);
+/* dst's entries replaced by src's non-NULL ones (a dot_q's tiles with it,
+ * NULL or not: they must give its bits), and dst's name by src's; src
+ * NULL: nothing. */
+void cpu_kernels_merge(struct cpu_kernels *dst, const struct cpu_kernels *src);
 /* The fastest kernels this CPU runs (checked with cpuid once). */
 const struct cpu_kernels *cpu_kernels_best(void);
 #if defined(OPTIML_X86)

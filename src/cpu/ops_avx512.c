@@ -269,6 +269,7 @@ static inline __m256i gemm_block_sum(bool q8, __m256i s) {
     return s;
 }
 
+#define GEMM_T 8
 #include "cpu/gemm_panel.h"
 
 static void gemm_q4_0_avx512(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
@@ -282,6 +283,104 @@ static void gemm_q8_0_avx512(int64_t n, const void *w, uint64_t w_stride, int n_
                              void *panel) {
     gemm_q0(true, false, n, w, w_stride, n_rows, xq, xs, xi, n_tok, y, ys, accumulate, panel);
 }
+
+/* ---- prompt GEMM on two x8 panels: 16 rows a vector --------------------
+ * The q4_0 GEMM of gemm_panel.h on zmm: a block of 16 rows (two
+ * consecutive x8 panels, unpacked into gemm_block16) times T inputs, one
+ * vpdpbusd per input and group with the input's 4 bytes as an embedded
+ * broadcast. On the dev EPYC (Zen 4) vpdpbusd has 4 cycles' latency and
+ * runs 2 ymm or 1 zmm a cycle: the 8-row tile's 4 ymm chains reached half
+ * of that, and 8 ymm chains were held back by their loads (9 per 8
+ * vpdpbusd); 4 or more zmm chains run at the peak (scratch benchmarks,
+ * bench/RESULTS.md). Per lane the same integer and float steps as
+ * gemm_tile_q0, in the same order: equal to gemm and gemm_x8 bit for bit. */
+struct gemm_block16 {
+    float d[16];
+    uint8_t q[8][64]; /* q[g][4r + j] = value 4g + j of row r (r < 16) */
+};
+
+static inline void gemm_pack_x16_q4_0(int64_t nb, const struct cpu_x8_q4_0 *a, struct gemm_block16 *p) {
+    const __m512i m4 = _mm512_set1_epi8(0xF);
+    const struct cpu_x8_q4_0 *b = a + nb; /* the second panel */
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256i dh = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a[i].d)),
+                                                   _mm_loadu_si128((const __m128i *)b[i].d), 1);
+        _mm512_store_ps(p[i].d, _mm512_cvtph_ps(dh));
+        for (int g = 0; g < 4; g++) {
+            const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a[i].q[g])),
+                                                 _mm256_loadu_si256((const __m256i *)b[i].q[g]), 1);
+            _mm512_store_si512(p[i].q[g], _mm512_and_si512(v, m4));
+            _mm512_store_si512(p[i].q[g + 4], _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+        }
+    }
+}
+
+#define X16_T for (int t = 0; t < T; t++)
+static inline __attribute__((always_inline)) void gemm_tokens_x16(const int T, int64_t i0, int64_t i1,
+                                                                  const struct gemm_block16 *p, const char *xq,
+                                                                  uint64_t xs, const struct cpu_gemm_xblock *xi,
+                                                                  int64_t nb, float *y, uint64_t ys, bool load_y) {
+    __m512 acc[8];
+    X16_T acc[t] = load_y ? _mm512_loadu_ps(y + t * ys) : _mm512_setzero_ps();
+    for (int64_t i = i0; i < i1; i++) {
+        __m512i s[8];
+        X16_T s[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            const __m512i wq = _mm512_load_si512(p[i].q[g]);
+#pragma GCC unroll 8
+            X16_T {
+                int32_t v;
+                memcpy(&v, ((const block_q8_0 *)(xq + t * xs) + i)->qs + 4 * g, 4);
+                s[t] = _mm512_dpbusd_epi32(s[t], wq, _mm512_set1_epi32(v));
+                __asm__("" : "+v"(s[t])); /* one chain per input, as gemm_tile_q0 */
+            }
+        }
+        const __m512 dw = _mm512_load_ps(p[i].d);
+#pragma GCC unroll 8
+        X16_T {
+            const struct cpu_gemm_xblock *b = xi + t * nb + i;
+            const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(b->d), _mm512_cvtepi32_ps(s[t]), _mm512_set1_ps(b->m8));
+            acc[t] = _mm512_fmadd_ps(dw, v, acc[t]);
+        }
+    }
+    X16_T _mm512_storeu_ps(y + t * ys, acc[t]);
+}
+
+/* 8 inputs over 64 blocks at a time: on the dev EPYC (Zen 4, 32 KiB L1d)
+ * 8 x 64 and 8 x 128 gave 149-154 GMAC/s a core, 8 x 16 145, 16 x 16
+ * 135, 16 x 32 144, 4 x 32 147 (4096 x 4096 and 11008 x 4096 times 64
+ * inputs, the best of 6 alternating runs; .xx scratch benchmark). */
+#define X16_TOKENS 8
+#define X16_BLOCKS 64
+/* cpu_gemm_fn on the two x8 panels at w (w_stride and n_rows unused). */
+static void gemm_x16_q4_0(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                          const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                          void *panel) {
+    (void)w_stride, (void)n_rows;
+    const int64_t nb = n / 32;
+    struct gemm_block16 *p = panel;
+    gemm_pack_x16_q4_0(nb, w, p);
+    const char *x = xq;
+    for (int64_t c0 = 0; c0 < n_tok; c0 += X16_TOKENS) {
+        const int64_t c1 = c0 + X16_TOKENS < n_tok ? c0 + X16_TOKENS : n_tok;
+        for (int64_t i0 = 0; i0 < nb; i0 += X16_BLOCKS) {
+            const int64_t i1 = i0 + X16_BLOCKS < nb ? i0 + X16_BLOCKS : nb;
+            const bool load_y = i0 > 0 || accumulate;
+            for (int64_t t = c0; t < c1;) {
+                const int64_t k = c1 - t;
+#define X16_CALL(TT) gemm_tokens_x16(TT, i0, i1, p, x + t * xs, xs, xi + t * nb, nb, y + t * ys, ys, load_y)
+                if (k >= 8) X16_CALL(8), t += 8;
+                else if (k >= 4) X16_CALL(4), t += 4;
+                else if (k == 3) X16_CALL(3), t += 3;
+                else if (k == 2) X16_CALL(2), t += 2;
+                else X16_CALL(1), t += 1;
+#undef X16_CALL
+            }
+        }
+    }
+}
+#undef X16_T
 
 /* ---- axpy (sparse down rows): 16 lanes, a q4_0/q8_0 block in two vectors ----
  * y is loaded and stored once per block for all the rows (1 or 4); each
@@ -380,6 +479,7 @@ static const struct cpu_kernels kernels_avx512 = {
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx512, [DTYPE_Q8_0] = gemm_q8_0_avx512},
     .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0, [DTYPE_Q4_K] = gemv_x8_q4_K},
     .gemm_x8 = {[DTYPE_Q4_0] = gemm_x8_q4_0},
+    .gemm_x16 = {[DTYPE_Q4_0] = gemm_x16_q4_0},
     .axpy = {[DTYPE_Q4_0] = axpy_q4_0_avx512, [DTYPE_Q8_0] = axpy_q8_0_avx512},
     .axpy4 = {[DTYPE_Q4_0] = axpy4_q4_0_avx512, [DTYPE_Q8_0] = axpy4_q8_0_avx512},
 };
