@@ -83,9 +83,10 @@ typedef void (*cpu_gemm_fn)(int64_t n, const void *w, uint64_t w_stride, int n_r
 static inline int64_t cpu_gemm_min_tokens(uint32_t type) {
     return type == DTYPE_Q4_K || type == DTYPE_Q6_K ? 8 : CPU_GEMM_MIN_TOKENS;
 }
-/* 9 bytes a value for q4_0 / q8_0, 11.25 for q4_k / q6_k (ops_avx2.c),
- * 18 for gemm_x16's 16 rows of q4_0 (ops_avx512.c); 64-byte aligned */
-static inline uint64_t cpu_gemm_panel_size(int64_t n) { return 18 * (uint64_t)n + 64; }
+/* 9 bytes a value for q4_0 / q8_0, 11.25 for q4_k / q6_k (ops_avx2.c);
+ * gemm_x16's 16 rows (ops_avx512.c): 18 for q4_0, 20.5 for q4_k; 64-byte
+ * aligned */
+static inline uint64_t cpu_gemm_panel_size(int64_t n) { return 21 * (uint64_t)n + 64; }
 /* The per-block scale and offset term of a q8_0 row of n values. */
 void cpu_gemm_prep_q8_0(int64_t n, const void *xq, struct cpu_gemm_xblock *dst);
 /* The scalar twin of gemm[type] (no panel): dot_q of the reference table

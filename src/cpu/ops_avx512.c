@@ -380,6 +380,134 @@ static void gemm_x16_q4_0(int64_t n, const void *w, uint64_t w_stride, int n_row
         }
     }
 }
+/* q4_k on two x8 panels (cpu/ops.h), 16 rows a zmm, as gemm_x16_q4_0.
+ * Per 256-value block of the 16 rows: the scales as int32 lanes, the mins
+ * as int16 pairs (m, m) for the input's 16-value sums two at a time, and
+ * the quants as 64 groups of 4 values (group 8j + g: values 4g..4g+3 of
+ * sub-block j). A half sub-block's 4 vpdpbusd from zero sum at most 16 *
+ * 15 * 128 < 2^15, so its int32 lanes are int16 values: one vpdpwssd
+ * with the scale lanes (s, 0) adds s * sum exactly. The integer sums, and
+ * then the float steps, equal gemm_tile_k's (the avx2 table's gemm): the
+ * same bits (test_ops). */
+struct gemm_kblock16 {
+    float d[16], dmin[16];
+    int32_t sc[8][16]; /* sc[j][r]: row r's scale of sub-block j */
+    int32_t mn[8][16]; /* mn[j][r]: (m, m), row r's min of sub-block j */
+    uint8_t q[64][64]; /* q[8j + g][4r + k]: value 4g + k of sub-block j */
+};
+
+static inline __m512i i512_pair(__m256i a, __m256i b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+}
+
+static inline void gemm_pack_x16_q4_K(int64_t nb, const struct cpu_x8_q4_K *a, struct gemm_kblock16 *p) {
+    const __m512i m4 = _mm512_set1_epi8(0xF), lo16 = _mm512_set1_epi32(0xFFFF);
+    const struct cpu_x8_q4_K *b = a + nb; /* the second panel */
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256i dh = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a[i].d)),
+                                                   _mm_loadu_si128((const __m128i *)b[i].d), 1);
+        const __m256i mh = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a[i].dmin)),
+            _mm_loadu_si128((const __m128i *)b[i].dmin), 1);
+        _mm512_store_ps(p[i].d, _mm512_cvtph_ps(dh));
+        _mm512_store_ps(p[i].dmin, _mm512_cvtph_ps(mh));
+        for (int j = 0; j < 8; j++) {
+            __m128i s = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)a[i].sc[j]),
+                                           _mm_loadl_epi64((const __m128i *)b[i].sc[j]));
+            _mm512_store_si512(p[i].sc[j], _mm512_cvtepu8_epi32(s));
+        }
+        for (int k = 0; k < 4; k++) { /* lanes (m_2k, m_2k+1) to (m_2k, m_2k) and (m_2k+1, m_2k+1) */
+            const __m512i v = i512_pair(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)a[i].mn[k])),
+                                        _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b[i].mn[k])));
+            const __m512i lo = _mm512_and_si512(v, lo16), hi = _mm512_srli_epi32(v, 16);
+            _mm512_store_si512(p[i].mn[2 * k], _mm512_or_si512(lo, _mm512_slli_epi32(lo, 16)));
+            _mm512_store_si512(p[i].mn[2 * k + 1], _mm512_or_si512(hi, _mm512_slli_epi32(hi, 16)));
+        }
+        for (int c = 0; c < 4; c++)
+            for (int g = 0; g < 8; g++) {
+                const __m512i v = i512_pair(_mm256_loadu_si256((const __m256i *)a[i].q[c][g]),
+                                            _mm256_loadu_si256((const __m256i *)b[i].q[c][g]));
+                _mm512_store_si512(p[i].q[16 * c + g], _mm512_and_si512(v, m4));
+                _mm512_store_si512(p[i].q[16 * c + 8 + g], _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+            }
+    }
+}
+
+static inline __attribute__((always_inline)) void gemm_tokens_x16k(const int T, int64_t i0, int64_t i1,
+                                                                   const struct gemm_kblock16 *p, const char *xq,
+                                                                   uint64_t xs, float *y, uint64_t ys, bool load_y) {
+    __m512 acc[8];
+    X16_T acc[t] = load_y ? _mm512_loadu_ps(y + t * ys) : _mm512_setzero_ps();
+    for (int64_t i = i0; i < i1; i++) {
+        __m512i s32[8];
+        X16_T s32[t] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            const __m512i sc = _mm512_load_si512(p[i].sc[j]);
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                __m512i hs[8];
+                X16_T hs[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int gg = 0; gg < 4; gg++) {
+                    const int g = 8 * j + 4 * h + gg;
+                    const __m512i wq = _mm512_load_si512(p[i].q[g]);
+#pragma GCC unroll 8
+                    X16_T {
+                        int32_t v;
+                        memcpy(&v, ((const block_q8_K *)(xq + t * xs) + i)->qs + 4 * g, 4);
+                        hs[t] = _mm512_dpbusd_epi32(hs[t], wq, _mm512_set1_epi32(v));
+                        __asm__("" : "+v"(hs[t]));
+                    }
+                }
+                X16_T s32[t] = _mm512_dpwssd_epi32(s32[t], hs[t], sc);
+            }
+        }
+        const __m512 dw = _mm512_load_ps(p[i].d), dm = _mm512_load_ps(p[i].dmin);
+#pragma GCC unroll 8
+        X16_T {
+            const block_q8_K *b = (const block_q8_K *)(xq + t * xs) + i;
+            __m512i o = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j++) {
+                int32_t b2;
+                memcpy(&b2, b->bsums + 2 * j, 4);
+                o = _mm512_dpwssd_epi32(o, _mm512_load_si512(p[i].mn[j]), _mm512_set1_epi32(b2));
+            }
+            const __m512 dx = _mm512_set1_ps(b->d);
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(s32[t]), acc[t]);
+            acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dm, dx), _mm512_cvtepi32_ps(o), acc[t]);
+        }
+    }
+    X16_T _mm512_storeu_ps(y + t * ys, acc[t]);
+}
+
+#define X16K_BLOCKS 16
+static void gemm_x16_q4_K(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                          const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                          void *panel) {
+    (void)w_stride, (void)n_rows, (void)xi;
+    const int64_t nb = n / QK_K;
+    struct gemm_kblock16 *p = panel;
+    gemm_pack_x16_q4_K(nb, w, p);
+    const char *x = xq;
+    for (int64_t c0 = 0; c0 < n_tok; c0 += X16_TOKENS) {
+        const int64_t c1 = c0 + X16_TOKENS < n_tok ? c0 + X16_TOKENS : n_tok;
+        for (int64_t i0 = 0; i0 < nb; i0 += X16K_BLOCKS) {
+            const int64_t i1 = i0 + X16K_BLOCKS < nb ? i0 + X16K_BLOCKS : nb;
+            const bool load_y = i0 > 0 || accumulate;
+            for (int64_t t = c0; t < c1;) {
+                const int64_t k = c1 - t;
+#define X16_CALL(TT) gemm_tokens_x16k(TT, i0, i1, p, x + t * xs, xs, y + t * ys, ys, load_y)
+                if (k >= 8) X16_CALL(8), t += 8;
+                else if (k >= 4) X16_CALL(4), t += 4;
+                else if (k == 3) X16_CALL(3), t += 3;
+                else if (k == 2) X16_CALL(2), t += 2;
+                else X16_CALL(1), t += 1;
+#undef X16_CALL
+            }
+        }
+    }
+}
+
 #undef X16_T
 
 /* ---- axpy (sparse down rows): 16 lanes, a q4_0/q8_0 block in two vectors ----
@@ -479,7 +607,7 @@ static const struct cpu_kernels kernels_avx512 = {
     .gemm = {[DTYPE_Q4_0] = gemm_q4_0_avx512, [DTYPE_Q8_0] = gemm_q8_0_avx512},
     .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0, [DTYPE_Q4_K] = gemv_x8_q4_K},
     .gemm_x8 = {[DTYPE_Q4_0] = gemm_x8_q4_0},
-    .gemm_x16 = {[DTYPE_Q4_0] = gemm_x16_q4_0},
+    .gemm_x16 = {[DTYPE_Q4_0] = gemm_x16_q4_0, [DTYPE_Q4_K] = gemm_x16_q4_K},
     .axpy = {[DTYPE_Q4_0] = axpy_q4_0_avx512, [DTYPE_Q8_0] = axpy_q8_0_avx512},
     .axpy4 = {[DTYPE_Q4_0] = axpy4_q4_0_avx512, [DTYPE_Q8_0] = axpy4_q8_0_avx512},
 };
