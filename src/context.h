@@ -46,7 +46,7 @@ struct optiml_context {
     float *att;      /* (n_batch, n_head * head_dim)                   */
     float *gate;     /* (n_batch, n_ff)                                */
     float *up;       /* (n_batch, n_ff)                                */
-    float *scores;   /* (n_threads, n_ctx) attention weights           */
+    float *scores;   /* (n_threads, 4, n_ctx) attention weights        */
     float *rope_inv_freq; /* (n_rot / 2)                              */
     float *rope_cs;  /* (n_batch, n_rot) cos, sin per token and pair  */
     uint32_t *cells; /* (n_batch) KV cell of each batch entry          */
