@@ -561,12 +561,12 @@ struct attention_job {
     int32_t il;
 };
 
-/* Up to ATT_TOKENS consecutive batch entries of one head per iteration:
- * scores over their cells, softmax, weighted sum of values. Each entry's
- * own steps are those of one entry alone, in the same order (the same
- * bits); a cell's key and value rows are read from L1 for the group's
- * second and later entries instead of from L2 (ATT_TOKENS score rows per
- * thread: ctx->scores). */
+/* Up to ATT_TOKENS (4) consecutive batch entries of one head per
+ * iteration: scores over their cells, softmax, weighted sum of values.
+ * Where all 4 see a cell, its key and value rows are read once for the 4
+ * (dot_f32_4x: the scores within float rounding of dot's; axpy_f32_4y:
+ * axpy's bits); elsewhere each entry takes its own dot and axpy. Score
+ * rows: ATT_TOKENS per thread in ctx->scores. */
 static void attention_run(void *arg, int ith, int nth) {
     const struct attention_job *job = arg;
     optiml_context *ctx = job->ctx;
@@ -580,6 +580,8 @@ static void attention_run(void *arg, int ith, int nth) {
     const float *vc = kv->v + (uint64_t)job->il * kv->n_cells * n_kv;
     const cpu_dot_fn dot = ctx->kern->dot[DTYPE_F32];
     const cpu_axpy_fn axpy = ctx->kern->axpy[DTYPE_F32]; /* out += w v: gcc -O2 leaves the loop scalar */
+    const cpu_dot_f32_4x_fn dot4 = ctx->kern->dot_f32_4x;
+    const cpu_axpy_f32_4y_fn axpy4 = ctx->kern->axpy_f32_4y;
     float *sc = ctx->scores + (uint64_t)ith * ATT_TOKENS * kv->n_cells;
     /* groups head by head, dealt round-robin: a prompt's later entries see
      * more cells, so contiguous ranges left the first thread waiting; and
@@ -605,12 +607,21 @@ static void attention_run(void *arg, int ith, int nth) {
         uint32_t c_end = 0; /* past the last cell any entry sees */
         for (uint32_t c = 0; c < kv->n_used_hi; c++) {
             const float *kr = kc + c * n_kv + koff;
+            bool sees[ATT_TOKENS];
+            int n_see = 0;
             for (int k = 0; k < nt; k++) {
-                if (!kv_cell_in_seq(kv, c, seq[k]) || kv->pos[c] > pos[k]) {
+                sees[k] = kv_cell_in_seq(kv, c, seq[k]) && kv->pos[c] <= pos[k];
+                n_see += sees[k];
+            }
+            float d[ATT_TOKENS];
+            if (n_see == ATT_TOKENS) /* the key once for the 4 entries */
+                dot4(hd, kr, q[0], (uint64_t)n_q, d);
+            for (int k = 0; k < nt; k++) {
+                if (!sees[k]) {
                     s[k][c] = -INFINITY;
                     continue;
                 }
-                s[k][c] = dot(hd, kr, q[k]) * scale;
+                s[k][c] = (n_see == ATT_TOKENS ? d[k] : dot(hd, kr, q[k])) * scale;
                 if (s[k][c] > mx[k]) mx[k] = s[k][c];
                 c_end = c + 1;
             }
@@ -624,10 +635,16 @@ static void attention_run(void *arg, int ith, int nth) {
             inv[k] = 1.0f / sum; /* sum >= 1: the entry's own cell */
             memset(ctx->att + (t0 + k) * n_q + h * hd, 0, (size_t)hd * sizeof(float));
         }
+        float *out = ctx->att + t0 * n_q + h * hd;
         for (uint32_t c = 0; c < c_end; c++) {
             const float *vr = vc + c * n_kv + koff;
+            if (nt == ATT_TOKENS && s[0][c] != 0.0f && s[1][c] != 0.0f && s[2][c] != 0.0f && s[3][c] != 0.0f) {
+                const float a[ATT_TOKENS] = {s[0][c] * inv[0], s[1][c] * inv[1], s[2][c] * inv[2], s[3][c] * inv[3]};
+                axpy4(hd, a, vr, out, (uint64_t)n_q); /* the value once for the 4 */
+                continue;
+            }
             for (int k = 0; k < nt; k++)
-                if (s[k][c] != 0.0f) axpy(hd, s[k][c] * inv[k], vr, ctx->att + (t0 + k) * n_q + h * hd);
+                if (s[k][c] != 0.0f) axpy(hd, s[k][c] * inv[k], vr, out + k * n_q);
         }
     }
 }

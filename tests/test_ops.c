@@ -602,6 +602,43 @@ static void compare_axpy4(const char *name, const struct cpu_kernels *k) {
     free(wb);
 }
 
+/* The attention's 4-entry steps: dot_f32_4x within 1e-5 of sum |w x| of
+ * the reference dot (as compare's dot); axpy_f32_4y equal to 4 axpy calls
+ * of the same table bit for bit, the gaps between its rows untouched. */
+static void compare_attn4(const char *name, const struct cpu_kernels *k) {
+    static const int64_t sizes[] = {1, 7, 8, 15, 16, 33, 64, 128, 200};
+    const struct cpu_kernels *ref = cpu_kernels_ref();
+    double worst = 0.0;
+    int axpy_differ = 0, cases = 0;
+    for (size_t si = 0; si < sizeof(sizes) / sizeof(sizes[0]); si++)
+        for (int rep = 0; rep < 4; rep++, cases++) {
+            const int64_t n = sizes[si], xs = n + 5, ys = n + 3;
+            float *w = malloc(n * sizeof(float)), *x = malloc(4 * xs * sizeof(float));
+            float *y1 = malloc(4 * ys * sizeof(float)), *y2 = malloc(4 * ys * sizeof(float));
+            for (int64_t i = 0; i < n; i++) w[i] = frand();
+            for (int64_t i = 0; i < 4 * xs; i++) x[i] = frand() * (rep == 3 ? 30.0f : 1.0f);
+            for (int64_t i = 0; i < 4 * ys; i++) y1[i] = y2[i] = frand();
+            float got[4];
+            k->dot_f32_4x(n, w, x, (uint64_t)xs, got);
+            const float a[4] = {frand(), frand(), frand(), frand()};
+            k->axpy_f32_4y(n, a, w, y1, (uint64_t)ys);
+            for (int j = 0; j < 4; j++) {
+                double sum_abs = 0.0;
+                for (int64_t i = 0; i < n; i++) sum_abs += fabs((double)w[i] * x[j * xs + i]);
+                const double d = fabs((double)got[j] - ref->dot[DTYPE_F32](n, w, x + j * xs));
+                worst = fmax(worst, d / (sum_abs > 1e-30 ? sum_abs : 1.0));
+                k->axpy[DTYPE_F32](n, a[j], w, y2 + j * ys);
+            }
+            axpy_differ += memcmp(y1, y2, 4 * ys * sizeof(float)) != 0;
+            free(w), free(x), free(y1), free(y2);
+        }
+    printf("%s dot_f32_4x: %d cases, max relative difference %.3g vs reference dot (tolerance 1e-5); axpy_f32_4y: "
+           "%d differ from 4 axpy\n",
+           name, cases, worst, axpy_differ);
+    CHECK(worst <= 1e-5, "%s dot_f32_4x: %g", name, worst);
+    CHECK(axpy_differ == 0, "%s axpy_f32_4y", name);
+}
+
 int main(void) {
     rng_state = (uint64_t)time(NULL);
     printf("seed %llu\n", (unsigned long long)rng_state);
@@ -618,6 +655,8 @@ int main(void) {
     compare_x8("best", cpu_kernels_best());
     compare_axpy4("ref", cpu_kernels_ref());
     compare_axpy4("best", cpu_kernels_best());
+    compare_attn4("ref", cpu_kernels_ref());
+    compare_attn4("best", cpu_kernels_best());
 #if defined(OPTIML_X86)
     /* every SIMD table this CPU runs, its gaps filled from the reference */
     const struct { const char *name; const struct cpu_kernels *k; } tables[] = {
@@ -636,6 +675,7 @@ int main(void) {
         compare_gemm(tables[i].name, &k);
         compare_x8(tables[i].name, &k);
         compare_axpy4(tables[i].name, &k);
+        compare_attn4(tables[i].name, &k);
     }
 #endif
     /* elementwise ops against double-precision formulas */

@@ -62,6 +62,8 @@ void cpu_kernels_merge(struct cpu_kernels *dst, const struct cpu_kernels *src) {
         if (src->axpy[t]) dst->axpy[t] = src->axpy[t];
         if (src->axpy4[t]) dst->axpy4[t] = src->axpy4[t];
     }
+    if (src->dot_f32_4x) dst->dot_f32_4x = src->dot_f32_4x;
+    if (src->axpy[DTYPE_F32]) dst->axpy_f32_4y = src->axpy_f32_4y; /* its bits are its table's axpy's */
 }
 
 static void best_init(void) {

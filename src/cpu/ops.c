@@ -381,6 +381,14 @@ static void axpy4_q4_0_ref(int64_t n, const float a[4], const void *const w[4], 
     for (int r = 0; r < 4; r++) axpy_q4_0_ref(n, a[r], w[r], y);
 }
 
+static void dot_f32_4x_ref(int64_t n, const float *w, const float *x, uint64_t x_stride, float out[4]) {
+    for (int k = 0; k < 4; k++) out[k] = dot_f32_ref(n, w, x + k * x_stride);
+}
+
+static void axpy_f32_4y_ref(int64_t n, const float a[4], const float *v, float *y, uint64_t y_stride) {
+    for (int k = 0; k < 4; k++) axpy_f32_ref(n, a[k], v, y + k * y_stride);
+}
+
 /* ---- the reference table ------------------------------------------------ */
 
 static struct cpu_kernels kernels_ref = {
@@ -400,6 +408,8 @@ static struct cpu_kernels kernels_ref = {
     .gemv_x8 = {[DTYPE_Q4_0] = gemv_x8_q4_0_ref, [DTYPE_Q4_K] = gemv_x8_q4_K_ref},
     .axpy4 = {[DTYPE_F32] = axpy4_f32_ref, [DTYPE_F16] = axpy4_f16_ref, [DTYPE_Q8_0] = axpy4_q8_0_ref,
               [DTYPE_Q4_0] = axpy4_q4_0_ref},
+    .dot_f32_4x = dot_f32_4x_ref,
+    .axpy_f32_4y = axpy_f32_4y_ref,
 };
 static pthread_once_t kernels_ref_once = PTHREAD_ONCE_INIT;
 

@@ -156,6 +156,16 @@ typedef void (*cpu_axpy_fn)(int64_t n, float a, const void *w, float *y);
 typedef void (*cpu_axpy4_fn)(int64_t n, const float a[4], const void *const w[4], float *y,
                              const void *const next[4]);
 
+/* The prompt attention's steps on a group of 4 batch entries (context.c):
+ * dot_f32_4x: out[k] = dot(n, w, x + k * x_stride) for k < 4 (a key row
+ * and 4 query rows, the key read once), within float rounding of the
+ * table's dot[DTYPE_F32] (tests/test_ops.c: 1e-5 of sum |w x|);
+ * axpy_f32_4y: y + k * y_stride += a[k] * v for k < 4 (a value row into 4
+ * outputs, read once), each output bit for bit what the same table's
+ * axpy[DTYPE_F32] gives it. */
+typedef void (*cpu_dot_f32_4x_fn)(int64_t n, const float *w, const float *x, uint64_t x_stride, float out[4]);
+typedef void (*cpu_axpy_f32_4y_fn)(int64_t n, const float a[4], const float *v, float *y, uint64_t y_stride);
+
 /* Matrix-vector products take one of two paths per weight type T:
  *   vec_dot_type[T] == DTYPE_F32: dot[T](n, w_row, x) on f32 activations
  *     (f32, f16, bf16 weights);
@@ -189,6 +199,8 @@ struct cpu_kernels {
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:
                                                to_f32, then a loop         */
     cpu_axpy4_fn axpy4[DTYPE_COUNT];        /* where axpy is; NULL: 4 axpy */
+    cpu_dot_f32_4x_fn dot_f32_4x;           /* both in every table (ref: */
+    cpu_axpy_f32_4y_fn axpy_f32_4y;         /* 4 dot / axpy calls)       */
 };
 
 /* True if weights of type t can be multiplied (either path above). */

@@ -857,6 +857,44 @@ static void axpy_f32_avx2(int64_t n, float a, const void *w, float *y) {
     for (; i < n; i++) y[i] += a * v[i];
 }
 
+/* Four outputs: each element as axpy_f32_avx2 computes it. */
+static void axpy_f32_4y_avx2(int64_t n, const float a[4], const float *v, float *y, uint64_t y_stride) {
+    const __m256 va[4] = {_mm256_set1_ps(a[0]), _mm256_set1_ps(a[1]), _mm256_set1_ps(a[2]), _mm256_set1_ps(a[3])};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 vv = _mm256_loadu_ps(v + i);
+        for (int k = 0; k < 4; k++) {
+            float *yk = y + k * y_stride + i;
+            _mm256_storeu_ps(yk, _mm256_fmadd_ps(va[k], vv, _mm256_loadu_ps(yk)));
+        }
+    }
+    for (; i < n; i++)
+        for (int k = 0; k < 4; k++) y[k * y_stride + i] += a[k] * v[i];
+}
+
+/* Four inputs, two accumulators each (8 of the 16 registers). */
+static void dot_f32_4x_avx2(int64_t n, const float *w, const float *x, uint64_t x_stride, float out[4]) {
+    __m256 acc[4][2];
+    for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+        for (int k = 0; k < 4; k++) {
+            acc[k][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k * x_stride + i), acc[k][0]);
+            acc[k][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k * x_stride + i + 8), acc[k][1]);
+        }
+    }
+    for (; i + 8 <= n; i += 8) {
+        const __m256 w0 = _mm256_loadu_ps(w + i);
+        for (int k = 0; k < 4; k++) acc[k][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k * x_stride + i), acc[k][0]);
+    }
+    for (int k = 0; k < 4; k++) {
+        float s = hsum256(_mm256_add_ps(acc[k][0], acc[k][1]));
+        for (int64_t j = i; j < n; j++) s += w[j] * x[k * x_stride + j];
+        out[k] = s;
+    }
+}
+
 static void axpy_f16_avx2(int64_t n, float a, const void *w, float *y) {
     const f16_t *v = w;
     const __m256 va = _mm256_set1_ps(a);
@@ -997,6 +1035,8 @@ static void axpy4_q4_0_avx2(int64_t n, const float a[4], const void *const w[4],
 
 static const struct cpu_kernels kernels_avx2 = {
     .name = "avx2",
+    .dot_f32_4x = dot_f32_4x_avx2,
+    .axpy_f32_4y = axpy_f32_4y_avx2,
     .dot = {[DTYPE_F32] = dot_f32_avx2, [DTYPE_F16] = dot_f16_avx2, [DTYPE_BF16] = dot_bf16_avx2},
     .to_f32 = {[DTYPE_F16] = to_f32_f16_avx2},
     .dot_q = {[DTYPE_Q4_0] = dot_q4_0_avx2, [DTYPE_Q4_1] = dot_q4_1_avx2, [DTYPE_Q5_0] = dot_q5_0_avx2,
