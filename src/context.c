@@ -614,14 +614,14 @@ static void attention_run(void *arg, int ith, int nth) {
                 n_see += sees[k];
             }
             float d[ATT_TOKENS];
-            if (n_see == ATT_TOKENS) /* the key once for the 4 entries */
-                dot4(hd, kr, q[0], (uint64_t)n_q, d);
+            const bool all4 = dot4 && n_see == ATT_TOKENS;
+            if (all4) dot4(hd, kr, q[0], (uint64_t)n_q, d); /* the key once for the 4 entries */
             for (int k = 0; k < nt; k++) {
                 if (!sees[k]) {
                     s[k][c] = -INFINITY;
                     continue;
                 }
-                s[k][c] = (n_see == ATT_TOKENS ? d[k] : dot(hd, kr, q[k])) * scale;
+                s[k][c] = (all4 ? d[k] : dot(hd, kr, q[k])) * scale;
                 if (s[k][c] > mx[k]) mx[k] = s[k][c];
                 c_end = c + 1;
             }
@@ -638,7 +638,8 @@ static void attention_run(void *arg, int ith, int nth) {
         float *out = ctx->att + t0 * n_q + h * hd;
         for (uint32_t c = 0; c < c_end; c++) {
             const float *vr = vc + c * n_kv + koff;
-            if (nt == ATT_TOKENS && s[0][c] != 0.0f && s[1][c] != 0.0f && s[2][c] != 0.0f && s[3][c] != 0.0f) {
+            if (axpy4 && nt == ATT_TOKENS && s[0][c] != 0.0f && s[1][c] != 0.0f && s[2][c] != 0.0f &&
+                s[3][c] != 0.0f) {
                 const float a[ATT_TOKENS] = {s[0][c] * inv[0], s[1][c] * inv[1], s[2][c] * inv[2], s[3][c] * inv[3]};
                 axpy4(hd, a, vr, out, (uint64_t)n_q); /* the value once for the 4 */
                 continue;

@@ -199,8 +199,8 @@ struct cpu_kernels {
     cpu_axpy_fn axpy[DTYPE_COUNT];          /* f32, f16, q8_0, q4_0; NULL:
                                                to_f32, then a loop         */
     cpu_axpy4_fn axpy4[DTYPE_COUNT];        /* where axpy is; NULL: 4 axpy */
-    cpu_dot_f32_4x_fn dot_f32_4x;           /* both in every table (ref: */
-    cpu_axpy_f32_4y_fn axpy_f32_4y;         /* 4 dot / axpy calls)       */
+    cpu_dot_f32_4x_fn dot_f32_4x;           /* ref (4 dot / axpy calls) */
+    cpu_axpy_f32_4y_fn axpy_f32_4y;         /* and avx2; NULL: per entry */
 };
 
 /* True if weights of type t can be multiplied (either path above). */

@@ -347,39 +347,6 @@ static inline __attribute__((always_inline)) void gemm_tokens_x16(const int T, i
     X16_T _mm512_storeu_ps(y + t * ys, acc[t]);
 }
 
-/* 8 inputs over 64 blocks at a time: on the dev EPYC (Zen 4, 32 KiB L1d)
- * 8 x 64 and 8 x 128 gave 149-154 GMAC/s a core, 8 x 16 145, 16 x 16
- * 135, 16 x 32 144, 4 x 32 147 (4096 x 4096 and 11008 x 4096 times 64
- * inputs, the best of 6 alternating runs; .xx scratch benchmark). */
-#define X16_TOKENS 8
-#define X16_BLOCKS 64
-/* cpu_gemm_fn on the two x8 panels at w (w_stride and n_rows unused). */
-static void gemm_x16_q4_0(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
-                          const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
-                          void *panel) {
-    (void)w_stride, (void)n_rows;
-    const int64_t nb = n / 32;
-    struct gemm_block16 *p = panel;
-    gemm_pack_x16_q4_0(nb, w, p);
-    const char *x = xq;
-    for (int64_t c0 = 0; c0 < n_tok; c0 += X16_TOKENS) {
-        const int64_t c1 = c0 + X16_TOKENS < n_tok ? c0 + X16_TOKENS : n_tok;
-        for (int64_t i0 = 0; i0 < nb; i0 += X16_BLOCKS) {
-            const int64_t i1 = i0 + X16_BLOCKS < nb ? i0 + X16_BLOCKS : nb;
-            const bool load_y = i0 > 0 || accumulate;
-            for (int64_t t = c0; t < c1;) {
-                const int64_t k = c1 - t;
-#define X16_CALL(TT) gemm_tokens_x16(TT, i0, i1, p, x + t * xs, xs, xi + t * nb, nb, y + t * ys, ys, load_y)
-                if (k >= 8) X16_CALL(8), t += 8;
-                else if (k >= 4) X16_CALL(4), t += 4;
-                else if (k == 3) X16_CALL(3), t += 3;
-                else if (k == 2) X16_CALL(2), t += 2;
-                else X16_CALL(1), t += 1;
-#undef X16_CALL
-            }
-        }
-    }
-}
 /* q4_k on two x8 panels (cpu/ops.h), 16 rows a zmm, as gemm_x16_q4_0.
  * Per 256-value block of the 16 rows: the scales as int32 lanes, the mins
  * as int16 pairs (m, m) for the input's 16-value sums two at a time, and
@@ -480,32 +447,65 @@ static inline __attribute__((always_inline)) void gemm_tokens_x16k(const int T, 
     X16_T _mm512_storeu_ps(y + t * ys, acc[t]);
 }
 
+/* The x16 GEMMs' loops: inputs 8 at a time (the last few 4, then 1-3),
+ * each tile over `blocks` blocks at a time. */
+static inline __attribute__((always_inline)) void gemm_x16_tile(const bool K, const int T, int64_t i0, int64_t i1,
+                                                                const void *p, const char *x, uint64_t xs,
+                                                                const struct cpu_gemm_xblock *xi, int64_t nb,
+                                                                float *y, uint64_t ys, bool load_y) {
+    if (K)
+        gemm_tokens_x16k(T, i0, i1, p, x, xs, y, ys, load_y);
+    else
+        gemm_tokens_x16(T, i0, i1, p, x, xs, xi, nb, y, ys, load_y);
+}
+
+static inline __attribute__((always_inline)) void gemm_x16_run(const bool K, int64_t nb, int64_t blocks,
+                                                               const void *p, const char *xq, uint64_t xs,
+                                                               const struct cpu_gemm_xblock *xi, int64_t n_tok,
+                                                               float *y, uint64_t ys, bool accumulate) {
+    for (int64_t t = 0; t < n_tok;) {
+        const int64_t left = n_tok - t;
+        const int T = left >= 8 ? 8 : left >= 4 ? 4 : (int)left;
+        const char *x = xq + t * xs;
+        const struct cpu_gemm_xblock *xt = xi ? xi + t * nb : NULL;
+        for (int64_t i0 = 0; i0 < nb; i0 += blocks) {
+            const int64_t i1 = i0 + blocks < nb ? i0 + blocks : nb;
+            const bool load_y = i0 > 0 || accumulate;
+            switch (T) {
+            case 8: gemm_x16_tile(K, 8, i0, i1, p, x, xs, xt, nb, y + t * ys, ys, load_y); break;
+            case 4: gemm_x16_tile(K, 4, i0, i1, p, x, xs, xt, nb, y + t * ys, ys, load_y); break;
+            case 3: gemm_x16_tile(K, 3, i0, i1, p, x, xs, xt, nb, y + t * ys, ys, load_y); break;
+            case 2: gemm_x16_tile(K, 2, i0, i1, p, x, xs, xt, nb, y + t * ys, ys, load_y); break;
+            default: gemm_x16_tile(K, 1, i0, i1, p, x, xs, xt, nb, y + t * ys, ys, load_y); break;
+            }
+        }
+        t += T;
+    }
+}
+
+/* 8 inputs a tile over 64 blocks at a time: on the dev EPYC (Zen 4, 32
+ * KiB L1d) 8 x 64 and 8 x 128 gave 149-154 GMAC/s a core, 8 x 16 145,
+ * 16 x 16 135, 16 x 32 144, 4 x 32 147 (4096 x 4096 and 11008 x 4096
+ * times 64 inputs, the best of 6 alternating runs; .xx scratch
+ * benchmark). q4_k: 16 blocks of 256 (2 and 4 were within the noise). */
+#define X16_BLOCKS 64
 #define X16K_BLOCKS 16
+
+/* cpu_gemm_fn on the two x8 panels at w (w_stride and n_rows unused). */
+static void gemm_x16_q4_0(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
+                          const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
+                          void *panel) {
+    (void)w_stride, (void)n_rows;
+    gemm_pack_x16_q4_0(n / 32, w, panel);
+    gemm_x16_run(false, n / 32, X16_BLOCKS, panel, xq, xs, xi, n_tok, y, ys, accumulate);
+}
+
 static void gemm_x16_q4_K(int64_t n, const void *w, uint64_t w_stride, int n_rows, const void *xq, uint64_t xs,
                           const struct cpu_gemm_xblock *xi, int64_t n_tok, float *y, uint64_t ys, bool accumulate,
                           void *panel) {
     (void)w_stride, (void)n_rows, (void)xi;
-    const int64_t nb = n / QK_K;
-    struct gemm_kblock16 *p = panel;
-    gemm_pack_x16_q4_K(nb, w, p);
-    const char *x = xq;
-    for (int64_t c0 = 0; c0 < n_tok; c0 += X16_TOKENS) {
-        const int64_t c1 = c0 + X16_TOKENS < n_tok ? c0 + X16_TOKENS : n_tok;
-        for (int64_t i0 = 0; i0 < nb; i0 += X16K_BLOCKS) {
-            const int64_t i1 = i0 + X16K_BLOCKS < nb ? i0 + X16K_BLOCKS : nb;
-            const bool load_y = i0 > 0 || accumulate;
-            for (int64_t t = c0; t < c1;) {
-                const int64_t k = c1 - t;
-#define X16_CALL(TT) gemm_tokens_x16k(TT, i0, i1, p, x + t * xs, xs, y + t * ys, ys, load_y)
-                if (k >= 8) X16_CALL(8), t += 8;
-                else if (k >= 4) X16_CALL(4), t += 4;
-                else if (k == 3) X16_CALL(3), t += 3;
-                else if (k == 2) X16_CALL(2), t += 2;
-                else X16_CALL(1), t += 1;
-#undef X16_CALL
-            }
-        }
-    }
+    gemm_pack_x16_q4_K(n / QK_K, w, panel);
+    gemm_x16_run(true, n / QK_K, X16K_BLOCKS, panel, xq, xs, NULL, n_tok, y, ys, accumulate);
 }
 
 #undef X16_T
