@@ -316,25 +316,32 @@ static inline void gemm_pack_x16_q4_0(int64_t nb, const struct cpu_x8_q4_0 *a, s
 }
 
 #define X16_T for (int t = 0; t < T; t++)
-static inline __attribute__((always_inline)) void gemm_tokens_x16(const int T, int64_t i0, int64_t i1,
-                                                                  const struct gemm_block16 *p, const char *xq,
-                                                                  uint64_t xs, const struct cpu_gemm_xblock *xi,
-                                                                  int64_t nb, float *y, uint64_t ys, bool load_y) {
-    __m512 acc[8];
-    X16_T acc[t] = load_y ? _mm512_loadu_ps(y + t * ys) : _mm512_setzero_ps();
+/* s[t] += the 4-value dots of the 16 rows (wq) with input t's 4 bytes at
+ * x + t * xs, t < T: one chain per input (the barrier keeps gcc from
+ * regrouping the sums, as in gemm_tile_q0) */
+static inline __attribute__((always_inline)) void x16_step(const int T, __m512i *s, __m512i wq, const char *x,
+                                                           uint64_t xs) {
+#pragma GCC unroll 8
+    X16_T {
+        int32_t v;
+        memcpy(&v, x + t * xs, 4);
+        s[t] = _mm512_dpbusd_epi32(s[t], wq, _mm512_set1_epi32(v));
+        __asm__("" : "+v"(s[t]));
+    }
+}
+
+/* blocks [i0, i1) of T inputs into acc[0..T) (one lane per row) */
+static inline __attribute__((always_inline)) void gemm_tile_x16(const int T, int64_t i0, int64_t i1,
+                                                                const struct gemm_block16 *p, const char *xq,
+                                                                uint64_t xs, const struct cpu_gemm_xblock *xi,
+                                                                int64_t nb, __m512 *acc) {
     for (int64_t i = i0; i < i1; i++) {
         __m512i s[8];
         X16_T s[t] = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int g = 0; g < 8; g++) {
             const __m512i wq = _mm512_load_si512(p[i].q[g]);
-#pragma GCC unroll 8
-            X16_T {
-                int32_t v;
-                memcpy(&v, ((const block_q8_0 *)(xq + t * xs) + i)->qs + 4 * g, 4);
-                s[t] = _mm512_dpbusd_epi32(s[t], wq, _mm512_set1_epi32(v));
-                __asm__("" : "+v"(s[t])); /* one chain per input, as gemm_tile_q0 */
-            }
+            x16_step(T, s, wq, (const char *)(((const block_q8_0 *)xq + i)->qs + 4 * g), xs);
         }
         const __m512 dw = _mm512_load_ps(p[i].d);
 #pragma GCC unroll 8
@@ -344,7 +351,6 @@ static inline __attribute__((always_inline)) void gemm_tokens_x16(const int T, i
             acc[t] = _mm512_fmadd_ps(dw, v, acc[t]);
         }
     }
-    X16_T _mm512_storeu_ps(y + t * ys, acc[t]);
 }
 
 /* q4_k on two x8 panels (cpu/ops.h), 16 rows a zmm, as gemm_x16_q4_0.
@@ -400,11 +406,9 @@ static inline void gemm_pack_x16_q4_K(int64_t nb, const struct cpu_x8_q4_K *a, s
     }
 }
 
-static inline __attribute__((always_inline)) void gemm_tokens_x16k(const int T, int64_t i0, int64_t i1,
-                                                                   const struct gemm_kblock16 *p, const char *xq,
-                                                                   uint64_t xs, float *y, uint64_t ys, bool load_y) {
-    __m512 acc[8];
-    X16_T acc[t] = load_y ? _mm512_loadu_ps(y + t * ys) : _mm512_setzero_ps();
+static inline __attribute__((always_inline)) void gemm_tile_x16k(const int T, int64_t i0, int64_t i1,
+                                                                 const struct gemm_kblock16 *p, const char *xq,
+                                                                 uint64_t xs, __m512 *acc) {
     for (int64_t i = i0; i < i1; i++) {
         __m512i s32[8];
         X16_T s32[t] = _mm512_setzero_si512();
@@ -418,13 +422,7 @@ static inline __attribute__((always_inline)) void gemm_tokens_x16k(const int T, 
                 for (int gg = 0; gg < 4; gg++) {
                     const int g = 8 * j + 4 * h + gg;
                     const __m512i wq = _mm512_load_si512(p[i].q[g]);
-#pragma GCC unroll 8
-                    X16_T {
-                        int32_t v;
-                        memcpy(&v, ((const block_q8_K *)(xq + t * xs) + i)->qs + 4 * g, 4);
-                        hs[t] = _mm512_dpbusd_epi32(hs[t], wq, _mm512_set1_epi32(v));
-                        __asm__("" : "+v"(hs[t]));
-                    }
+                    x16_step(T, hs, wq, (const char *)(((const block_q8_K *)xq + i)->qs + 4 * g), xs);
                 }
                 X16_T s32[t] = _mm512_dpwssd_epi32(s32[t], hs[t], sc);
             }
@@ -444,7 +442,6 @@ static inline __attribute__((always_inline)) void gemm_tokens_x16k(const int T, 
             acc[t] = _mm512_fnmadd_ps(_mm512_mul_ps(dm, dx), _mm512_cvtepi32_ps(o), acc[t]);
         }
     }
-    X16_T _mm512_storeu_ps(y + t * ys, acc[t]);
 }
 
 /* The x16 GEMMs' loops: inputs 8 at a time (the last few 4, then 1-3),
@@ -453,10 +450,13 @@ static inline __attribute__((always_inline)) void gemm_x16_tile(const bool K, co
                                                                 const void *p, const char *x, uint64_t xs,
                                                                 const struct cpu_gemm_xblock *xi, int64_t nb,
                                                                 float *y, uint64_t ys, bool load_y) {
+    __m512 acc[8];
+    X16_T acc[t] = load_y ? _mm512_loadu_ps(y + t * ys) : _mm512_setzero_ps();
     if (K)
-        gemm_tokens_x16k(T, i0, i1, p, x, xs, y, ys, load_y);
+        gemm_tile_x16k(T, i0, i1, p, x, xs, acc);
     else
-        gemm_tokens_x16(T, i0, i1, p, x, xs, xi, nb, y, ys, load_y);
+        gemm_tile_x16(T, i0, i1, p, x, xs, xi, nb, acc);
+    X16_T _mm512_storeu_ps(y + t * ys, acc[t]);
 }
 
 static inline __attribute__((always_inline)) void gemm_x16_run(const bool K, int64_t nb, int64_t blocks,
