@@ -125,8 +125,9 @@ static inline __m256i gemm_x4(const void *x, int64_t i, int g) {
     return _mm256_set1_epi32(v);
 }
 
-/* A micro-tile of 8 rows x T inputs (T <= 4), blocks [i0, i1): T float
- * accumulators (one lane per row) and T integer ones, in 16 registers.
+/* A micro-tile of 8 rows x T inputs (T <= GEMM_T: 4 in AVX2's 16
+ * registers, the includer's choice where it has more), blocks [i0, i1): T
+ * float accumulators (one lane per row) and T integer ones.
  * q4_0: v = dx (sum - 8 sum x) as dx sum + m8 (exact m8, one rounding). */
 #ifndef GEMM_T
 #define GEMM_T 4

@@ -269,6 +269,8 @@ static inline __m256i gemm_block_sum(bool q8, __m256i s) {
     return s;
 }
 
+/* 8 inputs a tile: 8 integer chains (vpdpbusd's 4-cycle latency left 4
+ * at half its rate) and 8 float accumulators fit the 32 registers */
 #define GEMM_T 8
 #include "cpu/gemm_panel.h"
 
