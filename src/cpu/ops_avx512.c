@@ -289,8 +289,9 @@ static void gemm_q8_0_avx512(int64_t n, const void *w, uint64_t w_stride, int n_
 /* ---- prompt GEMM on two x8 panels: 16 rows a vector --------------------
  * The q4_0 GEMM of gemm_panel.h on zmm: a block of 16 rows (two
  * consecutive x8 panels, unpacked into gemm_block16) times T inputs, one
- * vpdpbusd per input and group with the input's 4 bytes as an embedded
- * broadcast. On the dev EPYC (Zen 4) vpdpbusd has 4 cycles' latency and
+ * vpdpbusd per input and group with the input's 4 bytes broadcast (gcc
+ * loads them with vpbroadcastd, as fast there as an embedded broadcast
+ * in the scratch benchmark). On the dev EPYC (Zen 4) vpdpbusd has 4 cycles' latency and
  * runs 2 ymm or 1 zmm a cycle: the 8-row tile's 4 ymm chains reached half
  * of that, and 8 ymm chains were held back by their loads (9 per 8
  * vpdpbusd); 4 or more zmm chains run at the peak (scratch benchmarks,
