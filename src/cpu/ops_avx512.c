@@ -302,16 +302,25 @@ struct gemm_block16 {
     uint8_t q[8][64]; /* q[g][4r + j] = value 4g + j of row r (r < 16) */
 };
 
+/* Two panels' 32-byte vectors as one (the first in the low half). */
+static inline __m512i i512_pair(__m256i a, __m256i b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+}
+
+/* Two panels' 8 f16 scales as 16 floats. */
+static inline __m512 f16_pair_ps(const uint16_t a[8], const uint16_t b[8]) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
+                                                   _mm_loadu_si128((const __m128i *)b), 1));
+}
+
 static inline void gemm_pack_x16_q4_0(int64_t nb, const struct cpu_x8_q4_0 *a, struct gemm_block16 *p) {
     const __m512i m4 = _mm512_set1_epi8(0xF);
     const struct cpu_x8_q4_0 *b = a + nb; /* the second panel */
     for (int64_t i = 0; i < nb; i++) {
-        const __m256i dh = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a[i].d)),
-                                                   _mm_loadu_si128((const __m128i *)b[i].d), 1);
-        _mm512_store_ps(p[i].d, _mm512_cvtph_ps(dh));
+        _mm512_store_ps(p[i].d, f16_pair_ps(a[i].d, b[i].d));
         for (int g = 0; g < 4; g++) {
-            const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a[i].q[g])),
-                                                 _mm256_loadu_si256((const __m256i *)b[i].q[g]), 1);
+            const __m512i v = i512_pair(_mm256_loadu_si256((const __m256i *)a[i].q[g]),
+                                        _mm256_loadu_si256((const __m256i *)b[i].q[g]));
             _mm512_store_si512(p[i].q[g], _mm512_and_si512(v, m4));
             _mm512_store_si512(p[i].q[g + 4], _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
         }
@@ -372,21 +381,12 @@ struct gemm_kblock16 {
     uint8_t q[64][64]; /* q[8j + g][4r + k]: value 4g + k of sub-block j */
 };
 
-static inline __m512i i512_pair(__m256i a, __m256i b) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-}
-
 static inline void gemm_pack_x16_q4_K(int64_t nb, const struct cpu_x8_q4_K *a, struct gemm_kblock16 *p) {
     const __m512i m4 = _mm512_set1_epi8(0xF), lo16 = _mm512_set1_epi32(0xFFFF);
     const struct cpu_x8_q4_K *b = a + nb; /* the second panel */
     for (int64_t i = 0; i < nb; i++) {
-        const __m256i dh = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a[i].d)),
-                                                   _mm_loadu_si128((const __m128i *)b[i].d), 1);
-        const __m256i mh = _mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a[i].dmin)),
-            _mm_loadu_si128((const __m128i *)b[i].dmin), 1);
-        _mm512_store_ps(p[i].d, _mm512_cvtph_ps(dh));
-        _mm512_store_ps(p[i].dmin, _mm512_cvtph_ps(mh));
+        _mm512_store_ps(p[i].d, f16_pair_ps(a[i].d, b[i].d));
+        _mm512_store_ps(p[i].dmin, f16_pair_ps(a[i].dmin, b[i].dmin));
         for (int j = 0; j < 8; j++) {
             __m128i s = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)a[i].sc[j]),
                                            _mm_loadl_epi64((const __m128i *)b[i].sc[j]));
